@@ -1,0 +1,41 @@
+# Thin wrappers over the `twinface` command. Every target sets itself up first, so on a fresh clone
+# `make test` or `make train-torch` is the only command needed.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.twinface-installed
+CONFIG ?= configs/default.yaml
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup test parity train-torch train-tf bench data clean
+
+setup: $(STAMP)
+
+# Re-installs only when the pins or the package layout change; a second `make setup` is a no-op.
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements.txt -c constraints.txt
+	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+parity: setup
+	$(BIN)/twinface parity
+
+train-torch: setup
+	$(BIN)/twinface train --framework torch --config $(CONFIG)
+
+train-tf: setup
+	$(BIN)/twinface train --framework tf --config $(CONFIG)
+
+bench: setup
+	$(BIN)/twinface bench
+
+data: setup
+	$(BIN)/twinface data synth --config $(CONFIG)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,270 @@
+"""One experiment config (YAML) that both twins read.
+
+Configs are data: nested sections of typed fields with defaults. Loading checks every key and type and
+fails with the dotted key name and what was expected, so a typo never silently falls back to a default.
+"""
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from . import registry
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "r50"
+    num_features: int = 512
+    dropout: float = 0.0
+    fp16: bool = False
+    input_size: int = 112
+
+
+@dataclass
+class HeadConfig:
+    # `type` picks margin defaults from the registry (arcface, cosface, ...) or "linear" (plain softmax classifier);
+    # s/m1/m2/m3 left unset (null) take the registry's values for that type.
+    type: str = "arcface"
+    s: typing.Optional[float] = None
+    m1: typing.Optional[float] = None
+    m2: typing.Optional[float] = None
+    m3: typing.Optional[float] = None
+    interclass_filtering_threshold: float = 0.0
+    gradient: str = "straight_through"          # or "analytic"
+    sample_rate: float = 1.0                    # Partial FC class sampling (1.0 = all classes)
+
+
+@dataclass
+class LossConfig:
+    type: str = "cross_entropy"                 # or "focal"
+    gamma: float = 2.0                          # focal only
+
+
+@dataclass
+class OptimizerConfig:
+    type: str = "sgd"                           # or "adamw"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    betas: typing.List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+@dataclass
+class ScheduleConfig:
+    type: str = "polynomial"                    # polynomial | cosine | step
+    warmup_epochs: float = 0.0
+    power: float = 2.0                          # polynomial decay exponent (arcface_torch uses 2)
+    milestones: typing.List[float] = field(default_factory=list)   # step: epochs where lr *= gamma
+    gamma: float = 0.1
+    min_lr: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"                   # synthetic | folder | rec
+    path: str = "data/synth"                    # synthetic: cache dir; folder: root; rec: dir or prefix
+    num_classes: int = 0                        # 0 = read from the data
+    num_workers: int = 2
+    synth_identities: int = 1000
+    synth_images_per_identity: int = 20
+    synth_val_identities: int = 200
+    synth_val_pairs: int = 3000
+    flip: bool = True                           # random horizontal flip (the only augmentation)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 128
+    epochs: int = 20
+    log_every: int = 20                         # steps between progress lines
+    checkpoint_every: int = 1                   # epochs between full checkpoints
+    max_bad_steps: int = 5                      # consecutive NaN/Inf losses before the run stops
+    resume: bool = False
+
+
+@dataclass
+class FinetuneConfig:
+    weights: str = ""                           # backbone checkpoint to start from ("" = from scratch)
+    freeze_epochs: float = 0.0                  # backbone frozen for this long, head only
+    backbone_lr_scale: float = 0.1              # backbone lr multiplier once unfrozen
+
+
+@dataclass
+class ValConfig:
+    bins: typing.List[str] = field(default_factory=list)   # verification .bin files; synthetic adds its own
+    flip: bool = True                           # flip test: emb(img) + emb(flip(img))
+    batch_size: int = 64
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    output: str = "runs/default"
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    val: ValConfig = field(default_factory=ValConfig)
+
+    def head_params(self) -> dict:
+        """Margin parameters with registry defaults filled in (empty for the linear head)."""
+        if self.head.type == "linear":
+            return {}
+        params = registry.head_defaults(self.head.type)
+        for key in ("s", "m1", "m2", "m3"):
+            value = getattr(self.head, key)
+            if value is not None:
+                params[key] = value
+        params["interclass_filtering_threshold"] = self.head.interclass_filtering_threshold
+        params["gradient"] = self.head.gradient
+        return params
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "head.type": sorted(registry.HEADS) + ["linear"],
+    "head.gradient": ["straight_through", "analytic"],
+    "loss.type": sorted(registry.LOSSES),
+    "optimizer.type": ["sgd", "adamw"],
+    "schedule.type": ["polynomial", "cosine", "step"],
+    "data.source": ["synthetic", "folder", "rec"],
+}
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value, tp, key):
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:                                  # Optional[X]
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin in (list, typing.List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {type(value).__name__} {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a section (mapping), got {type(value).__name__}")
+        return _build(tp, value, key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):                              # YAML reads "5e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; known keys in this section: "
+                          f"{', '.join(prefix + k for k in fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}': expected one of {allowed}, got {value!r}")
+    registry.backbone_spec(cfg.backbone.name)                   # raises with the known names
+    positive = {"train.batch_size": cfg.train.batch_size, "train.epochs": cfg.train.epochs,
+                "optimizer.lr": cfg.optimizer.lr, "backbone.num_features": cfg.backbone.num_features,
+                "backbone.input_size": cfg.backbone.input_size}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key '{key}': expected a positive number, got {value!r}")
+    if cfg.backbone.input_size % 16:
+        raise ConfigError(f"config key 'backbone.input_size': expected a multiple of 16, got {cfg.backbone.input_size}")
+    if not 0.0 < cfg.head.sample_rate <= 1.0:
+        raise ConfigError(f"config key 'head.sample_rate': expected 0 < rate <= 1, got {cfg.head.sample_rate}")
+
+
+def from_dict(data: dict) -> Config:
+    cfg = _build(Config, data or {})
+    _validate(cfg)
+    return cfg
+
+
+def _parse_override(text: str):
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. optimizer.lr=0.05")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def apply_overrides(data: dict, overrides) -> dict:
+    """Apply `section.key=value` strings (values parsed as YAML) onto a raw config dict."""
+    for text in overrides or ():
+        key, value = _parse_override(text)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: '{part}' is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load(path: str, overrides=None) -> Config:
+    """Read a YAML config; `overrides` are `section.key=value` strings applied on top."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return from_dict(apply_overrides(data, overrides))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def save_resolved(cfg: Config, out_dir: str) -> str:
+    """Write the fully resolved config (defaults filled in) into the run directory."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "config.yaml")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    os.replace(tmp, path)
+    return path
+

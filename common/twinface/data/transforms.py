@@ -1,0 +1,37 @@
+"""Pixel conventions at the neutral boundary: uint8 RGB HWC in, normalised float out.
+
+Every path into a model (training, embedding, evaluation, export checks) goes through `to_model_input`, so the
+twins, onnxruntime and the CLI can never disagree on preprocessing.
+"""
+import numpy as np
+
+MEAN = 127.5
+STD = 127.5
+
+
+def normalize(images: np.ndarray) -> np.ndarray:
+    """uint8 [..., H, W, 3] -> float32 (x - 127.5) / 127.5 in [-1, 1]."""
+    return (images.astype(np.float32) - MEAN) / STD
+
+
+def hflip(images: np.ndarray) -> np.ndarray:
+    """Mirror images laid out [N, H, W, C] (or [H, W, C])."""
+    return np.ascontiguousarray(images[..., ::-1, :])
+
+
+def apply_flips(images: np.ndarray, flips: np.ndarray) -> np.ndarray:
+    out = images.copy()
+    out[flips] = out[flips][:, :, ::-1, :]
+    return out
+
+
+def to_model_input(images: np.ndarray, layout: str = "NCHW") -> np.ndarray:
+    """uint8 NHWC RGB batch -> normalised float32 in the framework's layout ("NCHW" torch/ONNX, "NHWC" TF)."""
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected images [N, H, W, 3] uint8 RGB, got shape {images.shape}")
+    x = normalize(images)
+    if layout == "NCHW":
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    if layout == "NHWC":
+        return x
+    raise ValueError(f"unknown layout {layout!r}; expected 'NCHW' or 'NHWC'")

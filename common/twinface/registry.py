@@ -1,0 +1,56 @@
+"""Short names shared by both twins: backbones, margin heads, losses and their defaults.
+
+The names follow arcface_torch (`r50`, `mbf`, ...) so configs written for it read the same here.
+Each twin's `get_model(name, ...)` looks the name up here, so both twins accept exactly the same set.
+"""
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    family: str                     # "iresnet" | "mobilefacenet"
+    kwargs: dict = field(default_factory=dict)
+    gmacs: float = 0.0              # multiply-accumulates at 112x112 (REFERENCE.md), for FLOP/s reports
+
+
+BACKBONES = {
+    "r18": BackboneSpec("iresnet", {"layers": (2, 2, 2, 2)}, 2.6),
+    "r34": BackboneSpec("iresnet", {"layers": (3, 4, 6, 3)}, 4.5),
+    "r50": BackboneSpec("iresnet", {"layers": (3, 4, 14, 3)}, 6.3),
+    "r100": BackboneSpec("iresnet", {"layers": (3, 13, 30, 3)}, 12.1),
+    "r200": BackboneSpec("iresnet", {"layers": (6, 26, 60, 6)}, 23.5),
+    "mbf": BackboneSpec("mobilefacenet", {"blocks": (1, 4, 6, 2), "scale": 2}, 0.45),
+    "mbf_large": BackboneSpec("mobilefacenet", {"blocks": (2, 8, 12, 4), "scale": 4}, 0.0),
+}
+
+# Margin settings of the one combined-margin head: target logit = s * (cos(m1*theta + m2) - m3).
+HEADS = {
+    "softmax": {"s": 64.0, "m1": 1.0, "m2": 0.0, "m3": 0.0},    # normalised softmax, no margin
+    "sphereface": {"s": 64.0, "m1": 1.35, "m2": 0.0, "m3": 0.0},
+    "arcface": {"s": 64.0, "m1": 1.0, "m2": 0.5, "m3": 0.0},
+    "cosface": {"s": 64.0, "m1": 1.0, "m2": 0.0, "m3": 0.4},
+    "combined": {"s": 64.0, "m1": 1.0, "m2": 0.3, "m3": 0.2},
+}
+
+LOSSES = {
+    "cross_entropy": {},
+    "focal": {"gamma": 2.0},
+}
+
+
+def _lookup(table, kind, name):
+    if name not in table:
+        raise ValueError(f"unknown {kind} {name!r}; known: {', '.join(sorted(table))}")
+    return table[name]
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    return _lookup(BACKBONES, "backbone", name)
+
+
+def head_defaults(name: str) -> dict:
+    return dict(_lookup(HEADS, "head", name))
+
+
+def loss_defaults(name: str) -> dict:
+    return dict(_lookup(LOSSES, "loss", name))
