@@ -201,7 +201,10 @@ def _validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise ConfigError(f"config key '{key}': expected one of {allowed}, got {value!r}")
-    registry.backbone_spec(cfg.backbone.name)                   # raises with the known names
+    try:
+        registry.backbone_spec(cfg.backbone.name)
+    except ValueError as e:
+        raise ConfigError(f"config key 'backbone.name': {e}") from None
     positive = {"train.batch_size": cfg.train.batch_size, "train.epochs": cfg.train.epochs,
                 "optimizer.lr": cfg.optimizer.lr, "backbone.num_features": cfg.backbone.num_features,
                 "backbone.input_size": cfg.backbone.input_size}

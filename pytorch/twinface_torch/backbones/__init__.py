@@ -1,0 +1,13 @@
+"""Backbones by short name (twinface.registry): r18 r34 r50 r100 r200 mbf mbf_large."""
+from twinface.registry import backbone_spec
+from twinface_torch.backbones.iresnet import IResNet
+from twinface_torch.backbones.mobilefacenet import MobileFaceNet
+
+
+def get_model(name, num_features=512, dropout=0.0, fp16=False, input_size=112):
+    spec = backbone_spec(name)
+    if spec.family == "iresnet":
+        return IResNet(spec.kwargs["layers"], dropout, num_features, fp16, input_size, arch=name)
+    if dropout:
+        raise ValueError(f"{name}: MobileFaceNet has no dropout layer, got dropout={dropout}")
+    return MobileFaceNet(fp16, num_features, spec.kwargs["blocks"], spec.kwargs["scale"], input_size, arch=name)

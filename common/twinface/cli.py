@@ -1,0 +1,174 @@
+"""`twinface <verb>`: the one command line. A twin is imported only when the verb needs it."""
+import argparse
+import os
+import sys
+
+
+def _add_data(sub):
+    p = sub.add_parser("data", help="generate the synthetic set and convert between data formats")
+    verbs = p.add_subparsers(dest="data_verb", required=True)
+    s = verbs.add_parser("synth", help="write the synthetic training set (.rec + folder) and a held-out val.bin")
+    s.add_argument("--config", default="configs/default.yaml", help="take sizes and path from this config's data section")
+    s.add_argument("--out", help="output directory (default: the config's data.path)")
+    s.add_argument("--identities", type=int)
+    s.add_argument("--images-per-identity", type=int)
+    s.add_argument("--val-identities", type=int)
+    s.add_argument("--val-pairs", type=int)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--formats", default="rec,folder", help="comma list of rec, folder")
+    s.add_argument("--overwrite", action="store_true")
+    c = verbs.add_parser("folder2rec", help="image folder (one sub-folder per identity) -> insightface .rec/.idx")
+    c.add_argument("src"), c.add_argument("dst_prefix", help="writes DST_PREFIX.rec and DST_PREFIX.idx")
+    c.add_argument("--overwrite", action="store_true")
+    c = verbs.add_parser("rec2folder", help="insightface .rec/.idx -> image folder")
+    c.add_argument("src_prefix", help="PREFIX of PREFIX.rec/.idx (or the .rec path)"), c.add_argument("dst")
+    c.add_argument("--overwrite", action="store_true")
+    c = verbs.add_parser("folder2bin", help="image folder -> verification .bin with generated pairs")
+    c.add_argument("src"), c.add_argument("dst")
+    c.add_argument("--pairs", type=int, default=6000)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--image-size", type=int, default=112)
+    c.add_argument("--overwrite", action="store_true")
+
+
+def _run_data(args):
+    from .data import convert
+    if args.data_verb == "synth":
+        from . import config as config_mod
+        from .data import synth
+        full = config_mod.load(args.config)
+        cfg = full.data
+        params = dict(num_identities=args.identities or cfg.synth_identities,
+                      images_per_identity=args.images_per_identity or cfg.synth_images_per_identity,
+                      val_identities=args.val_identities or cfg.synth_val_identities,
+                      val_pairs=args.val_pairs or cfg.synth_val_pairs,
+                      seed=full.seed if args.seed is None else args.seed)
+        out = args.out or cfg.path
+        stats = synth.generate(out, formats=tuple(args.formats.split(",")), overwrite=args.overwrite, **params)
+        _print_stats(stats)
+    elif args.data_verb == "folder2rec":
+        _print_stats(convert.folder_to_rec(args.src, args.dst_prefix, overwrite=args.overwrite))
+    elif args.data_verb == "rec2folder":
+        _print_stats(convert.rec_to_folder(args.src_prefix, args.dst, overwrite=args.overwrite))
+    elif args.data_verb == "folder2bin":
+        _print_stats(convert.folder_to_bin(args.src, args.dst, num_pairs=args.pairs, seed=args.seed,
+                                           image_size=args.image_size, overwrite=args.overwrite))
+
+
+def _print_stats(stats: dict):
+    for key, value in stats.items():
+        print(f"{key}: {value}")
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="insightface verification protocol on .bin sets")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--weights", help="model: .onnx, torch .pth/.pt, Keras .weights.h5")
+    src.add_argument("--embeddings", help=".npy of the set's 2N embeddings (precomputed, no flip)")
+    p.add_argument("--bin", action="append", required=True, help="verification .bin (repeatable)")
+    p.add_argument("--framework", choices=["torch", "tf", "onnx"], help="override detection from the extension")
+    p.add_argument("--arch", help="backbone name for torch/TF weights that do not record it (e.g. r50)")
+    p.add_argument("--no-flip", action="store_true", help="skip the flip test")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--roc", help="write a ROC plot (PNG) of all sets here")
+    p.add_argument("--json", help="write the numbers as JSON here")
+
+
+def _run_eval(args):
+    import json
+
+    import numpy as np
+
+    from .data.verification_bin import load_bin
+    from .eval import bins as bins_mod
+    from .eval.verification import evaluate_embeddings, format_result
+    results = {}
+    if args.embeddings:
+        if len(args.bin) != 1:
+            raise SystemExit("--embeddings scores exactly one --bin")
+        _, issame = load_bin(args.bin[0])
+        results[os.path.basename(args.bin[0])] = evaluate_embeddings(np.load(args.embeddings), None, issame)
+    else:
+        from .embedders import load_embedder
+        embed = load_embedder(args.weights, args.framework, args.arch)
+        for path in args.bin:
+            results[os.path.basename(path)] = bins_mod.evaluate_bin(embed, path, flip=not args.no_flip,
+                                                                    batch_size=args.batch_size)
+    for name, result in results.items():
+        print(format_result(name, result))
+    if args.roc:
+        from .eval.roc_plot import save_roc_plot
+        save_roc_plot(results, args.roc)
+        print(f"ROC plot: {args.roc}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({k: v.summary() for k, v in results.items()}, f, indent=2)
+
+
+def _add_export(sub):
+    p = sub.add_parser("export", help="export a backbone to ONNX (NCHW input 'data', dynamic batch), verified")
+    p.add_argument("--framework", choices=["torch", "tf"], help="default: from the weights' extension")
+    p.add_argument("--weights", required=True)
+    p.add_argument("--arch", required=True, help="backbone name (r50, mbf, ...)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--num-features", type=int, default=512)
+    p.add_argument("--input-size", type=int, default=112)
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+
+
+def _run_export(args):
+    from .embedders import detect_framework
+    framework = detect_framework(args.weights, args.framework)
+    if os.path.exists(args.out) and not args.force:
+        raise SystemExit(f"{args.out} exists; pass --force to overwrite it")
+    if framework == "torch":
+        from twinface_torch import checkpoint, export
+    elif framework == "tf":
+        from twinface_tf import checkpoint, export
+    else:
+        raise SystemExit(f"export takes torch or TF weights, got {framework}")
+    model = checkpoint.load_backbone(args.weights, args.arch, num_features=args.num_features,
+                                     input_size=args.input_size)
+    diff = export.export_onnx(model, args.out, args.arch, input_size=args.input_size, opset=args.opset)
+    print(f"wrote {args.out} (onnxruntime vs {framework}: max abs diff {diff:.3g})")
+
+
+def _add_parity(sub):
+    p = sub.add_parser("parity", help="prove the twins agree: table of diffs vs tolerances")
+    p.add_argument("--json", default="parity_report.json", help="also write the table as JSON here")
+    p.add_argument("--quick", action="store_true", help="skip the large backbones (r100, r200)")
+
+
+def _run_parity(args):
+    import subprocess
+    env = {**os.environ, "TWINFACE_PARITY_JSON": os.path.abspath(args.json),
+           "TWINFACE_PARITY_QUICK": "1" if args.quick else ""}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                            os.path.join(root, "parity_tests")], env=env, cwd=root)
+    raise SystemExit(code)
+
+
+VERBS = {"data": (_add_data, _run_data), "eval": (_add_eval, _run_eval), "export": (_add_export, _run_export),
+         "parity": (_add_parity, _run_parity)}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="twinface", description=__doc__)
+    sub = parser.add_subparsers(dest="verb", required=True)
+    for add, _ in VERBS.values():
+        add(sub)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        VERBS[args.verb][1](args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        raise SystemExit(f"twinface {args.verb}: error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Image bytes <-> uint8 RGB arrays. OpenCV works in BGR; everything leaving this file is RGB."""
+import os
+
+import cv2
+import numpy as np
+
+_ENCODE_EXTS = (".jpg", ".jpeg", ".png")
+# Leading bytes of the formats we read, to name a file by what it holds rather than what it is called.
+_SIGNATURES = ((b"\xff\xd8\xff", ".jpg"), (b"\x89PNG\r\n\x1a\n", ".png"), (b"BM", ".bmp"))
+
+
+class CorruptImageError(ValueError):
+    """An image that cannot be decoded; the message names its source (a path or "x.rec record 17")."""
+
+
+def decode_image(data: bytes, source: str) -> np.ndarray:
+    if not data:
+        raise CorruptImageError(f"{source}: empty image data")
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error as err:
+        raise CorruptImageError(f"{source}: cannot decode image ({len(data)} bytes): {err}") from err
+    if img is None:
+        raise CorruptImageError(f"{source}: cannot decode image ({len(data)} bytes, not a readable JPEG/PNG/BMP/WebP)")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def encode_image(img_rgb: np.ndarray, ext: str = ".jpg", quality: int = 95) -> bytes:
+    img_rgb = np.asarray(img_rgb)
+    if img_rgb.dtype != np.uint8 or img_rgb.ndim != 3 or img_rgb.shape[2] != 3:
+        raise ValueError(f"encode_image expects uint8 RGB HxWx3, got {img_rgb.dtype} {img_rgb.shape}")
+    ext = ext.lower()
+    if ext not in _ENCODE_EXTS:
+        raise ValueError(f"encode_image: unsupported extension {ext!r}; use one of {', '.join(_ENCODE_EXTS)}")
+    params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)] if ext != ".png" else []
+    ok, buf = cv2.imencode(ext, cv2.cvtColor(img_rgb, cv2.COLOR_RGB2BGR), params)
+    if not ok:
+        raise ValueError(f"encode_image: OpenCV failed to encode a {img_rgb.shape} image as {ext}")
+    return buf.tobytes()
+
+
+def read_image(path) -> np.ndarray:
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        return decode_image(f.read(), path)
+
+
+def image_ext(data: bytes) -> str:
+    """File extension matching the encoded bytes (".jpg" when unknown), so written files say what they hold."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ".webp"
+    for signature, ext in _SIGNATURES:
+        if data.startswith(signature):
+            return ext
+    return ".jpg"
+
+
+def fit_square(img: np.ndarray, size: int, source: str) -> np.ndarray:
+    """Resize a square face crop to size x size; a non-square image is not an aligned crop, so it is an error."""
+    h, w = img.shape[:2]
+    if (h, w) == (size, size):
+        return img
+    if h != w:
+        raise ValueError(f"{source}: expected a square aligned face crop ({size}x{size}), got {w}x{h}")
+    interpolation = cv2.INTER_AREA if h > size else cv2.INTER_LINEAR
+    return cv2.resize(img, (size, size), interpolation=interpolation)

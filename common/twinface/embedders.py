@@ -1,0 +1,52 @@
+"""Turn a weights file into `embed(images_uint8_nhwc) -> float32 [N, D]`, whatever framework made it.
+
+ONNX runs here through onnxruntime (framework-neutral); torch and TF weights load their twin lazily, so
+`twinface eval` on an ONNX file never imports a deep-learning framework.
+"""
+import os
+
+import numpy as np
+
+from .data.transforms import to_model_input
+
+FRAMEWORK_BY_SUFFIX = {".onnx": "onnx", ".pth": "torch", ".pt": "torch", ".h5": "tf", ".keras": "tf"}
+
+
+def detect_framework(weights: str, framework: str = None) -> str:
+    if framework:
+        return framework
+    suffix = os.path.splitext(weights)[1].lower()
+    if os.path.isdir(weights):
+        return "tf"                                               # SavedModel directory
+    if suffix not in FRAMEWORK_BY_SUFFIX:
+        raise ValueError(f"{weights}: cannot tell the framework from the extension {suffix!r}; "
+                         f"known: {', '.join(sorted(FRAMEWORK_BY_SUFFIX))} (or pass --framework torch|tf|onnx)")
+    return FRAMEWORK_BY_SUFFIX[suffix]
+
+
+class OnnxEmbedder:
+    """onnxruntime over an NCHW float model, e.g. our exports or insightface's model-zoo R50."""
+
+    def __init__(self, path: str, threads: int = 0):
+        import onnxruntime as ort
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: to_model_input(images, "NCHW")})[0]
+
+
+def load_embedder(weights: str, framework: str = None, arch: str = None):
+    framework = detect_framework(weights, framework)
+    if framework == "onnx":
+        return OnnxEmbedder(weights)
+    if framework == "torch":
+        from twinface_torch.embed import Embedder
+    elif framework == "tf":
+        from twinface_tf.embed import Embedder
+    else:
+        raise ValueError(f"unknown framework {framework!r}; expected torch, tf or onnx")
+    return Embedder(weights, arch=arch)

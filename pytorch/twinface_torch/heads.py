@@ -1,0 +1,92 @@
+"""Classification heads on top of the embedding.
+
+MarginHead is the one combined-margin head: target logit = s * (cos(m1*theta + m2) - m3);
+Softmax, SphereFace, ArcFace and CosFace are settings of it (twinface.registry.HEADS).
+"""
+import math
+
+import torch
+from torch import nn
+
+from twinface.registry import HEADS, head_defaults
+
+GRADIENTS = ("straight_through", "analytic")
+
+
+def l2_normalize(x):
+    # rsqrt of a clamped square sum: no division by zero for an all-zero row, same formula in both twins.
+    return x * torch.rsqrt(torch.clamp((x * x).sum(dim=1, keepdim=True), min=1e-24))
+
+
+def check_batch(head, embeddings, labels, embedding_size, num_classes):
+    if embeddings.dim() != 2 or embeddings.shape[1] != embedding_size:
+        raise ValueError(f"{head}: expected embeddings [N, {embedding_size}], got shape {tuple(embeddings.shape)}")
+    if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(f"{head}: expected labels [{embeddings.shape[0]}], got shape {tuple(labels.shape)}")
+    if labels.dtype != torch.int64:
+        raise ValueError(f"{head}: expected int64 labels, got {labels.dtype}")
+
+
+class MarginHead(nn.Module):
+    def __init__(self, embedding_size, num_classes, s=64.0, m1=1.0, m2=0.0, m3=0.0,
+                 interclass_filtering_threshold=0.0, gradient="straight_through"):
+        super().__init__()
+        if gradient not in GRADIENTS:
+            raise ValueError(f"MarginHead: gradient must be one of {GRADIENTS}, got {gradient!r}")
+        self.embedding_size = embedding_size
+        self.num_classes = num_classes
+        self.s, self.m1, self.m2, self.m3 = s, m1, m2, m3
+        self.interclass_filtering_threshold = interclass_filtering_threshold
+        self.gradient = gradient
+        self.weight = nn.Parameter(torch.normal(0.0, 0.01, (num_classes, embedding_size)))
+
+    def forward(self, embeddings, labels):
+        check_batch("MarginHead", embeddings, labels, self.embedding_size, self.num_classes)
+        if labels.numel() and (int(labels.max()) >= self.num_classes or int(labels.min()) < -1):
+            raise ValueError(f"MarginHead: labels must be in [-1, {self.num_classes - 1}] (-1 = no target), "
+                             f"got min {int(labels.min())}, max {int(labels.max())}")
+        cos = torch.clamp(l2_normalize(embeddings) @ l2_normalize(self.weight).T, -1.0, 1.0)
+        return self.logits_from_cos(cos, labels)
+
+    def logits_from_cos(self, cos, labels):
+        """Margin and scale applied to clamped cosines [N, C]; rows labelled -1 get no margin."""
+        target_index = labels.clamp(min=0).unsqueeze(1)
+        is_target = torch.zeros_like(cos, dtype=torch.bool).scatter_(1, target_index, (labels >= 0).unsqueeze(1))
+        if self.interclass_filtering_threshold > 0:
+            # Very similar non-target classes are likely label noise (same person twice): drop their logit.
+            keep = ~((cos > self.interclass_filtering_threshold) & ~is_target)
+            cos = cos * keep.to(cos.dtype)
+        target_cos = cos.gather(1, target_index)
+        if self.gradient == "straight_through":
+            # Exact forward value, gradient 1 w.r.t. the cosine: no 1/sqrt(1-cos^2), no NaN at cos = +-1.
+            with torch.no_grad():
+                margin = torch.cos(self.m1 * torch.acos(target_cos) + self.m2) - self.m3
+            target_logit = target_cos + (margin - target_cos.detach())
+        else:
+            theta = torch.acos(torch.clamp(target_cos, -1.0 + 1e-7, 1.0 - 1e-7))
+            target_logit = torch.cos(self.m1 * theta + self.m2) - self.m3
+        return self.s * torch.where(is_target, target_logit, cos)
+
+
+class LinearHead(nn.Module):
+    """Plain softmax classifier (no normalisation, no margin), nn.Linear's default init."""
+
+    def __init__(self, embedding_size, num_classes):
+        super().__init__()
+        self.embedding_size = embedding_size
+        self.num_classes = num_classes
+        bound = 1.0 / math.sqrt(embedding_size)
+        self.weight = nn.Parameter(torch.empty(num_classes, embedding_size).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(num_classes).uniform_(-bound, bound))
+
+    def forward(self, embeddings, labels):
+        check_batch("LinearHead", embeddings, labels, self.embedding_size, self.num_classes)
+        return embeddings @ self.weight.T + self.bias
+
+
+def get_head(name, embedding_size, num_classes, **overrides):
+    if name == "linear":
+        return LinearHead(embedding_size, num_classes, **overrides)
+    if name not in HEADS:
+        raise ValueError(f"unknown head {name!r}; known: {', '.join(sorted([*HEADS, 'linear']))}")
+    return MarginHead(embedding_size, num_classes, **{**head_defaults(name), **overrides})
