@@ -150,7 +150,29 @@ def _run_parity(args):
     raise SystemExit(code)
 
 
-VERBS = {"data": (_add_data, _run_data), "eval": (_add_eval, _run_eval), "export": (_add_export, _run_export),
+def _add_train(sub):
+    p = sub.add_parser("train", help="train a config with one twin (torch or tf)")
+    p.add_argument("--framework", choices=["torch", "tf"], required=True)
+    p.add_argument("--config", default="configs/default.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optimizer.lr=0.05 (repeatable)")
+    p.add_argument("--output", help="run directory (default: the config's output, suffixed by the framework)")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's last full checkpoint")
+
+
+def _run_train(args):
+    from . import config as config_mod
+    from .trainer import Trainer
+    cfg = config_mod.load(args.config, args.set)
+    cfg.output = args.output or f"{cfg.output}_{args.framework}"
+    if args.framework == "torch":
+        from twinface_torch.train import TorchTwin as Twin
+    else:
+        from twinface_tf.train import TFTwin as Twin
+    Trainer(cfg, Twin(), resume=args.resume).run()
+
+
+VERBS = {"train": (_add_train, _run_train), "data": (_add_data, _run_data), "eval": (_add_eval, _run_eval), "export": (_add_export, _run_export),
          "parity": (_add_parity, _run_parity)}
 
 
@@ -166,7 +188,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         VERBS[args.verb][1](args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         raise SystemExit(f"twinface {args.verb}: error: {e}") from None
 
 
