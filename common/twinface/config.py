@@ -85,7 +85,8 @@ class TrainConfig:
     epochs: int = 20
     log_every: int = 20                         # steps between progress lines
     checkpoint_every: int = 1                   # epochs between full checkpoints
-    max_bad_steps: int = 5                      # consecutive NaN/Inf losses before the run stops
+    max_bad_steps: int = 5                      # NaN/Inf losses tolerated (updates skipped) before the run stops
+    clip_grad_norm: float = 5.0                 # backbone gradient norm clip, as arcface_torch (0 = off)
     resume: bool = False
 
 

@@ -1,0 +1,74 @@
+import cv2
+import numpy as np
+import pytest
+
+from twinface.data.images import (CorruptImageError, decode_image, encode_image, fit_square, image_ext,
+                                  read_image)
+
+
+def _red_image():
+    img = np.zeros((16, 16, 3), np.uint8)
+    img[..., 0] = 200  # red in RGB
+    img[4:8, 4:8, 2] = 90
+    return img
+
+
+def test_png_round_trip_is_exact_and_rgb():
+    img = _red_image()
+    data = encode_image(img, ".png")
+    assert data.startswith(b"\x89PNG")
+    assert np.array_equal(decode_image(data, "mem"), img)
+    # OpenCV itself sees the red channel last (BGR): we converted on the way in.
+    assert np.all(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[..., 2] == 200)
+
+
+def test_jpeg_round_trip_is_close():
+    img = _red_image()
+    data = encode_image(img, ".jpg", quality=95)
+    assert data[:3] == b"\xff\xd8\xff"
+    out = decode_image(data, "mem")
+    assert out.dtype == np.uint8 and out.shape == (16, 16, 3)
+    assert np.abs(out.astype(int) - img).mean() < 4
+    assert out[..., 0].mean() > 150 and out[..., 1].mean() < 30
+
+
+def test_encode_rejects_wrong_input():
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        encode_image(np.zeros((8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        encode_image(np.zeros((8, 8), np.uint8))
+    with pytest.raises(ValueError, match="unsupported extension"):
+        encode_image(np.zeros((8, 8, 3), np.uint8), ".gif")
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image at all", encode_image(_red_image())[:40]])
+def test_corrupt_bytes_name_their_source(data):
+    with pytest.raises(CorruptImageError, match="rec.rec record 17"):
+        decode_image(data, "rec.rec record 17")
+
+
+def test_read_image_names_the_path(tmp_path):
+    good = tmp_path / "good.png"
+    good.write_bytes(encode_image(_red_image(), ".png"))
+    assert np.array_equal(read_image(good), _red_image())
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff garbage")
+    with pytest.raises(CorruptImageError, match=str(bad)):
+        read_image(bad)
+
+
+def test_image_ext_follows_content():
+    img = _red_image()
+    assert image_ext(encode_image(img, ".png")) == ".png"
+    assert image_ext(encode_image(img, ".jpg")) == ".jpg"
+    assert image_ext(cv2.imencode(".bmp", img)[1].tobytes()) == ".bmp"
+    assert image_ext(cv2.imencode(".webp", img)[1].tobytes()) == ".webp"
+
+
+def test_fit_square():
+    img = np.full((56, 56, 3), 77, np.uint8)
+    out = fit_square(img, 112, "x")
+    assert out.shape == (112, 112, 3) and np.all(out == 77)
+    assert fit_square(out, 112, "x") is out
+    with pytest.raises(ValueError, match=r"some/face.jpg.*square.*60x50"):
+        fit_square(np.zeros((50, 60, 3), np.uint8), 112, "some/face.jpg")

@@ -1,0 +1,170 @@
+"""Conversions between the data formats: image folder <-> insightface .rec, image folder -> verification .bin."""
+import logging
+import os
+import shutil
+
+import numpy as np
+from tqdm import tqdm
+
+from twinface.data.folder import scan_image_folder, write_image_folder
+from twinface.data.images import CorruptImageError, decode_image, encode_image, fit_square
+from twinface.data.recordio import InsightFaceRec, write_insightface_rec
+from twinface.data.verification_bin import save_bin
+
+logger = logging.getLogger(__name__)
+
+
+def _refuse_existing(paths, overwrite):
+    for path in paths:
+        if os.path.exists(path) and not overwrite:
+            raise FileExistsError(f"{path}: already exists; pass overwrite=True to replace it")
+
+
+def _read_bytes(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def folder_to_rec(src_root, dst_prefix, progress=True, overwrite=False) -> dict:
+    """Pack an image folder into dst_prefix.rec/.idx (insightface layout), storing each file's bytes as they are.
+
+    Undecodable images are skipped and listed in stats["skipped"]; an identity left without images is dropped
+    and the following labels move down, so the .rec keeps labels 0..C-1.
+    """
+    dst_prefix = os.fspath(dst_prefix)
+    _refuse_existing([dst_prefix + ".rec", dst_prefix + ".idx"], overwrite)
+    samples, class_names = scan_image_folder(src_root)
+    skipped, new_label = [], {}
+
+    def readable_samples():
+        for path, label in tqdm(samples, desc="folder -> rec", unit="img", disable=not progress):
+            data = _read_bytes(path)
+            try:
+                decode_image(data, path)
+            except CorruptImageError as err:
+                logger.warning("skipping %s", err)
+                skipped.append(path)
+                continue
+            yield new_label.setdefault(label, len(new_label)), data
+
+    stats = write_insightface_rec(dst_prefix, readable_samples())
+    return {**stats, "num_skipped": len(skipped), "skipped": skipped,
+            "class_names": [class_names[old] for old in new_label]}
+
+
+def rec_to_folder(src_prefix, dst_root, progress=True, overwrite=False) -> dict:
+    """Unpack an insightface .rec into dst_root/<%05d label>/<%06d>.jpg, bytes unchanged.
+
+    Written to a temporary folder renamed into place at the end, so dst_root is never left half-filled.
+    """
+    dst_root = os.fspath(dst_root).rstrip(os.sep)
+    _refuse_existing([dst_root], overwrite)
+    rec = InsightFaceRec(src_prefix)
+    tmp = dst_root + ".partial"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    records = (rec.record(i) for i in tqdm(range(len(rec)), desc="rec -> folder", unit="img",
+                                           disable=not progress))
+    try:
+        count = write_image_folder(tmp, records)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(dst_root):
+        shutil.rmtree(dst_root)
+    os.replace(tmp, dst_root)
+    return {"num_images": count, "num_classes": rec.num_classes}
+
+
+def make_pairs(labels: np.ndarray, num_pairs: int, seed: int):
+    """-> (pairs [num_pairs, 2] int64 image indices, issame [num_pairs] bool).
+
+    num_pairs // 2 same-identity pairs, the rest different-identity, each drawn uniformly from all pairs of its
+    kind, none repeated; the order is shuffled so that every contiguous fold of the 10-fold protocol holds both
+    kinds. Same labels and seed, same pairs.
+    """
+    labels = np.asarray(labels).ravel()
+    if num_pairs < 2:
+        raise ValueError(f"make_pairs: num_pairs must be >= 2, got {num_pairs}")
+    n = len(labels)
+    rng = np.random.default_rng(seed)
+    # Images sorted by label: class c is the block order[starts[c] : starts[c] + counts[c]].
+    order = np.argsort(labels, kind="stable")
+    classes, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
+    class_of = np.searchsorted(classes, labels)
+    same_cdf = np.cumsum(counts * (counts - 1) // 2)
+    diff_cdf = np.cumsum(n - counts[class_of])  # image i pairs with n - |class(i)| others
+    possible_same = int(same_cdf[-1]) if n else 0
+    possible_diff = n * (n - 1) // 2 - possible_same
+    num_same, num_diff = num_pairs // 2, num_pairs - num_pairs // 2
+    if possible_same < num_same:
+        raise ValueError(f"make_pairs: {num_same} same-identity pairs requested, only {possible_same} exist")
+    if possible_diff < num_diff:
+        raise ValueError(f"make_pairs: {num_diff} different-identity pairs requested, only {possible_diff} exist")
+
+    def block(c):
+        return order[starts[c]:starts[c] + counts[c]]
+
+    def draw_same():
+        c = np.searchsorted(same_cdf, rng.integers(possible_same), side="right")
+        return rng.choice(block(c), 2, replace=False)
+
+    def draw_diff():
+        i = np.searchsorted(diff_cdf, rng.integers(diff_cdf[-1]), side="right")
+        c = class_of[i]
+        k = rng.integers(n - counts[c])  # k-th image outside class c's block
+        return i, order[k if k < starts[c] else k + counts[c]]
+
+    def all_same():
+        return [(a, b) for c in range(len(classes)) for k, a in enumerate(block(c)) for b in block(c)[k + 1:]]
+
+    def all_diff():
+        return [(a, b) for c in range(len(classes)) for d in range(c + 1, len(classes))
+                for a in block(c) for b in block(d)]
+
+    same = _unique_pairs(draw_same, all_same, num_same, possible_same, rng)
+    diff = _unique_pairs(draw_diff, all_diff, num_diff, possible_diff, rng)
+    pairs = np.array(same + diff, dtype=np.int64)
+    issame = np.array([True] * num_same + [False] * num_diff)
+    shuffle = rng.permutation(num_pairs)
+    return pairs[shuffle], issame[shuffle]
+
+
+def _unique_pairs(draw, enumerate_all, count, possible, rng):
+    """`count` distinct unordered pairs: uniform draws while at least half of all pairs remain (each draw then
+    succeeds with probability >= 1/2), else a sample of the full list, which is then small."""
+    if 2 * count > possible:
+        every = enumerate_all()
+        return [tuple(int(x) for x in every[k]) for k in rng.choice(len(every), count, replace=False)]
+    seen, pairs = set(), []
+    while len(pairs) < count:
+        a, b = (int(x) for x in draw())
+        if (min(a, b), max(a, b)) not in seen:
+            seen.add((min(a, b), max(a, b)))
+            pairs.append((a, b))
+    return pairs
+
+
+def folder_to_bin(src_root, dst_path, num_pairs=6000, seed=0, image_size=112, overwrite=False,
+                  progress=True) -> dict:
+    """Build an insightface verification .bin from an image folder: half same, half different pairs.
+
+    Images already image_size x image_size keep their bytes; others are resized and re-encoded as JPEG.
+    """
+    dst_path = os.fspath(dst_path)
+    _refuse_existing([dst_path], overwrite)
+    samples, _ = scan_image_folder(src_root)
+    labels = np.array([label for _, label in samples], dtype=np.int64)
+    pairs, issame = make_pairs(labels, num_pairs, seed)
+    encoded, resized = {}, 0
+    for index in tqdm(np.unique(pairs), desc="folder -> bin", unit="img", disable=not progress):
+        path = samples[index][0]
+        data = _read_bytes(path)
+        img = decode_image(data, path)
+        if img.shape[:2] != (image_size, image_size):
+            data = encode_image(fit_square(img, image_size, path))
+            resized += 1
+        encoded[int(index)] = data
+    save_bin(dst_path, [encoded[int(i)] for pair in pairs for i in pair], issame)
+    return {"num_pairs": int(len(pairs)), "num_same": int(issame.sum()), "num_images": len(encoded),
+            "num_resized": resized}

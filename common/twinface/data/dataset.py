@@ -1,0 +1,95 @@
+"""One random-access view of a training set, whatever its format: the twins' data loaders read only this."""
+import os
+
+import numpy as np
+
+from twinface.data.folder import scan_image_folder
+from twinface.data.images import decode_image, fit_square
+from twinface.data.recordio import InsightFaceRec
+
+IMAGE_SIZE = 112
+
+
+class FaceDataset:
+    """len, labels, num_classes, image(i) -> uint8 RGB 112x112x3, source(i) naming the image in errors.
+
+    Subclasses provide __len__, labels, encoded(i) and source(i).
+    """
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def labels(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def encoded(self, i: int) -> bytes:
+        raise NotImplementedError
+
+    def source(self, i: int) -> str:
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.labels.max()) + 1 if len(self) else 0
+
+    def image(self, i: int) -> np.ndarray:
+        """Raises CorruptImageError naming source(i); a square crop of another size is resized to 112."""
+        source = self.source(i)
+        return fit_square(decode_image(self.encoded(i), source), IMAGE_SIZE, source)
+
+
+class FolderDataset(FaceDataset):
+    def __init__(self, root):
+        self.root = os.fspath(root)
+        samples, self.class_names = scan_image_folder(self.root)
+        self.paths = [path for path, _ in samples]
+        self._labels = np.array([label for _, label in samples], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._labels
+
+    def encoded(self, i: int) -> bytes:
+        with open(self.paths[i], "rb") as f:
+            return f.read()
+
+    def source(self, i: int) -> str:
+        return self.paths[i]
+
+
+class RecDataset(FaceDataset):
+    def __init__(self, prefix):
+        self.rec = InsightFaceRec(prefix)
+
+    def __len__(self) -> int:
+        return len(self.rec)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.rec.labels
+
+    def encoded(self, i: int) -> bytes:
+        return self.rec.encoded(i)
+
+    def source(self, i: int) -> str:
+        return self.rec.source(i)
+
+
+def open_dataset(path) -> FaceDataset:
+    """A directory holding train.rec, a prefix.rec file (or its prefix), or a folder of identity folders."""
+    path = os.fspath(path)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "train.rec")):
+        return RecDataset(os.path.join(path, "train"))
+    if path.endswith(".rec") and os.path.isfile(path):
+        return RecDataset(path[:-4])
+    if os.path.isfile(path + ".rec"):
+        return RecDataset(path)
+    if os.path.isdir(path) and any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(path)):
+        return FolderDataset(path)
+    raise ValueError(f"{path}: not a data set twinface can read; supported: a directory with train.rec + "
+                     "train.idx, a file prefix.rec (+ prefix.idx) or its prefix, or a directory of identity folders "
+                     "(root/<identity>/<image>.jpg|png|bmp|webp)")
