@@ -9,7 +9,7 @@ pass per threshold, which gives the same integers and therefore the same floats.
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.interpolate import interp1d
+from scipy.interpolate import BSpline
 
 from twinface.eval.embeddings import l2_normalize, pair_embeddings
 
@@ -88,6 +88,17 @@ def calculate_roc(dist, issame, folds):
     return np.mean(tprs, 0), np.mean(fprs, 0), accuracy, best_thresholds
 
 
+def threshold_at_far(far, thresholds, far_target=FAR_TARGET) -> float:
+    """Threshold at which the non-decreasing FAR curve far(thresholds) reaches far_target.
+
+    insightface calls interp1d(far, thresholds, kind='slinear'), which in scipy <= 1.8 is the degree-1 B-spline
+    with knots [far[0], far..., far[-1]]: the line from the last point with far <= target to the first with
+    far > target. Newer scipy refuses the repeated FAR values every such curve has (scipy PR #16780,
+    insightface issues #2152 and #2290), so the same spline is built here directly.
+    """
+    return float(BSpline(np.r_[far[0], far, far[-1]], thresholds, 1)(far_target))
+
+
 def calculate_val(dist, issame, folds):
     """VAL and FAR on the held-out folds at the threshold where the training FAR reaches 1e-3."""
     val = np.zeros(len(folds))
@@ -95,11 +106,7 @@ def calculate_val(dist, issame, folds):
     for fold, (train, test) in enumerate(folds):
         _, fp, _, n_diff = _accept_counts(dist[train], issame[train], VAL_THRESHOLDS)
         far_train = fp / n_diff
-        if np.max(far_train) >= FAR_TARGET:
-            # scipy's 'slinear' is what insightface uses; it decides how runs of equal FAR values interpolate
-            threshold = float(interp1d(far_train, VAL_THRESHOLDS, kind="slinear")(FAR_TARGET))
-        else:
-            threshold = 0.0
+        threshold = threshold_at_far(far_train, VAL_THRESHOLDS) if np.max(far_train) >= FAR_TARGET else 0.0
         accepted = dist[test] < threshold
         val[fold] = np.sum(accepted & issame[test]) / np.sum(issame[test])
         far[fold] = np.sum(accepted & ~issame[test]) / np.sum(~issame[test])
@@ -178,8 +185,9 @@ def evaluate_embeddings(emb, emb_flip, issame, nrof_folds: int = 10) -> Verifica
     return result
 
 
-def format_result(name: str, result: VerificationResult, step: int | None = None) -> list[str]:
-    """The lines insightface logs (its format strings; `step` adds arcface_torch's [global_step]), plus VAL@FAR."""
+def format_result(name: str, result: VerificationResult, step: int | None = None) -> str:
+    """The lines insightface logs, joined by newlines (its format strings; `step` adds arcface_torch's
+    [global_step]), plus VAL@FAR."""
     tag = f"[{name}]" if step is None else "[%s][%d]" % (name, step)
     lines = []
     if result.xnorm is not None:
@@ -192,4 +200,4 @@ def format_result(name: str, result: VerificationResult, step: int | None = None
         lines.append("%sAccuracy: %1.5f+-%1.5f" % (tag, result.acc_mean, result.acc_std))
     # facenet's wording (insightface's file derives from it); insightface computes VAL but does not print it
     lines.append("%sValidation rate: %2.5f+-%2.5f @ FAR=%2.5f" % (tag, result.val, result.val_std, result.far))
-    return lines
+    return "\n".join(lines)
