@@ -22,4 +22,5 @@ LOSS_FUNCTIONS = {"cross_entropy": cross_entropy, "focal": focal_loss}
 
 def get_loss(name, **overrides):
     """Loss callable (logits, labels) -> scalar, with the registry's defaults updated by `overrides`."""
-    return partial(LOSS_FUNCTIONS[name], **{**loss_defaults(name), **overrides})
+    params = {**loss_defaults(name), **overrides}    # raises on an unknown name, listing the known ones
+    return partial(LOSS_FUNCTIONS[name], **params)

@@ -14,6 +14,8 @@ def check_input_size(arch, input_size):
 
 
 def check_input(x, arch, input_size):
+    if torch.jit.is_tracing():    # sizes are traced values during ONNX export; the graph fixes C, H, W anyway
+        return
     if x.dim() != 4 or x.shape[1] != 3 or x.shape[2] != input_size or x.shape[3] != input_size:
         raise ValueError(f"{arch}: expected input [N, 3, H, W] with H = W = {input_size}, "
                          f"got shape {tuple(x.shape)}")
@@ -96,7 +98,7 @@ class IResNet(nn.Module):
             x = self.bn2(x)
             x = torch.flatten(x, 1)
             x = self.dropout(x)
-        x = self.fc(x.float())
+        x = self.fc(x.float() if self.fp16 else x)
         return self.features(x)
 
 

@@ -115,7 +115,7 @@ class MobileFaceNet(nn.Module):
         with torch.autocast(x.device.type, dtype=torch.float16, enabled=self.fp16):
             for layer in self.layers:
                 x = layer(x)
-        return self.features(self.conv_sep(x.float()))
+        return self.features(self.conv_sep(x.float() if self.fp16 else x))
 
 
 def get_mbf(num_features=512, blocks=(1, 4, 6, 2), scale=2, fp16=False, input_size=112):

@@ -1,0 +1,116 @@
+"""Parity harness: every comparison becomes a row (what, max diff, tolerance, pass/fail) of one table.
+
+`make parity` (twinface parity) prints the table and writes it as JSON; under `make test` the same checks run
+as ordinary assertions. Tolerances are DESIGN.md's (fp32, CPU); a looser one carries its measured reason.
+"""
+import json
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+ROWS = []
+QUICK = bool(os.environ.get("TWINFACE_PARITY_QUICK"))
+
+
+def _np(x):
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    elif hasattr(x, "numpy"):
+        x = x.numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+class Parity:
+    def check(self, what: str, a, b, tol: float, relative: bool = False):
+        """Record max|a - b| (divided by max|a| when `relative`) against `tol`, and assert it."""
+        a, b = _np(a), _np(b)
+        assert a.shape == b.shape, f"{what}: shapes differ {a.shape} vs {b.shape}"
+        assert np.isfinite(a).all() and np.isfinite(b).all(), f"{what}: non-finite values"
+        diff = float(np.max(np.abs(a - b))) if a.size else 0.0
+        if relative:
+            diff /= max(float(np.max(np.abs(a))), 1e-12)
+        ok = diff <= tol
+        ROWS.append({"what": what, "max_diff": diff, "tolerance": tol, "relative": relative,
+                     "result": "pass" if ok else "FAIL"})
+        assert ok, f"{what}: max {'relative ' if relative else ''}diff {diff:.3g} > tolerance {tol:g}"
+        return diff
+
+
+@pytest.fixture(scope="session")
+def parity():
+    return Parity()
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not ROWS:
+        return
+    tr = terminalreporter
+    width = max(len(r["what"]) for r in ROWS)
+    tr.section("twinface parity")
+    tr.write_line(f"{'what':<{width}}  {'max diff':>10}  {'tolerance':>10}  result")
+    for r in ROWS:
+        tol = f"{r['tolerance']:.0e}{' rel' if r['relative'] else ''}"
+        tr.write_line(f"{r['what']:<{width}}  {r['max_diff']:>10.2e}  {tol:>10}  {r['result']}")
+    failed = sum(r["result"] != "pass" for r in ROWS)
+    tr.write_line(f"{len(ROWS) - failed} of {len(ROWS)} rows pass")
+    path = os.environ.get("TWINFACE_PARITY_JSON")
+    if path:
+        with open(path, "w") as f:
+            json.dump({"rows": ROWS, "failed": failed}, f, indent=2)
+        tr.write_line(f"JSON: {path}")
+
+
+# --- building twins with the same weights -------------------------------------------------------------
+def calibrate_bn(model, x):
+    """Give every torch BN realistic running statistics (those of a batch), and random affine parameters,
+    so eval-mode parity exercises them instead of identities."""
+    import torch
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.momentum = None                              # cumulative average: one batch -> its stats
+                m.reset_running_stats()
+                if m.weight.requires_grad:
+                    m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(0.0, 0.1, generator=g)
+            elif isinstance(m, torch.nn.PReLU):
+                m.weight.uniform_(0.0, 0.5, generator=g)
+        model.train()
+        model(x)
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.momentum = 0.1
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def make_twins():
+    """(torch model, Keras model) of one architecture holding identical weights."""
+    def build(arch, batch=4, input_size=112, calibrate=True, **kwargs):
+        import torch
+        from twinface_convert.mapping import torch_to_keras
+        from twinface_tf.backbones import get_model as tf_model
+        from twinface_torch.backbones import get_model as torch_model
+        torch.manual_seed(0)
+        tm = torch_model(arch, input_size=input_size, **kwargs)
+        if calibrate:
+            calibrate_bn(tm, torch.from_numpy(images_nchw(batch, input_size, seed=99)))
+        km = tf_model(arch, input_size=input_size, **kwargs)
+        torch_to_keras(tm.state_dict(), km, source=f"torch {arch}")
+        return tm, km
+    return build
+
+
+def images_nchw(n, size=112, seed=0):
+    """Normalised float32 images in torch layout; real-looking range [-1, 1]."""
+    rng = np.random.default_rng(seed)
+    return ((rng.integers(0, 256, (n, 3, size, size)).astype(np.float32) - 127.5) / 127.5)
+
+
+@pytest.fixture(scope="session")
+def images():
+    return images_nchw

@@ -1,0 +1,242 @@
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from twinface.registry import BACKBONES
+from twinface_torch.backbones import get_model
+from twinface_torch.backbones.iresnet import iresnet18, iresnet50
+from twinface_torch.backbones.mobilefacenet import get_mbf, get_mbf_large
+
+BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def iresnet_param_count(layers, input_size=112, num_features=512):
+    """Parameters of an IResNet from its architecture alone (weights + biases, BN gamma/beta, PReLU slopes)."""
+    total = 3 * 64 * 9 + 2 * 64 + 64                      # stem conv, bn1, prelu
+    inplanes = 64
+    for planes, blocks in zip((64, 128, 256, 512), layers):
+        for index in range(blocks):
+            cin = inplanes if index == 0 else planes
+            total += 2 * cin + cin * planes * 9 + 2 * planes + planes + planes * planes * 9 + 2 * planes
+            if index == 0:                                  # stride 2: conv1x1 + BN shortcut
+                total += cin * planes + 2 * planes
+        inplanes = planes
+    fc_in = 512 * (input_size // 16) ** 2
+    return total + 2 * 512 + fc_in * num_features + num_features + 2 * num_features
+
+
+def iresnet_state_keys(layers):
+    """arcface_torch's backbone.pth key names, written out from its naming rules."""
+    keys = ["conv1.weight", "prelu.weight", "fc.weight", "fc.bias"]
+    keys += [f"{bn}.{k}" for bn in ("bn1", "bn2", "features") for k in BN_KEYS]
+    for stage, blocks in enumerate(layers, start=1):
+        for index in range(blocks):
+            block = f"layer{stage}.{index}"
+            keys += [f"{block}.conv1.weight", f"{block}.conv2.weight", f"{block}.prelu.weight"]
+            keys += [f"{block}.{bn}.{k}" for bn in ("bn1", "bn2", "bn3") for k in BN_KEYS]
+            if index == 0:
+                keys += [f"{block}.downsample.0.weight"] + [f"{block}.downsample.1.{k}" for k in BN_KEYS]
+    return set(keys)
+
+
+def num_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_registry_name_builds(name):
+    with torch.device("meta"):                              # structure only: no memory, no init cost
+        model = get_model(name)
+    assert model.arch == name
+    if BACKBONES[name].family == "iresnet":
+        layers = BACKBONES[name].kwargs["layers"]
+        assert num_params(model) == iresnet_param_count(layers)
+        assert set(model.state_dict()) == iresnet_state_keys(layers)
+    else:
+        assert "features.layers.3.running_var" in model.state_dict()
+
+
+def test_r50_param_count_matches_insightface():
+    with torch.device("meta"):
+        count = num_params(get_model("r50"))
+    assert count == iresnet_param_count((3, 4, 14, 3)) == 43_590_848
+    assert 43.5e6 < count < 43.7e6
+
+
+def test_named_builders_match_registry():
+    with torch.device("meta"):
+        pairs = [(iresnet50(), get_model("r50")), (get_mbf(), get_model("mbf")),
+                 (get_mbf_large(), get_model("mbf_large"))]
+    for built, looked_up in pairs:
+        assert {k: v.shape for k, v in built.state_dict().items()} == \
+               {k: v.shape for k, v in looked_up.state_dict().items()}
+
+
+def test_r50_forward_two_images():
+    torch.manual_seed(0)
+    model = get_model("r50").eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 112, 112) * 2 - 1)
+    assert out.shape == (2, 512) and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("input_size", [96, 128])
+def test_iresnet_other_input_sizes_and_num_features(input_size):
+    model = get_model("r18", num_features=128, input_size=input_size).eval()
+    assert model.fc.in_features == 512 * (input_size // 16) ** 2
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, input_size, input_size)).shape == (2, 128)
+
+
+@pytest.mark.parametrize("name", ["mbf", "mbf_large"])
+def test_mobilefacenet_output_shapes(name):
+    model = get_model(name, num_features=128, input_size=32).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(3, 3, 32, 32)).shape == (3, 128)
+    assert get_model("mbf").features.layers[0].layers[0].kernel_size == (7, 7)
+
+
+@pytest.mark.parametrize("name", ["r18", "mbf"])
+def test_input_size_must_be_multiple_of_16(name):
+    with pytest.raises(ValueError, match=f"{name}: input_size must be a positive multiple of 16, got 100"):
+        get_model(name, input_size=100)
+
+
+def test_unknown_name_lists_known_names():
+    with pytest.raises(ValueError, match="r51") as error:
+        get_model("r51")
+    for known in BACKBONES:
+        assert known in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["r18", "mbf"])
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 1, 32, 32), (1, 32, 32, 3), (1, 3, 64, 64)])
+def test_wrong_input_shape_is_named(name, shape):
+    model = get_model(name, input_size=32)
+    with pytest.raises(ValueError, match=rf"{name}: expected input \[N, 3, H, W\].*got shape \({shape[0]}, "):
+        model(torch.zeros(shape))
+
+
+def test_integer_input_is_rejected():
+    with pytest.raises(ValueError, match="r18: expected a float tensor"):
+        get_model("r18", input_size=32)(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_iresnet_key_names_and_shapes_spot_check():
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in get_model("r50").state_dict().items()}
+    assert shapes["conv1.weight"] == (64, 3, 3, 3)
+    assert shapes["prelu.weight"] == (64,)
+    assert shapes["layer1.0.downsample.0.weight"] == (64, 64, 1, 1)
+    assert shapes["layer2.0.conv1.weight"] == (128, 64, 3, 3)
+    assert shapes["layer2.0.conv2.weight"] == (128, 128, 3, 3)
+    assert shapes["layer3.13.bn3.running_var"] == (256,)
+    assert shapes["layer4.0.downsample.1.weight"] == (512,)
+    assert shapes["bn2.running_mean"] == (512,)
+    assert shapes["fc.weight"] == (512, 512 * 7 * 7) and shapes["fc.bias"] == (512,)
+    assert shapes["features.bias"] == (512,)
+    assert "layer2.1.downsample.0.weight" not in shapes
+
+
+def test_mobilefacenet_key_names_and_shapes_spot_check():
+    with torch.device("meta"):
+        mbf = {k: tuple(v.shape) for k, v in get_model("mbf").state_dict().items()}
+        large = {k: tuple(v.shape) for k, v in get_model("mbf_large").state_dict().items()}
+    assert mbf["layers.0.layers.0.weight"] == (128, 3, 3, 3)
+    assert mbf["layers.0.layers.1.running_var"] == (128,)
+    assert mbf["layers.0.layers.2.weight"] == (128,)
+    assert mbf["layers.1.layers.0.weight"] == (128, 2, 3, 3)          # groups=64 on 128 channels
+    assert mbf["layers.2.layers.0.layers.0.weight"] == (128, 128, 1, 1)
+    assert mbf["layers.2.layers.1.layers.0.weight"] == (128, 1, 3, 3)   # depthwise, 128 wide
+    assert mbf["layers.2.layers.2.layers.0.weight"] == (128, 128, 1, 1)
+    assert mbf["layers.5.layers.5.layers.1.layers.0.weight"] == (256, 1, 3, 3)
+    assert "layers.5.layers.6.layers.0.layers.0.weight" not in mbf      # blocks[2] == 6
+    assert mbf["layers.6.layers.1.layers.0.weight"] == (512, 1, 3, 3)
+    assert mbf["conv_sep.layers.0.weight"] == (512, 256, 1, 1)
+    assert {f"conv_sep.layers.{i}.weight" for i in range(3)} <= set(mbf)
+    assert mbf["features.layers.0.layers.0.weight"] == (512, 1, 7, 7)
+    assert mbf["features.layers.0.layers.1.running_mean"] == (512,)
+    assert mbf["features.layers.2.weight"] == (512, 512)
+    assert "features.layers.2.bias" not in mbf
+    assert mbf["features.layers.3.weight"] == (512,)
+    assert large["layers.0.layers.0.weight"] == (256, 3, 3, 3)
+    assert large["layers.1.layers.1.layers.0.layers.0.weight"] == (128, 256, 1, 1)  # Residual when blocks[0]==2
+    assert large["conv_sep.layers.0.weight"] == (512, 512, 1, 1)
+
+
+def test_state_dict_round_trip_strict_with_weights_only():
+    torch.manual_seed(0)
+    source, target = get_model("r18", input_size=32), get_model("r18", input_size=32)
+    buffer = io.BytesIO()
+    torch.save(source.state_dict(), buffer)
+    buffer.seek(0)
+    target.load_state_dict(torch.load(buffer, weights_only=True), strict=True)
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(source.eval()(x), target.eval()(x))
+
+
+def test_features_bn_scale_frozen_at_one_in_iresnet_only():
+    iresnet = get_model("r18", input_size=32)
+    assert not iresnet.features.weight.requires_grad
+    assert torch.equal(iresnet.features.weight, torch.ones(512))
+    assert iresnet.features.bias.requires_grad
+    assert get_model("mbf", input_size=32).features.layers[3].weight.requires_grad
+
+
+@pytest.mark.parametrize("name", ["r18", "mbf_large"])
+def test_batchnorm_eps_momentum_and_prelu_init_everywhere(name):
+    model = get_model(name, input_size=32)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    prelus = [m for m in model.modules() if isinstance(m, nn.PReLU)]
+    assert norms and prelus
+    assert all(m.eps == 1e-5 and m.momentum == 0.1 for m in norms)
+    assert all(torch.equal(m.weight, torch.full_like(m.weight, 0.25)) and m.weight.numel() > 1 for m in prelus)
+
+
+def test_iresnet_init():
+    torch.manual_seed(0)
+    model = iresnet18(input_size=32)
+    conv = model.layer3[0].conv2.weight
+    assert abs(conv.std().item() - 0.1) < 0.002 and abs(conv.mean().item()) < 0.002
+    bound = 1 / (512 * 4) ** 0.5                            # torch Linear default: U(-1/sqrt(fan_in), ..)
+    assert model.fc.weight.abs().max() <= bound and model.fc.weight.abs().max() > 0.99 * bound
+    assert model.fc.bias.abs().max() <= bound
+    assert torch.equal(model.layer1[0].bn2.weight, torch.ones(64))
+    assert torch.equal(model.layer1[0].bn2.bias, torch.zeros(64))
+
+
+def test_mobilefacenet_init_is_kaiming_fan_out():
+    torch.manual_seed(0)
+    model = get_mbf(input_size=32)
+    pointwise = model.layers[4].layers[0].layers[0].weight     # 256 out channels, 1x1: fan_out = 256
+    assert abs(pointwise.std().item() - (2 / 256) ** 0.5) < 0.003
+    linear = model.features.layers[2].weight                   # fan_out = 512
+    assert abs(linear.std().item() - (2 / 512) ** 0.5) < 0.002
+
+
+def test_dropout_setting():
+    assert get_model("r18", dropout=0.4, input_size=32).dropout.p == 0.4
+    assert get_model("r18", input_size=32).dropout.inplace is False
+    with pytest.raises(ValueError, match="mbf: MobileFaceNet has no dropout"):
+        get_model("mbf", dropout=0.4)
+
+
+@pytest.mark.parametrize("name, trunk, head", [("r18", "layer4", "fc"), ("mbf", "layers", "conv_sep")])
+def test_fp16_covers_the_trunk_only(name, trunk, head):
+    dtypes = {}
+
+    def record(key, dtype):                                 # a hook returning a value would replace the output
+        dtypes[key] = dtype
+
+    model = get_model(name, fp16=True, input_size=16).eval()      # fp16 convs are slow on CPU: keep it tiny
+    trunk_module = getattr(model, trunk)
+    last_trunk = trunk_module[-1] if isinstance(trunk_module, nn.ModuleList) else trunk_module
+    last_trunk.register_forward_hook(lambda m, i, o: record("trunk", o.dtype))
+    getattr(model, head).register_forward_hook(lambda m, i, o: record("head_in", i[0].dtype))
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 16, 16))
+    assert dtypes == {"trunk": torch.float16, "head_in": torch.float32}
+    assert out.dtype == torch.float32

@@ -1,0 +1,85 @@
+"""ONNX export of a backbone, name-faithful and unfolded so weights_convert can map it back by name.
+
+The legacy exporter without constant folding keeps every state_dict name as an initializer and every
+BatchNorm as a node (DESIGN.md: folding would silently put Conv*BN values under the name `conv1.weight`).
+"""
+import os
+import tempfile
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from twinface.onnx_meta import INPUT_NAME, OUTPUT_NAME, export_metadata, stamp_metadata
+
+
+def export_onnx(model, path, arch, input_size=112, opset=17, verify=True):
+    """Write `model` (eval mode) to `path` as ONNX [batch, 3, S, S] -> [batch, F]; return max |onnx - torch|
+    on a random batch of 3 (NaN when verify=False).
+
+    The file appears only once complete (and verified when verify=True): written to a temporary file in
+    the same directory, then moved into place.
+    """
+    was_training, fp16 = model.training, getattr(model, "fp16", False)
+    model.eval()
+    if fp16:
+        model.fp16 = False    # the exported graph is fp32 whatever precision the model trains in
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    sample = (torch.rand(3, 3, input_size, input_size, generator=generator) * 2 - 1).to(device)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp_path = tempfile.mkstemp(suffix=".onnx.tmp", dir=directory)
+    os.close(fd)
+    try:
+        with torch.no_grad():
+            reference = model(sample).float().cpu().numpy()
+            torch.onnx.export(
+                model, (sample[:1],), tmp_path, dynamo=False, do_constant_folding=False, export_params=True,
+                keep_initializers_as_inputs=False, opset_version=opset,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+        restore_shared_initializers(tmp_path, set(model.state_dict()))
+        stamp_metadata(tmp_path, export_metadata(arch, "torch", input_size, reference.shape[1]))
+        max_abs_diff = verify_onnx(tmp_path, sample.cpu().numpy(), reference, path) if verify else float("nan")
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        model.train(was_training)
+        if fp16:
+            model.fp16 = True
+    return max_abs_diff
+
+
+def restore_shared_initializers(onnx_path, names):
+    """Give every state_dict entry its own initializer again.
+
+    The legacy exporter merges initializers with equal values (in a fresh model every BatchNorm holds the
+    same ones and zeros) and re-creates the other names as outputs of Identity nodes; a loader reading
+    weights by name would miss those.
+    """
+    model = onnx.load(onnx_path)
+    graph = model.graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    aliases = [node for node in graph.node
+               if node.op_type == "Identity" and node.input[0] in initializers and node.output[0] in names]
+    for node in aliases:
+        tensor = graph.initializer.add()
+        tensor.CopyFrom(initializers[node.input[0]])
+        tensor.name = node.output[0]
+        graph.node.remove(node)
+    onnx.save(model, onnx_path)
+
+
+def verify_onnx(onnx_path, inputs, reference, path):
+    """Run onnxruntime on `inputs`; raise past 1e-4 * max(1, max|reference|), else return the max abs diff."""
+    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    output = session.run([OUTPUT_NAME], {INPUT_NAME: inputs})[0]
+    max_abs_diff = float(np.abs(output - reference).max())
+    tolerance = 1e-4 * max(1.0, float(np.abs(reference).max()))
+    print(f"onnx export {path}: max abs diff vs torch {max_abs_diff:.3g} (tolerance {tolerance:.3g})")
+    if not max_abs_diff <= tolerance:
+        raise RuntimeError(f"onnx export {path}: onnxruntime differs from torch by {max_abs_diff:.3g}, "
+                           f"more than the tolerance {tolerance:.3g}")
+    return max_abs_diff

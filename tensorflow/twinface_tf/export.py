@@ -1,0 +1,54 @@
+"""ONNX export of a Keras backbone via tf2onnx: input "data" NCHW [batch, 3, S, S], output "embedding".
+
+tf2onnx folds every BatchNorm and decomposes PReLU (DESIGN.md), so this file serves inference only; weights
+travel between the twins through the torch-side, name-faithful export.
+"""
+import logging
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import tensorflow as tf
+import tf2onnx
+
+from twinface.atomic import atomic_path
+from twinface.onnx_meta import INPUT_NAME, OUTPUT_NAME, export_metadata, stamp_metadata
+
+
+def export_onnx(model, path, arch, input_size=112, opset=17, verify=True):
+    """Write `model` (inference mode) to `path`; return max |onnxruntime - Keras| on a random batch of 3
+    (NaN when verify=False).
+
+    The file appears only once complete (and verified when verify=True): written beside `path`, then moved.
+    """
+    logging.getLogger("tf2onnx").setLevel(logging.WARNING)
+    signature = [tf.TensorSpec([None, 3, input_size, input_size], tf.float32, name=INPUT_NAME)]
+
+    @tf.function(input_signature=signature)
+    def nchw_model(data):
+        # ONNX consumers (insightface's tools among them) feed NCHW; the Keras twin is NHWC.
+        return {OUTPUT_NAME: model(tf.transpose(data, [0, 2, 3, 1]), training=False)}
+
+    with atomic_path(path, suffix=".onnx") as tmp_path:
+        onnx_model, _ = tf2onnx.convert.from_function(nchw_model, input_signature=signature, opset=opset)
+        for value in (*onnx_model.graph.input, *onnx_model.graph.output):
+            value.type.tensor_type.shape.dim[0].dim_param = "batch"    # tf2onnx names it "unk__<n>"
+        onnx.save(onnx_model, tmp_path)
+        stamp_metadata(tmp_path, export_metadata(arch, "tf", input_size, model.output_shape[-1]))
+        max_abs_diff = verify_onnx(tmp_path, model, input_size, path) if verify else float("nan")
+    return max_abs_diff
+
+
+def verify_onnx(onnx_path, model, input_size, path):
+    """Run onnxruntime and Keras on one random batch of 3; raise past 1e-4 * max(1, max|ref|)."""
+    sample = np.random.default_rng(0).uniform(-1, 1, (3, 3, input_size, input_size)).astype(np.float32)
+    reference = np.asarray(model(sample.transpose(0, 2, 3, 1), training=False), dtype=np.float32)
+    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    output = session.run([OUTPUT_NAME], {INPUT_NAME: sample})[0]
+    max_abs_diff = float(np.abs(output - reference).max())
+    tolerance = 1e-4 * max(1.0, float(np.abs(reference).max()))
+    print(f"onnx export {path}: max abs diff vs tf {max_abs_diff:.3g} (tolerance {tolerance:.3g})")
+    if not max_abs_diff <= tolerance:
+        raise RuntimeError(f"onnx export {path}: onnxruntime differs from tf by {max_abs_diff:.3g}, "
+                           f"more than the tolerance {tolerance:.3g}")
+    return max_abs_diff

@@ -1,0 +1,110 @@
+"""Classification heads: one combined-margin head (Softmax, SphereFace, ArcFace, CosFace are its settings)
+and a plain linear head. Same constructor arguments and variable names as the torch twin.
+
+MarginHead is the one interface a sharded, sampled Partial FC can later stand behind.
+"""
+import keras
+import tensorflow as tf
+
+from twinface.registry import HEADS, head_defaults
+from twinface_tf.layers import torch_linear_init
+
+GRADIENTS = ("straight_through", "analytic")
+
+
+def l2_normalize(x):
+    # Same expression in both twins: x * rsqrt(max(sum(x^2), 1e-24)).
+    return x * tf.math.rsqrt(tf.maximum(tf.reduce_sum(tf.square(x), axis=1, keepdims=True), 1e-24))
+
+
+class MarginHead(keras.layers.Layer):
+    """logits = s * cos(theta), with the target column replaced by s * (cos(m1 * theta + m2) - m3).
+
+    `weight` [num_classes, embedding_size], init N(0, 0.01). Rows labelled -1 have no target and keep plain
+    s * cos. gradient="straight_through" (default, arcface_torch): exact forward value, d logit / d cos = s on
+    the target, never NaN at cos = +-1. gradient="analytic": the true derivative of the margin function, with
+    cos clamped to [-1 + 1e-7, 1 - 1e-7] inside acos to keep it finite.
+    interclass_filtering_threshold t > 0: non-target cosines above t are zeroed (arcface_torch).
+    """
+
+    def __init__(self, embedding_size, num_classes, s=64.0, m1=1.0, m2=0.0, m3=0.0,
+                 interclass_filtering_threshold=0.0, gradient="straight_through", **kwargs):
+        # float32 whatever the global policy: only the backbone trunk runs in mixed precision
+        super().__init__(**{"dtype": "float32", **kwargs})
+        if gradient not in GRADIENTS:
+            raise ValueError(f"MarginHead: gradient must be one of {GRADIENTS}, got {gradient!r}")
+        self.embedding_size, self.num_classes = embedding_size, num_classes
+        self.s, self.m1, self.m2, self.m3 = float(s), float(m1), float(m2), float(m3)
+        self.interclass_filtering_threshold = float(interclass_filtering_threshold)
+        self.gradient = gradient
+        self.weight = self.add_weight(shape=(num_classes, embedding_size), name="weight",
+                                      initializer=keras.initializers.RandomNormal(0.0, 0.01))
+
+    def margin(self, cos):
+        return tf.cos(self.m1 * tf.acos(cos) + self.m2) - self.m3
+
+    def call(self, embeddings, labels):
+        embeddings = tf.cast(embeddings, "float32")
+        labels = check_batch("MarginHead", embeddings, labels, self.embedding_size, self.num_classes)
+        cos = tf.clip_by_value(tf.matmul(l2_normalize(embeddings), l2_normalize(self.weight), transpose_b=True),
+                               -1.0, 1.0)
+        is_target = tf.one_hot(labels, self.num_classes, on_value=True, off_value=False)  # all False for -1
+        if self.interclass_filtering_threshold > 0:
+            dirty = tf.stop_gradient(tf.cast((cos > self.interclass_filtering_threshold) & ~is_target, cos.dtype))
+            cos = cos * (1.0 - dirty)
+        target_cos = tf.gather(cos, tf.maximum(labels, 0), batch_dims=1)[:, None]
+        if self.gradient == "straight_through":
+            target = target_cos + tf.stop_gradient(self.margin(target_cos) - target_cos)
+        else:
+            target = self.margin(tf.clip_by_value(target_cos, -1.0 + 1e-7, 1.0 - 1e-7))
+        return self.s * tf.where(is_target, target, cos)
+
+    def get_config(self):
+        return {**super().get_config(), "embedding_size": self.embedding_size, "num_classes": self.num_classes,
+                "s": self.s, "m1": self.m1, "m2": self.m2, "m3": self.m3,
+                "interclass_filtering_threshold": self.interclass_filtering_threshold, "gradient": self.gradient}
+
+
+class LinearHead(keras.layers.Layer):
+    """Plain softmax classifier: embeddings @ weight.T + bias (torch nn.Linear init); labels are unused."""
+
+    def __init__(self, embedding_size, num_classes, **kwargs):
+        super().__init__(**{"dtype": "float32", **kwargs})
+        self.embedding_size, self.num_classes = embedding_size, num_classes
+        self.weight = self.add_weight(shape=(num_classes, embedding_size), name="weight",
+                                      initializer=torch_linear_init(embedding_size))
+        self.bias = self.add_weight(shape=(num_classes,), name="bias", initializer=torch_linear_init(embedding_size))
+
+    def call(self, embeddings, labels):
+        embeddings = tf.cast(embeddings, "float32")
+        check_batch("LinearHead", embeddings, labels, self.embedding_size, self.num_classes)
+        return tf.matmul(embeddings, self.weight, transpose_b=True) + self.bias
+
+    def get_config(self):
+        return {**super().get_config(), "embedding_size": self.embedding_size, "num_classes": self.num_classes}
+
+
+def check_batch(who, embeddings, labels, embedding_size, num_classes):
+    """embeddings [N, embedding_size] and int labels [N] in [-1, num_classes), or a clear error (a label out of
+    range would otherwise become a silent all-zero one-hot row)."""
+    labels = tf.convert_to_tensor(labels)
+    if embeddings.shape.rank != 2 or embeddings.shape[1] != embedding_size:
+        raise ValueError(f"{who}: expected embeddings [N, {embedding_size}], got shape {tuple(embeddings.shape)}")
+    if labels.shape.rank != 1 or not labels.shape[:1].is_compatible_with(embeddings.shape[:1]):
+        raise ValueError(f"{who}: expected labels [{embeddings.shape[0]}], got shape {tuple(labels.shape)}")
+    if labels.dtype not in (tf.int32, tf.int64):
+        raise ValueError(f"{who}: expected int32 or int64 labels, got {labels.dtype.name}")
+    tf.debugging.assert_less(labels, tf.cast(num_classes, labels.dtype),
+                             message=f"{who}: labels must be in [-1, {num_classes - 1}] (-1 = no target)")
+    tf.debugging.assert_greater_equal(labels, tf.cast(-1, labels.dtype),
+                                      message=f"{who}: labels must be in [-1, {num_classes - 1}] (-1 = no target)")
+    return labels
+
+
+def get_head(name, embedding_size, num_classes, **overrides):
+    """A head from twinface.registry.HEADS (margin settings, `overrides` replace them) or "linear"."""
+    if name == "linear":
+        return LinearHead(embedding_size, num_classes, **overrides)
+    if name not in HEADS:
+        raise ValueError(f"unknown head {name!r}; known: {', '.join(sorted([*HEADS, 'linear']))}")
+    return MarginHead(embedding_size, num_classes, **{**head_defaults(name), **overrides})

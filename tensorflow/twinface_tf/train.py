@@ -1,0 +1,135 @@
+"""The TensorFlow twin's adapter for the shared training loop (twinface.trainer)."""
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from twinface.atomic import atomic_path
+from twinface.data.transforms import to_model_input
+
+from . import checkpoint, data, export
+from .backbones import get_model
+from .embed import embed_images
+from .heads import get_head
+from .losses import get_loss
+from .optim import build_optimizer
+
+
+def _strategy():
+    """tf.distribute reads TF_CONFIG; without it this is the single-process (world size 1) case."""
+    if "TF_CONFIG" in os.environ:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+class TFTwin:
+    framework = "tf"
+    backbone_filename = "backbone.weights.h5"
+    state_filename = "state.npz"
+
+    def __init__(self):
+        self.strategy = _strategy()
+        resolver = getattr(self.strategy, "cluster_resolver", None)
+        self.rank = int(resolver.task_id) if resolver is not None and resolver.task_id is not None else 0
+        self.world_size = self.strategy.num_replicas_in_sync
+
+    def build(self, cfg, num_classes: int):
+        if self.world_size > 1:
+            raise NotImplementedError("multi-worker TF training: the step is not yet wrapped in strategy.run")
+        self.cfg = cfg
+        b = cfg.backbone
+        self.backbone = get_model(b.name, num_features=b.num_features, dropout=b.dropout, fp16=b.fp16,
+                                  input_size=b.input_size)
+        self.head = get_head(cfg.head.type, b.num_features, num_classes, **cfg.head_params())
+        self.head.build((None, b.num_features))
+        self.loss_fn = get_loss(cfg.loss.type, **({"gamma": cfg.loss.gamma} if cfg.loss.type == "focal" else {}))
+        o = cfg.optimizer
+        kw = dict(momentum=o.momentum, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps)
+        self.opt_backbone = build_optimizer(o.type, self.backbone.trainable_variables, o.lr, **kw)
+        self.opt_head = build_optimizer(o.type, self.head.trainable_variables, o.lr, **kw)
+        self.frozen = False
+        self._steps = {}
+
+    def load_backbone(self, path: str):
+        checkpoint.load_into(self.backbone, path)
+
+    def set_backbone_frozen(self, frozen: bool):
+        self.frozen = frozen
+
+    def batches(self, dataset, sampler, epoch, start_step):
+        return data.batches(dataset, sampler, epoch, start_step, num_workers=self.cfg.data.num_workers)
+
+    def _make_step(self, frozen: bool):
+        backbone_vars = self.backbone.trainable_variables
+        head_vars = self.head.trainable_variables
+        stats = [v for v in self.backbone.non_trainable_variables if "moving" in v.path]
+        clip = float(self.cfg.train.clip_grad_norm)
+
+        @tf.function(reduce_retracing=True)
+        def step(x, y, lr_backbone, lr_head):
+            saved = [tf.identity(v) for v in stats]
+            with tf.GradientTape() as tape:
+                emb = self.backbone(x, training=not frozen)
+                loss = self.loss_fn(self.head(tf.cast(emb, tf.float32), y), y)
+            grads = tape.gradient(loss, head_vars if frozen else backbone_vars + head_vars)
+            ok = tf.math.is_finite(loss)
+            grads_head = grads[-len(head_vars):]
+            grads_backbone = grads[:len(backbone_vars)] if not frozen else []
+            if grads_backbone and clip > 0:
+                # torch.nn.utils.clip_grad_norm_: scale by min(1, max_norm / (total_norm + 1e-6))
+                norm = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(g)) for g in grads_backbone]))
+                coef = tf.minimum(clip / (norm + 1e-6), 1.0)
+                grads_backbone = [g * coef for g in grads_backbone]
+                ok = tf.logical_and(ok, tf.math.is_finite(norm))
+            if ok:
+                self.opt_head.learning_rate.assign(lr_head)
+                self.opt_head.apply(grads_head, head_vars)
+                if grads_backbone:
+                    self.opt_backbone.learning_rate.assign(lr_backbone)
+                    self.opt_backbone.apply(grads_backbone, backbone_vars)
+            else:
+                for v, old in zip(stats, saved):
+                    v.assign(old)
+            return loss
+
+        return step
+
+    def train_step(self, images: np.ndarray, labels: np.ndarray, lr_backbone: float, lr_head: float) -> float:
+        if self.frozen not in self._steps:
+            self._steps[self.frozen] = self._make_step(self.frozen)
+        x = tf.constant(to_model_input(images, "NHWC"))
+        loss = self._steps[self.frozen](x, tf.constant(labels), tf.constant(lr_backbone, tf.float32),
+                                        tf.constant(lr_head, tf.float32))
+        return float(loss)
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        return embed_images(self.backbone, images)
+
+    def save_backbone(self, path: str):
+        checkpoint.save_backbone(self.backbone, path)
+
+    def _state_variables(self):
+        groups = {"backbone": self.backbone.variables, "head": self.head.variables,
+                  "opt_backbone": self.opt_backbone.variables, "opt_head": self.opt_head.variables}
+        return {f"{group}/{i:04d}/{v.path}": v for group, vs in groups.items() for i, v in enumerate(vs)}
+
+    def save_state(self, path: str, meta: dict):
+        arrays = {k: v.numpy() for k, v in self._state_variables().items()}
+        arrays["meta"] = np.array(json.dumps(meta))
+        with atomic_path(path, suffix=".npz") as tmp:
+            np.savez(tmp, **arrays)
+
+    def load_state(self, path: str) -> dict:
+        with np.load(path, allow_pickle=False) as saved:
+            for key, var in self._state_variables().items():
+                if key not in saved:
+                    raise ValueError(f"{path}: training state has no '{key}' (saved by another config?)")
+                if saved[key].shape != tuple(var.shape):
+                    raise ValueError(f"{path}: '{key}' has shape {saved[key].shape}, expected {tuple(var.shape)}")
+                var.assign(saved[key])
+            return json.loads(str(saved["meta"]))
+
+    def export_onnx(self, path: str) -> float:
+        b = self.cfg.backbone
+        return export.export_onnx(self.backbone, path, b.name, input_size=b.input_size)
