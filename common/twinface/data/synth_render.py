@@ -9,6 +9,8 @@ detector + alignment would do, then a small residual jitter stands for landmark-
 
 All geometry is in template units (a 112 x 112 crop); `size` only scales the final transform.
 """
+from functools import lru_cache
+
 import cv2
 import numpy as np
 
@@ -166,16 +168,30 @@ def sample_nuisances(rng: np.random.Generator) -> dict:
 
 # --- geometry -----------------------------------------------------------------------------------------------------
 
+@lru_cache(maxsize=None)
+def _linspace(a, b, n):
+    """np.linspace, computed once per argument set: shapes reuse a few fixed parameter grids."""
+    t = np.linspace(a, b, n)
+    t.flags.writeable = False
+    return t
+
+
+@lru_cache(maxsize=None)
+def _unit_arc(t0, t1, n):
+    t = _linspace(t0, t1, n)
+    return np.cos(t), np.sin(t)
+
+
 def _arc(cx, cy, rx, ry, t0, t1, n):
-    t = np.linspace(t0, t1, n)
-    return np.stack([cx + rx * np.cos(t), cy + ry * np.sin(t)], axis=1)
+    cos, sin = _unit_arc(t0, t1, n)
+    return np.stack([cx + rx * cos, cy + ry * sin], axis=1)
 
 
 def _face_outline(p, n=40):
     """Closed skin outline: elliptic forehead, jaw that narrows to the chin with a per-person power."""
     cx, cy, rx, top, chin = 56.0, p["head_cy"], p["head_rx"], p["head_top"], p["chin_y"]
     upper = _arc(cx, cy, rx, cy - top, np.pi, 2 * np.pi, n // 2)
-    s = np.linspace(0, 1, n // 2)
+    s = _linspace(0, 1, n // 2)
     w = rx * (1 - s ** p["jaw_power"]) ** 0.5 + p["cheek_bulge"] * np.sin(np.pi * s) * (1 - s)
     y = cy + s * (chin - cy)
     right = np.stack([cx + w, y], axis=1)[1:]
@@ -185,15 +201,16 @@ def _face_outline(p, n=40):
 
 def _eye_shape(cx, cy, w, h, tilt, side, n=9):
     """Almond eye: upper and lower lids as sine arcs, outer corner raised by `tilt` (mirrored per side)."""
-    x = np.linspace(-w, w, n)
+    x = w * _linspace(-1, 1, n)
     lift = tilt * (x * side / w) * 0.5
-    top = np.stack([cx + x, cy - h * np.sin(np.pi * (x + w) / (2 * w)) ** 0.8 - lift], axis=1)
-    bottom = np.stack([cx + x, cy + 0.8 * h * np.sin(np.pi * (x + w) / (2 * w)) - lift], axis=1)
+    bulge = np.sin(_linspace(0, np.pi, n)).clip(0, 1)
+    top = np.stack([cx + x, cy - h * bulge ** 0.8 - lift], axis=1)
+    bottom = np.stack([cx + x, cy + 0.8 * h * bulge - lift], axis=1)
     return np.concatenate([top, bottom[::-1][1:-1]])
 
 
 def _geometry(p, n):
-    """All 2-D shapes (template units, frontal) with their depth offsets, for one expression."""
+    """All shapes of one person with one expression: frontal 2-D points in template units (depth comes in _pose)."""
     shapes = {}
     cx, ey, edx = 56.0, p["eye_y"], p["eye_dx"]
     smile, opened, raised = n["smile"], n["mouth_open"], n["brow_raise"]
@@ -212,10 +229,10 @@ def _geometry(p, n):
         ex = cx + side * edx
         shapes[name] = _eye_shape(ex, ey, p["eye_w"], eye_h, p["eye_tilt"], side)
         shapes[name + "_iris"] = np.array([[ex + n["gaze"][0], ey + n["gaze"][1] * 0.5]])
-        bx = np.linspace(-0.35, 1.0, 7) * p["eye_w"] * p["brow_len"] + 1.5
+        bx = _linspace(-0.35, 1.0, 7) * p["eye_w"] * p["brow_len"] + 1.5
         by = ey - p["brow_gap"] - 2.5 * raised - p["brow_arch"] * np.sin(np.pi * (bx + 3) / (p["eye_w"] * 2.6 + 3))
         by = by + p["brow_slant"] * (bx / p["eye_w"]) * 0.5
-        t = p["brow_thick"] * np.linspace(1.0, 0.45, 7)
+        t = p["brow_thick"] * _linspace(1.0, 0.45, 7)
         upper = np.stack([ex + side * bx, by - t / 2], axis=1)
         lower = np.stack([ex + side * bx, by + t / 2], axis=1)
         shapes["brow_" + name[-1]] = np.concatenate([upper, lower[::-1]])
@@ -229,7 +246,7 @@ def _geometry(p, n):
     my = p["mouth_y"]
     mdx = p["mouth_dx"] * (1 + 0.12 * smile)
     corner_y = my - 3.0 * smile
-    x = np.linspace(-1, 1, 11)
+    x = _linspace(-1, 1, 11)
     curve = (1 - x**2)
     gap = 4.5 * opened
     lip_top = my - p["lip_upper"] * curve ** 0.6 + p["cupid"] * np.exp(-(x * 6) ** 2) * curve - gap / 2 * curve
@@ -255,15 +272,15 @@ def _hair_geometry(p):
     style, cx, cy, rx = p["hair_style"], 56.0, p["head_cy"], p["head_rx"]
     top, vol, hl = p["head_top"], p["hair_volume"], p["hairline_y"]
     if style == "bald":
-        # Only a fringe of hair above the ears.
-        return {"hair_side_l": _arc(cx - rx + 1, p["eye_y"] - 4, 4, 9, 0, 2 * np.pi, 12),
-                "hair_side_r": _arc(cx + rx - 1, p["eye_y"] - 4, 4, 9, 0, 2 * np.pi, 12)}
+        # Only a rim of hair above the ears, peeking out behind the head.
+        return {"hair_side_l": _arc(cx - rx + 2, p["eye_y"] - 2, 5, 13, 0, 2 * np.pi, 12),
+                "hair_side_r": _arc(cx + rx - 2, p["eye_y"] - 2, 5, 13, 0, 2 * np.pi, 12)}
     if style == "curly":
         vol = vol + 6
     ry_top = cy - top + vol
     outer = _arc(cx, cy, rx + vol, ry_top, np.pi * 0.93, np.pi * 2.07, 24)
     side_y = p["eye_y"] + p["sideburn"] - 4
-    x = np.linspace(-1, 1, 15)
+    x = _linspace(-1, 1, 15)
     line = hl - p["recession"] * np.abs(np.sin(np.pi * x)) ** 1.5 + p["widows_peak"] * np.exp(-(x * 5) ** 2)
     line = line + 9 * np.abs(x) ** 3  # hairline falls towards the temples
     if style == "fringe":
@@ -279,7 +296,7 @@ def _hair_geometry(p):
         shapes["hair_back"] = np.array([[cx - rx - vol, cy - 10], [cx - rx - vol - 4, length], [cx - rx + 8, length],
                                         [cx + rx - 8, length], [cx + rx + vol + 4, length], [cx + rx + vol, cy - 10]])
     if style == "curly":
-        t = np.linspace(np.pi * 0.9, np.pi * 2.1, 11)
+        t = _linspace(np.pi * 0.9, np.pi * 2.1, 11)
         shapes["curls"] = np.stack([cx + (rx + vol - 2) * np.cos(t), cy + (ry_top - 2) * np.sin(t)], axis=1)
     s = p["hair_strands"]
     starts = np.stack([cx + s[:, 0] * rx * 0.7, top + 6 + (s[:, 1] + 1) * 6], axis=1)
@@ -299,7 +316,6 @@ def _beard_geometry(p, mdx, corner_y):
         low = jaw[jaw[:, 1] > p["nose_y"] + 2]
         shapes["beard"] = np.concatenate([low, [[cx - mdx - 3, corner_y - 1], [cx - 4, my + 4],
                                                 [cx + 4, my + 4], [cx + mdx + 3, corner_y - 1]][::-1]])
-        shapes["beard"] = low if kind == "stubble" else shapes["beard"]
     if kind == "goatee":
         shapes["beard"] = np.array([[cx - mdx * 0.6, my + 3], [cx + mdx * 0.6, my + 3], [cx + mdx * 0.45, chin - 0.5],
                                     [cx, chin + 1.5], [cx - mdx * 0.45, chin - 0.5]])
@@ -327,10 +343,10 @@ def _glasses_geometry(p):
     return shapes
 
 
-# Depth (template units, towards the camera) added on top of the head ellipsoid, per shape.
-_DEPTH = {"nose_ala": 3.0, "nostrils": 2.0, "bridge": 4.0, "lens_l": 6.0, "lens_r": 6.0, "bridge_glasses": 9.0,
+# Depth (template units, towards the camera) added on top of the head ellipsoid, per shape; the nose's is personal.
+_DEPTH = {"bridge": 4.0, "lens_l": 6.0, "lens_r": 6.0, "bridge_glasses": 9.0,
           "lip_upper": 2.0, "lip_lower": 2.0, "mouth_gap": 1.5, "moustache": 3.0, "ear_l": -22.0, "ear_r": -22.0,
-          "hair_back": -30.0, "neck": -14.0, "clothes": -14.0}
+          "hair_back": -30.0, "hair_side_l": -22.0, "hair_side_r": -22.0, "neck": -14.0, "clothes": -14.0}
 # Silhouettes stay put when the head turns; only their front part moves.
 _FLAT = {"face": 0.35, "hair_cap": 0.35, "curls": 0.35, "beard": 0.35}
 
@@ -345,9 +361,10 @@ def _pose(p, shapes, yaw, pitch):
     extra = np.repeat([_DEPTH.get(k, 0.0) for k in names], counts)
     nose = p["nose_depth"]
     starts = np.cumsum([0] + counts)
-    for k, extra_k in (("nose_tip", nose), ("nose_ala", 3.0 + 0.4 * nose), ("nostrils", 2.0 + 0.4 * nose)):
-        extra[starts[names.index(k)]:starts[names.index(k) + 1]] = extra_k
-    extra[starts[names.index("landmarks")]:][:5] = [0.0, 0.0, nose, 2.0, 2.0]
+    for k, depth in (("nose_tip", [nose]), ("nose_ala", [3.0 + 0.4 * nose]), ("nostrils", [2.0 + 0.4 * nose]),
+                     ("landmarks", [0.0, 0.0, nose, 2.0, 2.0])):  # eyes, nose tip, mouth corners
+        i = names.index(k)
+        extra[starts[i]:starts[i + 1]] = depth
     cy = p["head_cy"]
     x = pts[:, 0] - 56.0
     y = pts[:, 1] - cy
@@ -359,25 +376,20 @@ def _pose(p, shapes, yaw, pitch):
     return np.stack([x1 + 56.0, y1 + cy], axis=1), names, starts
 
 
-def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Least-squares similarity (Umeyama, no reflection) mapping src [N,2] onto dst [N,2], as a 2x3 matrix."""
-    src_mean, dst_mean = src.mean(0), dst.mean(0)
-    s, d = src - src_mean, dst - dst_mean
-    u, sig, vt = np.linalg.svd(d.T @ s / len(src))
-    sign = np.ones(2)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:
-        sign[1] = -1
-    rot = u @ np.diag(sign) @ vt
-    scale = (sig * sign).sum() / s.var(0).sum()
-    m = np.empty((2, 3))
-    m[:, :2] = scale * rot
-    m[:, 2] = dst_mean - scale * rot @ src_mean
-    return m
+def _similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares similarity (rotation, uniform scale, shift) taking src [N,2] onto dst [N,2], as 2x3.
+    In complex numbers it is dst ~ a * src + b, solved in closed form (what Umeyama gives without reflection)."""
+    zs = src[:, 0] + 1j * src[:, 1]
+    zd = dst[:, 0] + 1j * dst[:, 1]
+    zs0, zd0 = zs - zs.mean(), zd - zd.mean()
+    a = (np.conj(zs0) @ zd0) / (np.conj(zs0) @ zs0).real
+    b = zd.mean() - a * zs.mean()
+    return np.array([[a.real, -a.imag, b.real], [a.imag, a.real, b.imag]])
 
 
 def _image_transform(landmarks, n, size):
     """Alignment of the posed landmarks onto the template, then the residual jitter, scaled to `size`."""
-    align = np.vstack([similarity_transform(landmarks, TEMPLATE), [0, 0, 1]])
+    align = np.vstack([_similarity(landmarks, TEMPLATE), [0, 0, 1]])
     c, s = np.cos(n["roll"]) * n["scale"], np.sin(n["roll"]) * n["scale"]
     centre = TEMPLATE.mean(0)
     jitter = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]])
@@ -475,25 +487,23 @@ def _draw_hair(img, mask, g, p, k):
             _fill(mask, g["hair_cap"], 255)
     if "curls" in g:
         _circles(img, g["curls"], 6.5 * k, hair)
-        _circles(img, g["curls"] + 1.5 * k, 3 * k, np.clip(hair * 1.25 + 10, 0, 255), max(1, round(k)))
+        _circles(img, g["curls"] + 1.5 * k, 2.5 * k, np.clip(hair * 1.2 + 8, 0, 255))
         _circles(mask, g["curls"], 6.5 * k, 255)
     if "strands" in g and p["hair_style"] != "buzz":
         s = g["strands"]
         half = len(s) // 2
-        dark, light = _colour(hair * 0.7), _colour(np.clip(hair * 1.3 + 12, 0, 255))
+        dark, light = _colour(hair * 0.78), _colour(np.clip(hair * 1.2 + 8, 0, 255))
         for i in range(half):
             _line(img, s[[i, half + i]], dark if i % 2 else light, k)
-    for name in ("hair_side_l", "hair_side_r"):
-        if name in g:
-            _fill(img, g[name], hair)
 
 
 def _draw_face(img, mask, g, p, n, k):
     """Paint the person back to front; `k` is pixels per template unit after alignment."""
     skin, hair = p["skin"], p["hair"]
-    if "hair_back" in g:
-        _fill(img, g["hair_back"], hair * 0.85)
-        _fill(mask, g["hair_back"], 255)
+    for name in ("hair_back", "hair_side_l", "hair_side_r"):  # behind the head: only the rim shows
+        if name in g:
+            _fill(img, g[name], hair * 0.85)
+            _fill(mask, g[name], 255)
     _fill(img, g["clothes"], n["clothes_rgb"])
     _fill(img, g["neck"], skin * 0.8)
     ear = _colour(skin * 0.92)
@@ -511,13 +521,14 @@ def _draw_face(img, mask, g, p, n, k):
     mask |= face * 255
     marks = cv2.GaussianBlur(marks, (0, 0), 2.0 * k) * face[..., None]
     img[:] = np.clip(img + marks, 0, 255).astype(np.uint8)
-    _circles(img, g["freckle_xy"], np.maximum(p["freckle_r"] * k, 0.45), np.clip(skin * 0.78 - [0, 6, 10], 0, 255))
+    _circles(img, g["freckle_xy"], np.maximum(p["freckle_r"] * k, 0.45), np.clip(skin * 0.84 - [0, 6, 10], 0, 255))
     _circles(img, g["mole_xy"], p["mole_r"] * k, (55, 35, 28))
     if "beard" in g:
-        if p["beard"] == "stubble":
-            layer = img.copy()
-            _fill(layer, g["beard"], p["beard_rgb"])
-            cv2.addWeighted(layer, 0.35, img, 0.65, 0, dst=img)
+        if p["beard"] == "stubble":  # a soft-edged shadow of the full beard
+            alpha = np.zeros(img.shape[:2], np.float32)
+            _fill(alpha, g["beard"], 0.4)
+            alpha = cv2.GaussianBlur(alpha, (0, 0), 1.5 * k)[..., None]
+            img[:] = img * (1 - alpha) + alpha * p["beard_rgb"].astype(np.float32)
         else:
             _fill(img, g["beard"], p["beard_rgb"])
     # Nose: side shadows, ala and nostrils.
@@ -604,28 +615,36 @@ def _noise(rng, size, sigma):
 
 
 def _light(img, mask, p, n, m, size):
-    """Lambert shading on the head ellipsoid plus a directional ramp on the background, then intensity and cast."""
-    xs, ys = _pixel_grid(size)
+    """Lambert shading on the head ellipsoid plus a directional ramp on the background, then intensity and cast.
+    Shading is smooth, so it is computed at half resolution (the 2x2 mask average softens the face edge)."""
+    half = max(size // 2, 8)
+    f = size / half
+    xs, ys = _pixel_grid(half)
     inv = cv2.invertAffineTransform(m).tolist()
-    u = (xs * inv[0][0] + ys * inv[0][1] + (inv[0][2] - 56.0)) * (1 / (p["head_rx"] + 4))
-    v = (xs * inv[1][0] + ys * inv[1][1] + (inv[1][2] - p["head_cy"])) * (1 / (p["head_ry"] + 4))
+    u = (xs * (f * inv[0][0]) + ys * (f * inv[0][1]) + (inv[0][2] - 56.0)) * (1 / (p["head_rx"] + 4))
+    v = (xs * (f * inv[1][0]) + ys * (f * inv[1][1]) + (inv[1][2] - p["head_cy"])) * (1 / (p["head_ry"] + 4))
     r = (m[:, :2] / np.hypot(m[0, 0], m[1, 0])).tolist()  # normals turn with the face's in-plane rotation
     nx, ny = u * r[0][0] + v * r[0][1], u * r[1][0] + v * r[1][1]
     nz = np.sqrt(np.clip(1 - u * u - v * v, 0.02, 1.0))
     lx, ly, lz = n["light_dir"]
     amb, gain = n["ambient"], n["intensity"]
     head = np.clip(nx * lx + ny * ly + nz * lz, 0, 1) * ((1 - amb) * gain) + amb * gain
-    ramp = (xs * lx + ys * ly) * (1 / size) - 0.5 * (lx + ly)
+    ramp = (xs * lx + ys * ly) * (1 / half) - 0.5 * (lx + ly)
     background = np.clip(ramp, -1, 1) * (0.4 * (1 - amb) * gain) + (amb + 0.6 * (1 - amb)) * gain
-    a = cv2.GaussianBlur(mask, (0, 0), 1.0).astype(np.float32) * (1 / 255)
-    shade = background + a * (head - background)
+    a = cv2.resize(mask, (half, half), interpolation=cv2.INTER_AREA).astype(np.float32) * (1 / 255)
+    shade = cv2.resize(background + a * (head - background), (size, size), interpolation=cv2.INTER_LINEAR)
     return img.astype(np.float32) * shade[..., None] * n["cast"]
 
 
-def render_sample(params: dict, seed: int, identity: int, index: int, size: int = 112):
-    """(image uint8 RGB, landmarks5 float32, jpeg_quality) of one photo; see `render`."""
+def render_sample(params: dict, seed: int, identity: int, index: int, size: int = 112, overrides=None):
+    """(image uint8 RGB, landmarks5 float32, jpeg_quality) of one photo; see `render`. `overrides` replaces
+    drawn nuisances by name (e.g. {"yaw": 0.0}) to show one factor at a time."""
     rng = np.random.default_rng([seed, identity, index])
     n = sample_nuisances(rng)
+    unknown = set(overrides or ()) - set(n)
+    if unknown:
+        raise KeyError(f"render overrides: unknown nuisance(s) {sorted(unknown)}; known: {sorted(n)}")
+    n.update(overrides or {})
     pts, names, starts = _pose(params, _geometry(params, n), n["yaw"], n["pitch"])
     lm = names.index("landmarks")
     m = _image_transform(pts[starts[lm]:starts[lm + 1]], n, size)
