@@ -134,6 +134,84 @@ def _run_export(args):
     print(f"wrote {args.out} (onnxruntime vs {framework}: max abs diff {diff:.3g})")
 
 
+def _add_model_args(p):
+    p.add_argument("--weights", required=True, help="model: .onnx, torch .pth/.pt, Keras .weights.h5")
+    p.add_argument("--framework", choices=["torch", "tf", "onnx"], help="override detection from the extension")
+    p.add_argument("--arch", help="backbone name for torch/TF weights (e.g. r50); ONNX files need none")
+    p.add_argument("--no-flip", action="store_true", help="embed the image alone, without adding its mirror")
+    p.add_argument("--batch-size", type=int, default=64)
+
+
+def _add_embed(sub):
+    p = sub.add_parser("embed", help="embeddings of aligned 112x112 face images -> .npy (+ names .txt)")
+    _add_model_args(p)
+    p.add_argument("--images", required=True, help="a folder (searched recursively) or a text file of paths")
+    p.add_argument("--out", required=True, help="output .npy; the image paths go to a .names.txt beside it")
+    p.add_argument("--raw", action="store_true", help="keep raw vectors (default: L2-normalised)")
+
+
+def _image_paths(spec: str):
+    from .data.folder import IMAGE_EXTS
+    if os.path.isdir(spec):
+        paths = sorted(os.path.join(d, f) for d, _, files in os.walk(spec) for f in files
+                       if os.path.splitext(f)[1].lower() in IMAGE_EXTS)
+    elif os.path.isfile(spec):
+        with open(spec) as f:
+            paths = [line.strip() for line in f if line.strip()]
+    else:
+        raise FileNotFoundError(f"--images {spec}: no such folder or list file")
+    if not paths:
+        raise ValueError(f"--images {spec}: no images found (extensions: {', '.join(sorted(IMAGE_EXTS))})")
+    return paths
+
+
+def _embed_paths(embed, paths, flip: bool, batch_size: int, progress: bool = True):
+    """Embeddings (raw, flip-summed when `flip`) of image files, decoded batch by batch."""
+    import numpy as np
+    from tqdm import tqdm
+    from .data.images import read_image
+    from .data.transforms import hflip, resize
+    chunks = []
+    for start in tqdm(range(0, len(paths), batch_size), desc="embed", unit="batch", disable=not progress):
+        images = np.stack([resize(read_image(p), 112) for p in paths[start:start + batch_size]])
+        emb = np.asarray(embed(images), np.float32)
+        chunks.append(emb + np.asarray(embed(hflip(images)), np.float32) if flip else emb)
+    return np.concatenate(chunks)
+
+
+def _run_embed(args):
+    from .embedders import load_embedder
+    from .eval.embeddings import l2_normalize, save_embeddings
+    paths = _image_paths(args.images)
+    embed = load_embedder(args.weights, args.framework, args.arch)
+    emb = _embed_paths(embed, paths, not args.no_flip, args.batch_size)
+    out = save_embeddings(args.out, emb if args.raw else l2_normalize(emb), names=paths)
+    print(f"wrote {out}: {emb.shape[0]} embeddings of dimension {emb.shape[1]}")
+
+
+def _add_verify(sub):
+    p = sub.add_parser("verify", help="same person or not: similarity of two aligned face images")
+    _add_model_args(p)
+    p.add_argument("images", nargs=2, metavar="IMAGE")
+    p.add_argument("--threshold", type=float, default=1.4,
+                   help="same person when the squared L2 distance of the normalised embeddings is below this "
+                        "(insightface's protocol; `twinface eval` prints the best one per set). Default 1.4")
+
+
+def _run_verify(args):
+    import numpy as np
+    from .embedders import load_embedder
+    from .eval.embeddings import l2_normalize
+    embed = load_embedder(args.weights, args.framework, args.arch)
+    a, b = l2_normalize(_embed_paths(embed, list(args.images), not args.no_flip, 2, progress=False))
+    cos = float(np.dot(a, b))
+    dist = float(np.sum((a - b) ** 2))
+    same = dist < args.threshold
+    print(f"cosine similarity {cos:.4f}, squared L2 distance {dist:.4f} (threshold {args.threshold}): "
+          f"{'SAME person' if same else 'DIFFERENT people'}")
+    return same
+
+
 def _add_parity(sub):
     p = sub.add_parser("parity", help="prove the twins agree: table of diffs vs tolerances")
     p.add_argument("--json", default="parity_report.json", help="also write the table as JSON here")
@@ -172,7 +250,8 @@ def _run_train(args):
     Trainer(cfg, Twin(), resume=args.resume).run()
 
 
-VERBS = {"train": (_add_train, _run_train), "data": (_add_data, _run_data), "eval": (_add_eval, _run_eval), "export": (_add_export, _run_export),
+VERBS = {"train": (_add_train, _run_train), "embed": (_add_embed, _run_embed), "verify": (_add_verify, _run_verify),
+         "data": (_add_data, _run_data), "eval": (_add_eval, _run_eval), "export": (_add_export, _run_export),
          "parity": (_add_parity, _run_parity)}
 
 

@@ -33,10 +33,13 @@ class OnnxEmbedder:
         if threads:
             opts.intra_op_num_threads = threads
         self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
+        model_input = self.session.get_inputs()[0]
+        self.input_name = model_input.name
+        size = model_input.shape[-1]
+        self.size = size if isinstance(size, int) else None       # a dynamic size takes images as they come
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: to_model_input(images, "NCHW")})[0]
+        return self.session.run(None, {self.input_name: to_model_input(images, "NCHW", self.size)})[0]
 
 
 def load_embedder(weights: str, framework: str = None, arch: str = None):

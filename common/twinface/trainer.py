@@ -59,7 +59,7 @@ def prepare_data(cfg):
         synth.ensure_dataset(cfg.data.path, num_identities=cfg.data.synth_identities,
                                         images_per_identity=cfg.data.synth_images_per_identity,
                                         val_identities=cfg.data.synth_val_identities,
-                                        val_pairs=cfg.data.synth_val_pairs, seed=cfg.seed)
+                                        val_pairs=cfg.data.synth_val_pairs, seed=cfg.seed, formats=("rec",))
         bins.insert(0, os.path.join(cfg.data.path, "val.bin"))
         dataset = dataset_mod.open_dataset(os.path.join(cfg.data.path, "train.rec"))
     else:

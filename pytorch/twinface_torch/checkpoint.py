@@ -8,7 +8,7 @@ from .backbones import get_model
 
 def save_backbone(model, path: str) -> None:
     with atomic_path(path) as tmp:
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+        torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
 
 
 def read_state_dict(path: str) -> dict:

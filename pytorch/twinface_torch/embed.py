@@ -8,7 +8,7 @@ from .checkpoint import load_backbone
 
 
 def embed_images(model, images: np.ndarray) -> np.ndarray:
-    x = torch.from_numpy(to_model_input(images, "NCHW"))
+    x = torch.from_numpy(to_model_input(images, "NCHW", model.input_size))
     device = next(model.parameters()).device
     with torch.inference_mode():
         return model(x.to(device)).float().cpu().numpy()

@@ -33,9 +33,12 @@ class TorchTwin:
 
     def build(self, cfg, num_classes: int):
         self.cfg = cfg
+        torch.manual_seed(cfg.seed)                               # same config, same initial weights
         b = cfg.backbone
+        # channels_last: oneDNN's NHWC convolutions train MobileFaceNet ~1.6x faster on CPU than NCHW (and
+        # suit tensor cores on GPU); parameters keep their names and shapes, only the memory layout changes.
         self.backbone = get_model(b.name, num_features=b.num_features, dropout=b.dropout, fp16=b.fp16,
-                                  input_size=b.input_size).to(self.device)
+                                  input_size=b.input_size).to(self.device, memory_format=torch.channels_last)
         self.head = get_head(cfg.head.type, b.num_features, num_classes, **cfg.head_params()).to(self.device)
         self.loss_fn = get_loss(cfg.loss.type, **({"gamma": cfg.loss.gamma} if cfg.loss.type == "focal" else {}))
         o = cfg.optimizer
@@ -56,7 +59,8 @@ class TorchTwin:
         self.frozen = frozen
 
     def batches(self, dataset, sampler, epoch, start_step):
-        return data.batches(dataset, sampler, epoch, start_step, num_workers=self.cfg.data.num_workers)
+        return data.batches(dataset, sampler, epoch, start_step, num_workers=self.cfg.data.num_workers,
+                            size=self.cfg.backbone.input_size)
 
     def _buffers(self):
         return [b for b in self.backbone.buffers()]
@@ -64,7 +68,7 @@ class TorchTwin:
     def train_step(self, images: np.ndarray, labels: np.ndarray, lr_backbone: float, lr_head: float) -> float:
         self.optimizer.param_groups[0]["lr"] = lr_backbone
         self.optimizer.param_groups[1]["lr"] = lr_head
-        x = torch.from_numpy(to_model_input(images, "NCHW")).to(self.device)
+        x = torch.from_numpy(to_model_input(images, "NCHW")).to(self.device, memory_format=torch.channels_last)
         y = torch.from_numpy(labels).to(self.device)
         saved = [b.clone() for b in self._buffers()]              # BN statistics, restored on a bad step
         if self.frozen:

@@ -5,8 +5,9 @@ import tensorflow as tf
 from twinface.data.batches import load_sample
 
 
-def batches(dataset, sampler, epoch: int, start_step: int = 0, num_workers: int = 2):
-    """Yield (images uint8 [B, H, W, 3], labels int64 [B]) for one epoch, decoded by `num_workers` threads.
+def batches(dataset, sampler, epoch: int, start_step: int = 0, num_workers: int = 2, size: int = None):
+    """Yield (images uint8 [B, S, S, 3], labels int64 [B]) for one epoch, decoded (and resized to `size`) by
+    `num_workers` threads.
 
     The map is deterministic, so batches come out exactly as the sampler ordered them (as the torch twin's).
     """
@@ -17,7 +18,7 @@ def batches(dataset, sampler, epoch: int, start_step: int = 0, num_workers: int 
     flips = np.concatenate([f for _, f in steps])
 
     def load(index, flip):
-        image, label = load_sample(dataset, int(index), bool(flip))
+        image, label = load_sample(dataset, int(index), bool(flip), size)
         return image, np.int64(label)
 
     def load_tf(index, flip):

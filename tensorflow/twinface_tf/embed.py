@@ -14,7 +14,8 @@ def embed_images(model, images: np.ndarray) -> np.ndarray:
     fn = _compiled.get(id(model))
     if fn is None or fn[0] is not model:
         fn = _compiled[id(model)] = (model, tf.function(lambda x: model(x, training=False), reduce_retracing=True))
-    return fn[1](tf.constant(to_model_input(images, "NHWC"))).numpy().astype(np.float32)
+    x = to_model_input(images, "NHWC", model.inputs[0].shape[1])
+    return fn[1](tf.constant(x)).numpy().astype(np.float32)
 
 
 class Embedder:

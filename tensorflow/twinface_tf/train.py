@@ -2,6 +2,7 @@
 import json
 import os
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -38,6 +39,7 @@ class TFTwin:
         if self.world_size > 1:
             raise NotImplementedError("multi-worker TF training: the step is not yet wrapped in strategy.run")
         self.cfg = cfg
+        keras.utils.set_random_seed(cfg.seed)                     # same config, same initial weights
         b = cfg.backbone
         self.backbone = get_model(b.name, num_features=b.num_features, dropout=b.dropout, fp16=b.fp16,
                                   input_size=b.input_size)
@@ -58,7 +60,8 @@ class TFTwin:
         self.frozen = frozen
 
     def batches(self, dataset, sampler, epoch, start_step):
-        return data.batches(dataset, sampler, epoch, start_step, num_workers=self.cfg.data.num_workers)
+        return data.batches(dataset, sampler, epoch, start_step, num_workers=self.cfg.data.num_workers,
+                            size=self.cfg.backbone.input_size)
 
     def _make_step(self, frozen: bool):
         backbone_vars = self.backbone.trainable_variables

@@ -4,12 +4,13 @@ import logging
 import numpy as np
 
 from .images import CorruptImageError
+from .transforms import resize
 
 log = logging.getLogger("twinface.data")
 
 
-def load_sample(dataset, index: int, flip: bool):
-    """(uint8 RGB HWC image, label) of `index`, the image mirrored when `flip`.
+def load_sample(dataset, index: int, flip: bool, size: int = None):
+    """(uint8 RGB HWC image, label) of `index`, the image mirrored when `flip` and resized to `size` if given.
 
     A corrupt or undecodable image is skipped: it is reported with its source and replaced by the next
     readable sample, so a long run never dies on one bad file and the batch keeps its size.
@@ -25,10 +26,7 @@ def load_sample(dataset, index: int, flip: bool):
     else:
         raise CorruptImageError(f"64 consecutive unreadable images from {dataset.source(index)} on: is the data set broken?")
     label = int(dataset.labels[i])                 # the label of the image actually returned
+    if size:
+        image = resize(image, size)
     return (np.ascontiguousarray(image[:, ::-1]) if flip else image), label
 
-
-def load_batch(dataset, indices, flips):
-    """(images uint8 [B, H, W, 3], labels int64 [B])."""
-    samples = [load_sample(dataset, int(i), bool(f)) for i, f in zip(indices, flips)]
-    return np.stack([s[0] for s in samples]), np.array([s[1] for s in samples], np.int64)

@@ -3,6 +3,7 @@
 Every path into a model (training, embedding, evaluation, export checks) goes through `to_model_input`, so the
 twins, onnxruntime and the CLI can never disagree on preprocessing.
 """
+import cv2
 import numpy as np
 
 MEAN = 127.5
@@ -25,10 +26,20 @@ def apply_flips(images: np.ndarray, flips: np.ndarray) -> np.ndarray:
     return out
 
 
-def to_model_input(images: np.ndarray, layout: str = "NCHW") -> np.ndarray:
-    """uint8 NHWC RGB batch -> normalised float32 in the framework's layout ("NCHW" torch/ONNX, "NHWC" TF)."""
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Square image -> size x size (area interpolation: models trained below 112 see 112 crops shrunk)."""
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def to_model_input(images: np.ndarray, layout: str = "NCHW", size: int = None) -> np.ndarray:
+    """uint8 NHWC RGB batch -> normalised float32 in the framework's layout ("NCHW" torch/ONNX, "NHWC" TF),
+    resized to `size` when the model takes another input size than the images have."""
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected images [N, H, W, 3] uint8 RGB, got shape {images.shape}")
+    if size and images.shape[1:3] != (size, size):
+        images = np.stack([resize(image, size) for image in images])
     x = normalize(images)
     if layout == "NCHW":
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2))

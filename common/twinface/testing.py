@@ -1,0 +1,55 @@
+"""Small, fast building blocks for tests of either twin: a tiny synthetic set and a config that trains in seconds."""
+import copy
+import os
+
+from . import config
+from .data import synth
+
+TINY_DATA = {"synth_identities": 6, "synth_images_per_identity": 6, "synth_val_identities": 4, "synth_val_pairs": 20}
+
+
+def tiny_dataset(directory) -> str:
+    """Generate (once; cached by its manifest) the tiny synthetic set; returns its directory."""
+    path = os.fspath(directory)
+    synth.ensure_dataset(path, num_identities=TINY_DATA["synth_identities"],
+                         images_per_identity=TINY_DATA["synth_images_per_identity"],
+                         val_identities=TINY_DATA["synth_val_identities"], val_pairs=TINY_DATA["synth_val_pairs"],
+                         seed=0, formats=("rec",), workers=1, progress=False)
+    return path
+
+
+def tiny_config(data_dir, output, **sections) -> config.Config:
+    """MobileFaceNet at 32x32, 32-d embeddings, batch 8, 2 epochs of 4 steps; `sections` override keys."""
+    raw = {"seed": 0, "output": os.fspath(output),
+           "backbone": {"name": "mbf", "input_size": 32, "num_features": 32},
+           "head": {"type": "arcface"},
+           "data": {"source": "synthetic", "path": os.fspath(data_dir), "num_workers": 0, **TINY_DATA},
+           "train": {"batch_size": 8, "epochs": 2, "log_every": 1},
+           "val": {"batch_size": 16}}
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
+    return config.from_dict(copy.deepcopy(raw))
+
+
+def run_tiny(make_twin, data_dir, output, kill_after=None, poison_after=None, poison=None, resume=False,
+             **sections):
+    """Train the tiny config with a fresh twin; returns (summary, twin).
+
+    kill_after=k raises KeyboardInterrupt at the (k+1)-th step, as a kill would; poison_after=k calls
+    poison(twin) before every later step (e.g. to plant a NaN and exercise the guard rails).
+    """
+    from .trainer import Trainer
+    twin = make_twin()
+    original, calls = twin.train_step, [0]
+
+    def step(*args):
+        calls[0] += 1
+        if kill_after is not None and calls[0] > kill_after:
+            raise KeyboardInterrupt("simulated kill")
+        if poison_after is not None and calls[0] > poison_after:
+            poison(twin)
+        return original(*args)
+
+    twin.train_step = step
+    cfg = tiny_config(data_dir, output, **sections)
+    return Trainer(cfg, twin, resume=resume, progress=False).run(), twin
