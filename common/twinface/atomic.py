@@ -15,6 +15,9 @@ def atomic_path(path: str, suffix: str = ""):
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp" + suffix,
                                dir=directory)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)                  # mkstemp makes 0600; a saved file gets the usual permissions
     try:
         yield tmp
         with open(tmp, "rb+") as f:

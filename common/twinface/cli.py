@@ -250,7 +250,17 @@ def _run_train(args):
     Trainer(cfg, Twin(), resume=args.resume).run()
 
 
-VERBS = {"train": (_add_train, _run_train), "embed": (_add_embed, _run_embed), "verify": (_add_verify, _run_verify),
+def _add_convert(sub):
+    from twinface_convert.cli import add_parser   # argparse only: no framework is imported here
+    add_parser(sub)
+
+
+def _run_convert(args):
+    from twinface_convert.cli import run
+    return run(args)
+
+
+VERBS = {"train": (_add_train, _run_train), "convert": (_add_convert, _run_convert), "embed": (_add_embed, _run_embed), "verify": (_add_verify, _run_verify),
          "data": (_add_data, _run_data), "eval": (_add_eval, _run_eval), "export": (_add_export, _run_export),
          "parity": (_add_parity, _run_parity)}
 

@@ -115,7 +115,8 @@ class TFTwin:
     def _state_variables(self):
         groups = {"backbone": self.backbone.variables, "head": self.head.variables,
                   "opt_backbone": self.opt_backbone.variables, "opt_head": self.opt_head.variables}
-        return {f"{group}/{i:04d}/{v.path}": v for group, vs in groups.items() for i, v in enumerate(vs)}
+        # Keyed by position: Keras' auto-generated layer names (margin_head_2, ...) change between processes.
+        return {f"{group}/{i:04d}": v for group, vs in groups.items() for i, v in enumerate(vs)}
 
     def save_state(self, path: str, meta: dict):
         arrays = {k: v.numpy() for k, v in self._state_variables().items()}
@@ -129,7 +130,8 @@ class TFTwin:
                 if key not in saved:
                     raise ValueError(f"{path}: training state has no '{key}' (saved by another config?)")
                 if saved[key].shape != tuple(var.shape):
-                    raise ValueError(f"{path}: '{key}' has shape {saved[key].shape}, expected {tuple(var.shape)}")
+                    raise ValueError(f"{path}: '{key}' ({var.path}) has shape {saved[key].shape}, "
+                                     f"expected {tuple(var.shape)}")
                 var.assign(saved[key])
             return json.loads(str(saved["meta"]))
 

@@ -1,0 +1,66 @@
+"""The TF twin through the shared training loop: outputs, resume after a kill, NaN guard rails."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from twinface.testing import run_tiny, tiny_dataset
+from twinface.trainer import TrainingDiverged
+from twinface_tf.backbones import get_model
+from twinface_tf.train import TFTwin
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny_dataset(tmp_path_factory.mktemp("synth"))
+
+
+def _weights(twin):
+    return {v.path: v.numpy().copy() for v in twin.backbone.variables}
+
+
+def test_training_writes_every_output(data, tmp_path):
+    summary, twin = run_tiny(TFTwin, data, tmp_path / "run")
+    run = tmp_path / "run"
+    for name in ("backbone.weights.h5", "state.npz", "config.yaml", "train.log", "backbone.onnx", "summary.json",
+                 "roc.png"):
+        assert (run / name).is_file(), name
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(run / "tensorboard"))
+    assert summary["steps"] == 8 and 0.0 <= summary["results"]["val"]["acc_mean"] <= 1.0
+    assert summary["onnx_max_abs_diff"] < 1e-4
+    log = (run / "train.log").read_text()
+    assert "img/s ETA" in log and "[val]Accuracy-Flip" in log
+    # the backbone file is plain Keras weights: model.load_weights reads it into a fresh model
+    model = get_model("mbf", num_features=32, input_size=32)
+    model.load_weights(str(run / "backbone.weights.h5"))
+    for a, b in zip(model.weights, twin.backbone.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert json.load(open(run / "summary.json"))["arch"] == "mbf"
+
+
+def test_resume_after_a_kill_ends_like_an_uninterrupted_run(data, tmp_path):
+    _, full = run_tiny(TFTwin, data, tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        run_tiny(TFTwin, data, tmp_path / "killed", kill_after=6)        # killed in epoch 2, after checkpoint 1
+    with np.load(tmp_path / "killed" / "state.npz") as state:
+        assert json.loads(str(state["meta"]))["step"] == 4
+    summary, resumed = run_tiny(TFTwin, data, tmp_path / "killed", resume=True)
+    assert summary["steps"] == 8
+    expected, got = _weights(full), _weights(resumed)
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_nan_loss_skips_updates_and_stops_without_writing_nan_weights(data, tmp_path):
+    def poison(twin):
+        weight = twin.head.weight.numpy()
+        weight[0, 0] = np.nan
+        twin.head.weight.assign(weight)
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss .*Last good checkpoint: .*state.npz"):
+        run_tiny(TFTwin, data, tmp_path / "run", poison_after=5, poison=poison, train={"max_bad_steps": 2})
+    model = get_model("mbf", num_features=32, input_size=32)
+    model.load_weights(str(tmp_path / "run" / "backbone.weights.h5"))
+    assert all(np.isfinite(v.numpy()).all() for v in model.weights)
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert log.count("non-finite loss nan") == 2 and "update skipped" in log
