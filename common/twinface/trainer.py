@@ -81,6 +81,16 @@ class Trainer:
         self.state_path = os.path.join(self.out, twin.state_filename)
         self.history = []
 
+    def _native_weights(self, path: str) -> str:
+        """Finetuning from the other framework's weights (or any ONNX file): convert them first, verified."""
+        suffix = ".pth" if self.twin.framework == "torch" else ".weights.h5"
+        if path.endswith(suffix) or (self.twin.framework == "torch" and path.endswith(".pt")):
+            return path
+        from twinface_convert.convert import convert
+        converted = os.path.join(self.out, "finetune_init" + suffix)
+        convert(path, converted, arch=self.cfg.backbone.name, force=True, log=self.log.info)
+        return converted
+
     # -- evaluation -------------------------------------------------------------------------------------
     def evaluate(self, bins, step, tb):
         from .eval.bins import evaluate_bin
@@ -123,8 +133,11 @@ class Trainer:
         lr_of = schedule.from_config(cfg, total_steps, steps_per_epoch)
         twin.build(cfg, dataset.num_classes)
         if cfg.finetune.weights and not self.resume:
-            twin.load_backbone(cfg.finetune.weights)
-            log.info(f"finetune: backbone from {cfg.finetune.weights}")
+            weights = self._native_weights(cfg.finetune.weights)
+            twin.load_backbone(weights)
+            log.info(f"finetune: backbone from {weights}, new head for {dataset.num_classes} identities, "
+                     f"backbone frozen for {cfg.finetune.freeze_epochs} epoch(s), then lr x "
+                     f"{cfg.finetune.backbone_lr_scale}")
         step, bad_steps = 0, 0
         if self.resume:
             if not os.path.exists(self.state_path):

@@ -50,16 +50,15 @@ class TorchBatchNorm(keras.layers.BatchNormalization):
 
 @keras.saving.register_keras_serializable(package="twinface")
 class GroupedConv2D(keras.layers.Conv2D):
-    """Conv2D with 1 < groups < channels, computed group by group with the same kernel (kh, kw, in / groups, out).
+    """Conv2D with 1 < groups < channels and the usual kernel (kh, kw, in / groups, out).
 
-    Keras runs grouped convolutions on CPU inside an XLA-compiled function, which tf2onnx cannot convert;
-    per-group convolutions export as plain Conv nodes. Group i owns output channels i * out / groups onward,
-    as in torch.
+    Keras runs grouped convolutions on CPU inside an XLA-compiled function, which is slow here and which
+    tf2onnx cannot convert. tf.nn.conv2d takes the grouped kernel natively (group g owns output channels
+    g * out / groups onward, as in torch) and exports as one ONNX Conv with `group`.
     """
 
     def convolution_op(self, inputs, kernel):
-        pairs = zip(tf.split(inputs, self.groups, axis=-1), tf.split(kernel, self.groups, axis=-1))
-        return tf.concat([super(GroupedConv2D, self).convolution_op(x, k) for x, k in pairs], axis=-1)
+        return tf.nn.conv2d(inputs, kernel, strides=self.strides, padding="VALID", dilations=self.dilation_rate)
 
 
 def prelu(name, dtype=None):

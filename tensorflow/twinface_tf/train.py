@@ -69,7 +69,7 @@ class TFTwin:
         stats = [v for v in self.backbone.non_trainable_variables if "moving" in v.path]
         clip = float(self.cfg.train.clip_grad_norm)
 
-        @tf.function(reduce_retracing=True)
+        @tf.function(reduce_retracing=True, )
         def step(x, y, lr_backbone, lr_head):
             saved = [tf.identity(v) for v in stats]
             with tf.GradientTape() as tape:
