@@ -68,6 +68,8 @@ def _add_eval(sub):
     p.add_argument("--bin", action="append", required=True, help="verification .bin (repeatable)")
     p.add_argument("--framework", choices=["torch", "tf", "onnx"], help="override detection from the extension")
     p.add_argument("--arch", help="backbone name for torch/TF weights that do not record it (e.g. r50)")
+    p.add_argument("--input-size", type=int, default=112, help="torch/TF weights: the input size trained at")
+    p.add_argument("--num-features", type=int, default=512, help="torch/TF weights: the embedding size")
     p.add_argument("--no-flip", action="store_true", help="skip the flip test")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--roc", help="write a ROC plot (PNG) of all sets here")
@@ -90,7 +92,8 @@ def _run_eval(args):
         results[os.path.basename(args.bin[0])] = evaluate_embeddings(np.load(args.embeddings), None, issame)
     else:
         from .embedders import load_embedder
-        embed = load_embedder(args.weights, args.framework, args.arch)
+        embed = load_embedder(args.weights, args.framework, args.arch, input_size=args.input_size,
+                          num_features=args.num_features)
         for path in args.bin:
             results[os.path.basename(path)] = bins_mod.evaluate_bin(embed, path, flip=not args.no_flip,
                                                                     batch_size=args.batch_size)
@@ -138,6 +141,8 @@ def _add_model_args(p):
     p.add_argument("--weights", required=True, help="model: .onnx, torch .pth/.pt, Keras .weights.h5")
     p.add_argument("--framework", choices=["torch", "tf", "onnx"], help="override detection from the extension")
     p.add_argument("--arch", help="backbone name for torch/TF weights (e.g. r50); ONNX files need none")
+    p.add_argument("--input-size", type=int, default=112, help="torch/TF weights: the input size trained at")
+    p.add_argument("--num-features", type=int, default=512, help="torch/TF weights: the embedding size")
     p.add_argument("--no-flip", action="store_true", help="embed the image alone, without adding its mirror")
     p.add_argument("--batch-size", type=int, default=64)
 
@@ -183,7 +188,8 @@ def _run_embed(args):
     from .embedders import load_embedder
     from .eval.embeddings import l2_normalize, save_embeddings
     paths = _image_paths(args.images)
-    embed = load_embedder(args.weights, args.framework, args.arch)
+    embed = load_embedder(args.weights, args.framework, args.arch, input_size=args.input_size,
+                          num_features=args.num_features)
     emb = _embed_paths(embed, paths, not args.no_flip, args.batch_size)
     out = save_embeddings(args.out, emb if args.raw else l2_normalize(emb), names=paths)
     print(f"wrote {out}: {emb.shape[0]} embeddings of dimension {emb.shape[1]}")
@@ -202,7 +208,8 @@ def _run_verify(args):
     import numpy as np
     from .embedders import load_embedder
     from .eval.embeddings import l2_normalize
-    embed = load_embedder(args.weights, args.framework, args.arch)
+    embed = load_embedder(args.weights, args.framework, args.arch, input_size=args.input_size,
+                          num_features=args.num_features)
     a, b = l2_normalize(_embed_paths(embed, list(args.images), not args.no_flip, 2, progress=False))
     cos = float(np.dot(a, b))
     dist = float(np.sum((a - b) ** 2))

@@ -77,6 +77,7 @@ class DataConfig:
     synth_val_identities: int = 200
     synth_val_pairs: int = 3000
     flip: bool = True                           # random horizontal flip (the only augmentation)
+    memory_cache_gb: float = 2.0                # decode the set once into memory if it fits (0 = never)
 
 
 @dataclass

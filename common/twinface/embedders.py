@@ -42,7 +42,8 @@ class OnnxEmbedder:
         return self.session.run(None, {self.input_name: to_model_input(images, "NCHW", self.size)})[0]
 
 
-def load_embedder(weights: str, framework: str = None, arch: str = None):
+def load_embedder(weights: str, framework: str = None, arch: str = None, **model_kwargs):
+    """model_kwargs (input_size, num_features) describe torch/TF weights; an ONNX file describes itself."""
     framework = detect_framework(weights, framework)
     if framework == "onnx":
         return OnnxEmbedder(weights)
@@ -52,4 +53,4 @@ def load_embedder(weights: str, framework: str = None, arch: str = None):
         from twinface_tf.embed import Embedder
     else:
         raise ValueError(f"unknown framework {framework!r}; expected torch, tf or onnx")
-    return Embedder(weights, arch=arch)
+    return Embedder(weights, arch=arch, **model_kwargs)

@@ -26,6 +26,7 @@ import numpy as np
 from . import config as config_mod
 from . import schedule
 from .data import dataset as dataset_mod
+from .data.memory import InMemoryDataset, maybe_in_memory
 from .data.sampler import EpochSampler
 
 
@@ -126,6 +127,12 @@ class Trainer:
         if self.is_main:
             config_mod.save_resolved(cfg, self.out)
         dataset, bins = prepare_data(cfg)
+        t0 = time.time()
+        dataset = maybe_in_memory(dataset, cfg.backbone.input_size, cfg.data.memory_cache_gb,
+                                  workers=max(1, cfg.data.num_workers), progress=self.progress and self.is_main)
+        if isinstance(dataset, InMemoryDataset):
+            log.info(f"decoded {len(dataset)} images into memory at {cfg.backbone.input_size}x"
+                     f"{cfg.backbone.input_size} in {time.time() - t0:.1f}s")
         sampler = EpochSampler(len(dataset), cfg.train.batch_size, seed=cfg.seed, rank=twin.rank,
                                world_size=twin.world_size, flip=cfg.data.flip)
         steps_per_epoch = sampler.steps_per_epoch()
