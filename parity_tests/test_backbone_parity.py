@@ -30,6 +30,8 @@ def test_eval_embeddings_agree_across_torch_tf_onnx(arch, n, make_twins, images,
     k = km(x.transpose(0, 2, 3, 1), training=False).numpy()
     parity.check(f"{arch} embeddings torch vs TF (raw)", t, k, RAW_REL, relative=True)
     parity.check(f"{arch} embeddings torch vs TF (L2-normalised)", _l2(t), _l2(k), NORMED_ABS)
+    if torch.cuda.is_available() and arch in ("r50", "mbf"):
+        _cuda_rows(arch, tm, x, t, parity)
     uint8 = np.clip(np.round(x.transpose(0, 2, 3, 1) * 127.5 + 127.5), 0, 255).astype(np.uint8)
     for name, export, model in (("torch", torch_export, tm), ("TF", tf_export, km)):
         path = str(tmp_path / f"{arch}_{name}.onnx")
@@ -56,3 +58,25 @@ def test_train_mode_forward_and_running_stats_agree(arch, make_twins, images, pa
                                          / ts[n].abs().max().clamp_min(1e-12)))
     parity.check(f"{arch} BN running stats after train forward (worst: {worst})", ts[worst], ks[worst], 1e-5,
                  relative=True)
+
+
+def _cuda_rows(arch, model, x, reference, parity):
+    """torch on CUDA vs the CPU reference: fp32 with TF32 off at DESIGN's tolerance; half precisions looser
+    (fp16 keeps ~3 decimal digits, bf16 ~2: L2-normalised rows of norm 1 move by ~1e-3 / ~1e-2)."""
+    import torch
+    cuda = model.to("cuda")
+    xc = torch.from_numpy(x).cuda()
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            parity.check(f"{arch} embeddings torch CPU vs CUDA fp32 (L2-normalised)", _l2(reference),
+                         _l2(cuda(xc).cpu().numpy()), NORMED_ABS)
+            for dtype, tol in ((torch.float16, 5e-3), (torch.bfloat16, 3e-2)):
+                with torch.autocast("cuda", dtype=dtype):
+                    out = cuda(xc).float().cpu().numpy()
+                parity.check(f"{arch} embeddings torch CPU vs CUDA {dtype} autocast (L2-normalised)",
+                             _l2(reference), _l2(out), tol)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+        model.to("cpu")

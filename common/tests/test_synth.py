@@ -10,7 +10,6 @@ import pytest
 
 from twinface.data import synth
 from twinface.data.folder import scan_image_folder
-from twinface.data.images import decode_image
 from twinface.data.recordio import InsightFaceRec
 from twinface.data.synth import (DEFAULTS, TEMPLATE, encode_photo, ensure_dataset, generate, identity_params,
                                  iter_identity_images, raw_pixel_baseline, render)

@@ -3,6 +3,7 @@
 Both twins stamp the same keys; `preprocess_*` tell how to feed the model (the model does not normalise
 inside the graph, unlike MXNet-era insightface models).
 """
+import numpy as np
 import onnx
 
 INPUT_NAME = "data"          # insightface's name; its tools pick graph.input[0] anyway
@@ -35,3 +36,20 @@ def stamp_metadata(path: str, meta: dict) -> None:
 def read_metadata(path: str) -> dict:
     model = onnx.load(path, load_external_data=False)
     return {p.key: p.value for p in model.metadata_props}
+
+
+def check_against(onnx_path: str, inputs: np.ndarray, reference: np.ndarray, framework: str, path: str) -> float:
+    """Run onnxruntime on NCHW `inputs` and compare with the framework's `reference` output.
+
+    Raises past 1e-4 * max(1, max|reference|) (raw, un-normalised embeddings); returns the max abs diff.
+    """
+    import onnxruntime as ort
+    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    output = session.run([OUTPUT_NAME], {INPUT_NAME: inputs})[0]
+    max_abs_diff = float(np.abs(output - reference).max())
+    tolerance = 1e-4 * max(1.0, float(np.abs(reference).max()))
+    print(f"onnx export {path}: max abs diff vs {framework} {max_abs_diff:.3g} (tolerance {tolerance:.3g})")
+    if not max_abs_diff <= tolerance:
+        raise RuntimeError(f"onnx export {path}: onnxruntime differs from {framework} by {max_abs_diff:.3g}, "
+                           f"more than the tolerance {tolerance:.3g}")
+    return max_abs_diff

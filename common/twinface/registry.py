@@ -52,5 +52,13 @@ def head_defaults(name: str) -> dict:
     return dict(_lookup(HEADS, "head", name))
 
 
+def margin_settings(name: str, overrides: dict) -> dict:
+    """Keyword arguments of a MarginHead called `name`: the registry's settings with `overrides` on top.
+    Both twins' get_head use it ("linear" is the one head that is not a margin setting)."""
+    if name not in HEADS:
+        raise ValueError(f"unknown head {name!r}; known: {', '.join(sorted([*HEADS, 'linear']))}")
+    return {**HEADS[name], **overrides}
+
+
 def loss_defaults(name: str) -> dict:
     return dict(_lookup(LOSSES, "loss", name))

@@ -53,3 +53,37 @@ def run_tiny(make_twin, data_dir, output, kill_after=None, poison_after=None, po
     twin.train_step = step
     cfg = tiny_config(data_dir, output, **sections)
     return Trainer(cfg, twin, resume=resume, progress=False).run(), twin
+
+
+def check_resume_matches_uninterrupted(make_twin, weights_of, state_step, data_dir, tmp_path):
+    """Kill a run in epoch 2 (after the epoch-1 checkpoint), resume it, and compare its final backbone with an
+    uninterrupted run's. weights_of(twin) -> {name: array}; state_step(run_dir) -> step in the saved state."""
+    import numpy as np
+    _, full = run_tiny(make_twin, data_dir, tmp_path / "full")
+    try:
+        run_tiny(make_twin, data_dir, tmp_path / "killed", kill_after=6)
+        raise AssertionError("the simulated kill did not happen")
+    except KeyboardInterrupt:
+        pass
+    assert state_step(tmp_path / "killed") == 4
+    summary, resumed = run_tiny(make_twin, data_dir, tmp_path / "killed", resume=True)
+    assert summary["steps"] == 8
+    expected, got = weights_of(full), weights_of(resumed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def check_nan_guard(make_twin, poison, saved_backbone_finite, data_dir, tmp_path):
+    """Plant a NaN from step 6 on: updates are skipped, the run stops after train.max_bad_steps with the last
+    good checkpoint named, and the backbone file on disk stays finite."""
+    import re
+    from .trainer import TrainingDiverged
+    try:
+        run_tiny(make_twin, data_dir, tmp_path / "run", poison_after=5, poison=poison, train={"max_bad_steps": 2})
+        raise AssertionError("the run did not stop on non-finite losses")
+    except TrainingDiverged as e:
+        assert re.search(r"non-finite loss.*Last good checkpoint: .*state", str(e)), str(e)
+    assert saved_backbone_finite(tmp_path / "run")
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert log.count("non-finite loss nan") == 2 and "update skipped" in log

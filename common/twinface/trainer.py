@@ -21,7 +21,6 @@ import math
 import os
 import time
 
-import numpy as np
 
 from . import config as config_mod
 from . import schedule
@@ -81,6 +80,7 @@ class Trainer:
         self.backbone_path = os.path.join(self.out, twin.backbone_filename)
         self.state_path = os.path.join(self.out, twin.state_filename)
         self.history = []
+        self._val_sets = None
 
     def _native_weights(self, path: str) -> str:
         """Finetuning from the other framework's weights (or any ONNX file): convert them first, verified."""
@@ -94,13 +94,15 @@ class Trainer:
 
     # -- evaluation -------------------------------------------------------------------------------------
     def evaluate(self, bins, step, tb):
-        from .eval.bins import evaluate_bin
+        from .eval.bins import evaluate_images, load_bin_images
         from .eval.verification import format_result
+        if self._val_sets is None:                  # decoded (and shrunk) once, scored every epoch
+            self._val_sets = {os.path.splitext(os.path.basename(p))[0]:
+                              load_bin_images(p, self.cfg.backbone.input_size) for p in bins}
         results = {}
-        for path in bins:
-            name = os.path.splitext(os.path.basename(path))[0]
-            result = evaluate_bin(self.twin.embed, path, flip=self.cfg.val.flip, batch_size=self.cfg.val.batch_size,
-                                  progress=False)
+        for name, (images, issame) in self._val_sets.items():
+            result = evaluate_images(self.twin.embed, images, issame, flip=self.cfg.val.flip,
+                                     batch_size=self.cfg.val.batch_size, progress=False, name=name)
             results[name] = result
             for line in format_result(name, result).splitlines():
                 self.log.info(line)
@@ -119,6 +121,16 @@ class Trainer:
         save_roc_plot(results, png, title=f"ROC after step {step}")
         image = cv2.imread(png)
         tb.image_png("val/roc", open(png, "rb").read(), image.shape[0], image.shape[1], step)
+
+    def _measure_loader(self, dataset, sampler, batches: int = 8):
+        """The data pipeline alone, once: it should outrun the training step by a wide margin."""
+        t0, n = time.time(), 0
+        for i, (images, _) in enumerate(self.twin.batches(dataset, sampler, 0, 0)):
+            n += len(images)
+            if i + 1 == batches:
+                break
+        self.log.info(f"data loader alone: {n / max(time.time() - t0, 1e-9):.0f} img/s "
+                      f"({self.cfg.data.num_workers} workers, {n} images)")
 
     # -- the loop ---------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -159,6 +171,8 @@ class Trainer:
         log.info(f"{twin.framework}: {cfg.backbone.name}, {len(dataset)} images, {dataset.num_classes} identities, "
                  f"{steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs, batch {cfg.train.batch_size} "
                  f"x {twin.world_size} rank(s)")
+        if self.is_main:
+            self._measure_loader(dataset, sampler)
         images_seen, t_train = 0, 0.0
         results = {}
         while step < total_steps:

@@ -1,5 +1,5 @@
 """torch DataLoader over the common readers, in the order the shared EpochSampler dictates."""
-import torch
+import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from twinface.data.batches import load_sample
@@ -20,7 +20,6 @@ class _Samples(Dataset):
 
 
 def _collate(samples):
-    import numpy as np
     return np.stack([s[0] for s in samples]), np.array([s[1] for s in samples], np.int64)
 
 

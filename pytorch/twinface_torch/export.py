@@ -6,12 +6,10 @@ BatchNorm as a node (DESIGN.md: folding would silently put Conv*BN values under 
 import os
 import tempfile
 
-import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 
-from twinface.onnx_meta import INPUT_NAME, OUTPUT_NAME, export_metadata, stamp_metadata
+from twinface.onnx_meta import INPUT_NAME, OUTPUT_NAME, check_against, export_metadata, stamp_metadata
 
 
 def export_onnx(model, path, arch, input_size=112, opset=17, verify=True):
@@ -73,13 +71,5 @@ def restore_shared_initializers(onnx_path, names):
 
 
 def verify_onnx(onnx_path, inputs, reference, path):
-    """Run onnxruntime on `inputs`; raise past 1e-4 * max(1, max|reference|), else return the max abs diff."""
-    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
-    output = session.run([OUTPUT_NAME], {INPUT_NAME: inputs})[0]
-    max_abs_diff = float(np.abs(output - reference).max())
-    tolerance = 1e-4 * max(1.0, float(np.abs(reference).max()))
-    print(f"onnx export {path}: max abs diff vs torch {max_abs_diff:.3g} (tolerance {tolerance:.3g})")
-    if not max_abs_diff <= tolerance:
-        raise RuntimeError(f"onnx export {path}: onnxruntime differs from torch by {max_abs_diff:.3g}, "
-                           f"more than the tolerance {tolerance:.3g}")
-    return max_abs_diff
+    """onnxruntime vs torch on `inputs`; raises past tolerance, else returns the max abs diff."""
+    return check_against(onnx_path, inputs, reference, "torch", path)

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from twinface.registry import HEADS, head_defaults
+from twinface.registry import margin_settings
 
 GRADIENTS = ("straight_through", "analytic")
 
@@ -87,6 +87,4 @@ class LinearHead(nn.Module):
 def get_head(name, embedding_size, num_classes, **overrides):
     if name == "linear":
         return LinearHead(embedding_size, num_classes, **overrides)
-    if name not in HEADS:
-        raise ValueError(f"unknown head {name!r}; known: {', '.join(sorted([*HEADS, 'linear']))}")
-    return MarginHead(embedding_size, num_classes, **{**head_defaults(name), **overrides})
+    return MarginHead(embedding_size, num_classes, **margin_settings(name, overrides))

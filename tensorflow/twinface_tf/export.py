@@ -7,12 +7,11 @@ import logging
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import tensorflow as tf
 import tf2onnx
 
 from twinface.atomic import atomic_path
-from twinface.onnx_meta import INPUT_NAME, OUTPUT_NAME, export_metadata, stamp_metadata
+from twinface.onnx_meta import INPUT_NAME, OUTPUT_NAME, check_against, export_metadata, stamp_metadata
 
 
 def export_onnx(model, path, arch, input_size=112, opset=17, verify=True):
@@ -40,15 +39,7 @@ def export_onnx(model, path, arch, input_size=112, opset=17, verify=True):
 
 
 def verify_onnx(onnx_path, model, input_size, path):
-    """Run onnxruntime and Keras on one random batch of 3; raise past 1e-4 * max(1, max|ref|)."""
+    """onnxruntime vs Keras on one random batch of 3; raises past tolerance, else returns the max abs diff."""
     sample = np.random.default_rng(0).uniform(-1, 1, (3, 3, input_size, input_size)).astype(np.float32)
     reference = np.asarray(model(sample.transpose(0, 2, 3, 1), training=False), dtype=np.float32)
-    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
-    output = session.run([OUTPUT_NAME], {INPUT_NAME: sample})[0]
-    max_abs_diff = float(np.abs(output - reference).max())
-    tolerance = 1e-4 * max(1.0, float(np.abs(reference).max()))
-    print(f"onnx export {path}: max abs diff vs tf {max_abs_diff:.3g} (tolerance {tolerance:.3g})")
-    if not max_abs_diff <= tolerance:
-        raise RuntimeError(f"onnx export {path}: onnxruntime differs from tf by {max_abs_diff:.3g}, "
-                           f"more than the tolerance {tolerance:.3g}")
-    return max_abs_diff
+    return check_against(onnx_path, sample, reference, "tf", path)

@@ -6,7 +6,7 @@ MarginHead is the one interface a sharded, sampled Partial FC can later stand be
 import keras
 import tensorflow as tf
 
-from twinface.registry import HEADS, head_defaults
+from twinface.registry import margin_settings
 from twinface_tf.layers import torch_linear_init
 
 GRADIENTS = ("straight_through", "analytic")
@@ -105,6 +105,4 @@ def get_head(name, embedding_size, num_classes, **overrides):
     """A head from twinface.registry.HEADS (margin settings, `overrides` replace them) or "linear"."""
     if name == "linear":
         return LinearHead(embedding_size, num_classes, **overrides)
-    if name not in HEADS:
-        raise ValueError(f"unknown head {name!r}; known: {', '.join(sorted([*HEADS, 'linear']))}")
-    return MarginHead(embedding_size, num_classes, **{**head_defaults(name), **overrides})
+    return MarginHead(embedding_size, num_classes, **margin_settings(name, overrides))
