@@ -19,8 +19,14 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $@
 
+# One pytest process per room: each frees its models on exit (torch + TF + IResNet-200 ONNX graphs in one
+# process outgrow 24 GB), and a failing room does not hide the others.
+ROOMS := common/tests pytorch/tests tensorflow/tests weights_convert/tests parity_tests
 test: setup
-	$(BIN)/python -m pytest -q
+	@failed=""; for room in $(ROOMS); do \
+	  echo "== $$room"; $(BIN)/python -m pytest -q $$room || failed="$$failed $$room"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "FAILED rooms:$$failed"; exit 1; fi; echo "all rooms passed"
 
 parity: setup
 	$(BIN)/twinface parity

@@ -44,6 +44,17 @@ def parity():
     return Parity()
 
 
+@pytest.fixture(autouse=True)
+def _release_models():
+    """IResNet-200 twins and their ONNX graphs take GBs; drop Keras' global graph state after every test."""
+    yield
+    import gc
+    import sys
+    if "keras" in sys.modules:
+        sys.modules["keras"].backend.clear_session()
+    gc.collect()
+
+
 def pytest_terminal_summary(terminalreporter):
     if not ROWS:
         return
