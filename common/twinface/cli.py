@@ -267,7 +267,17 @@ def _run_convert(args):
     return run(args)
 
 
-VERBS = {"train": (_add_train, _run_train), "convert": (_add_convert, _run_convert), "embed": (_add_embed, _run_embed), "verify": (_add_verify, _run_verify),
+def _add_bench(sub):
+    from twinface_bench.cli import add_parser     # argparse only: no framework is imported here
+    add_parser(sub)
+
+
+def _run_bench(args):
+    from twinface_bench.cli import run
+    return run(args)
+
+
+VERBS = {"train": (_add_train, _run_train), "convert": (_add_convert, _run_convert), "bench": (_add_bench, _run_bench), "embed": (_add_embed, _run_embed), "verify": (_add_verify, _run_verify),
          "data": (_add_data, _run_data), "eval": (_add_eval, _run_eval), "export": (_add_export, _run_export),
          "parity": (_add_parity, _run_parity)}
 

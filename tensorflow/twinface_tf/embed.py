@@ -1,4 +1,11 @@
-"""Embeddings from a Keras backbone file: uint8 RGB NHWC images in, float32 [N, D] out."""
+"""Embeddings from a Keras backbone file: uint8 RGB NHWC images in, float32 [N, D] out.
+
+embed_images runs a traced tf.function of the model (several times faster than eager Keras calls, and the
+fastest TF path measured by `twinface bench`, docs/bench.md), traced once per model; it reads the variables
+at each call, so training may keep updating them. fast=False calls the model eagerly.
+"""
+import weakref
+
 import numpy as np
 import tensorflow as tf
 
@@ -6,16 +13,24 @@ from twinface.data.transforms import to_model_input
 
 from .checkpoint import load_backbone
 
-_compiled = {}
+_traced = weakref.WeakKeyDictionary()      # model -> tf.function; dies with the model
 
 
-def embed_images(model, images: np.ndarray) -> np.ndarray:
-    # One traced inference function per model: eager Keras calls are several times slower.
-    fn = _compiled.get(id(model))
-    if fn is None or fn[0] is not model:
-        fn = _compiled[id(model)] = (model, tf.function(lambda x: model(x, training=False), reduce_retracing=True))
-    x = to_model_input(images, "NHWC", model.inputs[0].shape[1])
-    return fn[1](tf.constant(x)).numpy().astype(np.float32)
+def embed_images(model, images: np.ndarray, fast: bool = True) -> np.ndarray:
+    x = tf.constant(to_model_input(images, "NHWC", model.inputs[0].shape[1]))
+    return np.asarray(inference_function(model, fast)(x), dtype=np.float32)
+
+
+def inference_function(model, fast: bool = True):
+    """What embed_images runs: the model's tf.function (fast), else an eager inference-mode call."""
+    if not fast:
+        return lambda x: model(x, training=False)
+    if model not in _traced:
+        # The function must not keep its model alive: a weak reference, and no autograph (nothing to convert
+        # here, and its conversion attempt holds on to the calling frames, the model among their locals).
+        ref = weakref.ref(model)
+        _traced[model] = tf.function(lambda x: ref()(x, training=False), reduce_retracing=True, autograph=False)
+    return _traced[model]
 
 
 class Embedder:

@@ -1,0 +1,44 @@
+"""`twinface bench`: the verb, registered in twinface.cli as (add_parser, run). Importing it loads no framework."""
+from .run import CPU_RUNTIMES, TRAIN_RUNTIMES, Options
+
+
+def _csv(text):
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def add_parser(subparsers):
+    d = Options()
+    p = subparsers.add_parser("bench", help="throughput of both twins and onnxruntime side by side: table, JSON, chart",
+                              description=__doc__)
+    p.add_argument("--models", type=_csv, default=d.models, help=f"backbones (default {','.join(d.models)})")
+    p.add_argument("--batches", type=lambda s: tuple(int(x) for x in _csv(s)), default=d.batches,
+                   help="inference batch sizes (default 1,32)")
+    p.add_argument("--runtimes", type=_csv, default=d.runtimes,
+                   help=f"rows to run (default all CPU rows; torch-cuda rows join when torch sees a GPU): "
+                        f"{','.join(CPU_RUNTIMES + TRAIN_RUNTIMES)}")
+    p.add_argument("--input-size", type=int, default=d.input_size)
+    p.add_argument("--num-features", type=int, default=d.num_features)
+    p.add_argument("--train-batch", type=int, default=d.train_batch)
+    p.add_argument("--classes", type=int, default=d.classes, help="ArcFace head size for the training rows")
+    p.add_argument("--min-seconds", type=float, default=d.min_seconds, help="timed seconds per inference batch, at least")
+    p.add_argument("--min-iters", type=int, default=d.min_iters, help="timed calls per inference batch, at least")
+    p.add_argument("--train-steps", type=int, default=d.train_steps, help="timed training steps after the first")
+    p.add_argument("--peak-n", type=int, default=d.peak_n, help="side of the reference fp32 matrix product")
+    p.add_argument("--out", default=d.out, help="writes bench.json, bench.md and bench.png here")
+    return p
+
+
+def run(args):
+    unknown = [r for r in args.runtimes if r not in CPU_RUNTIMES + TRAIN_RUNTIMES]
+    if unknown:
+        raise ValueError(f"--runtimes: unknown {unknown[0]!r}; known: {', '.join(CPU_RUNTIMES + TRAIN_RUNTIMES)}")
+    from .run import run_bench
+    opts = Options(models=args.models, batches=args.batches, runtimes=args.runtimes, input_size=args.input_size,
+                   num_features=args.num_features, train_batch=args.train_batch, classes=args.classes,
+                   min_seconds=args.min_seconds, min_iters=args.min_iters, train_steps=args.train_steps,
+                   peak_n=args.peak_n, out=args.out)
+    result = run_bench(opts)
+    print(f"\nwrote {args.out}/bench.md, bench.json, bench.png ({result['seconds'] / 60:.1f} min)")
+    for t in result["targets"]:
+        print(f"target {t['model']} batch {t['batch']}: {t['what']} {t['ratio']:.2f} ({t['target']}): "
+              f"{'met' if t['met'] else 'NOT MET'}")

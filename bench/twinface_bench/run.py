@@ -1,0 +1,191 @@
+"""The bench plan: which tasks run, in which order, each in its own child process; then the derived numbers
+(GFLOP/s, fraction of the reference peak, ratios to the fastest runtime, targets) and the report files."""
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+
+from . import measure, report
+from .tasks import run_task
+
+CPU_RUNTIMES = ("torch-eager", "torch-channels-last", "torch-jit-freeze", "torch-jit-onednn", "torch-compile",
+                "torch-embed", "torch-embed-omp-default", "tf-eager", "tf-function", "tf-xla", "tf-embed",
+                "ort-torch", "ort-tf")
+CUDA_RUNTIMES = ("torch-cuda-fp32", "torch-cuda-bf16", "torch-cuda-fp16", "torch-cuda-fp16-channels-last")
+TRAIN_RUNTIMES = ("torch-train", "tf-train")
+DEFAULT_PATHS = ("torch-embed", "torch-embed-omp-default", "tf-embed")   # what `twinface embed` and `eval` run
+TARGETS = {"default_path_vs_fastest": 0.9, "train_ratio_max": 1.25}
+# By default libgomp (torch's OpenMP) spins its threads between parallel regions: on cores that other processes
+# also want, a spinning thread starves the one it waits for, and torch slows down 2-10x (docs/bench.md). Children
+# run PASSIVE unless the caller's environment says otherwise; one row runs libgomp's default, for comparison.
+CHILD_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+RUNTIME_ENV = {"torch-embed-omp-default": {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None}}     # None: unset
+
+
+@dataclasses.dataclass
+class Options:
+    models: tuple = ("r50", "r18", "mbf")
+    batches: tuple = (1, 32)
+    input_size: int = 112
+    num_features: int = 512
+    runtimes: tuple = CPU_RUNTIMES + TRAIN_RUNTIMES
+    train_batch: int = 64
+    classes: int = 10000
+    min_iters: int = 3                    # per inference batch (the smallest takes >= 10: latency percentiles)
+    min_seconds: float = 2.0
+    max_seconds: float = 20.0
+    train_steps: int = 2                  # timed steps after the first (tracing, allocation)
+    peak_n: int = 4096
+    peak_libs: tuple = ("numpy", "torch", "tf")
+    out: str = "bench/results"
+    isolate: bool = True                  # one child process per task (per-row peak RSS)
+    timeout_s: float = 900.0
+
+
+def run_child(spec: dict, timeout_s: float) -> list:
+    """run_task in a fresh interpreter; a failure becomes an error row naming the task, not a crashed bench."""
+    with tempfile.TemporaryDirectory() as scratch:
+        out = os.path.join(scratch, "rows.json")
+        env = {"TF_CPP_MIN_LOG_LEVEL": "2", **CHILD_ENV, **os.environ, **RUNTIME_ENV.get(spec.get("runtime"), {})}
+        env = {k: v for k, v in env.items() if v is not None}
+        try:
+            proc = subprocess.run([sys.executable, "-m", "twinface_bench.tasks", json.dumps(spec), out],
+                                  capture_output=True, text=True, timeout=timeout_s, env=env)
+        except subprocess.TimeoutExpired:
+            return [_error_row(spec, f"timed out after {timeout_s:.0f} s")]
+        if proc.returncode != 0 or not os.path.exists(out):
+            tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-3:]
+            return [_error_row(spec, f"exit code {proc.returncode}: {' | '.join(tail) or 'no output'}")]
+        with open(out) as f:
+            return json.load(f)
+
+
+def run_in_process(spec: dict, timeout_s: float) -> list:
+    """run_task here (the smoke test): no per-row RSS, no per-row environment, no timeout."""
+    try:
+        return run_task(spec)
+    except Exception as e:                 # same contract as a child: the row records the error, the bench goes on
+        return [_error_row(spec, f"{type(e).__name__}: {e}")]
+
+
+def _error_row(spec, message):
+    section = {"peak": "peak", "prepare": "prepare", "infer": "inference", "train": "training"}[spec["task"]]
+    name = spec.get("runtime") or f"{spec['task']}-{spec.get('lib') or spec.get('framework')}"
+    return {"section": section, "runtime": name, "model": spec.get("model"), "error": message}
+
+
+def plan(opts: Options, work_dir: str, cuda: bool = False, model: str = None) -> list:
+    """Task specs for one model (prepare, inference runtimes, training), or the peak tasks when model is None."""
+    if model is None:
+        return [{"task": "peak", "lib": lib, "n": opts.peak_n} for lib in opts.peak_libs]
+    common = {"model": model, "input_size": opts.input_size, "num_features": opts.num_features,
+              "work_dir": work_dir, "max_seconds": opts.max_seconds}
+    infer = [r for r in opts.runtimes if r in CPU_RUNTIMES] + (list(CUDA_RUNTIMES) if cuda else [])
+    # torch.compile compiles anew for every batch size (~1 min for IResNet-50): the largest batch only.
+    specs = [{"task": "infer", "runtime": r, "min_iters": opts.min_iters, "min_seconds": opts.min_seconds,
+              "batches": [max(opts.batches)] if r == "torch-compile" else list(opts.batches), **common}
+             for r in infer]
+    specs += [{"task": "train", "runtime": r, "batch": opts.train_batch, "classes": opts.classes,
+               "min_iters": opts.train_steps, "min_seconds": 0.0, **common}
+              for r in opts.runtimes if r in TRAIN_RUNTIMES]
+    return specs
+
+
+def prepare_specs(opts: Options, work_dir: str, model: str) -> list:
+    common = {"task": "prepare", "model": model, "input_size": opts.input_size, "num_features": opts.num_features,
+              "work_dir": work_dir}
+    needs_tf = any(r.startswith("tf-") or r == "ort-tf" for r in opts.runtimes)
+    return [{**common, "framework": "torch"}] + ([{**common, "framework": "tf"}] if needs_tf else [])
+
+
+def run_bench(opts: Options, log=print) -> dict:
+    """Run everything, write bench.{json,md,png} under opts.out, return the result."""
+    started, t_start = datetime.datetime.now().astimezone(), time.perf_counter()
+    execute = run_child if opts.isolate else run_in_process
+    load_start = os.getloadavg()
+    rows = []
+
+    def do(spec):
+        for row in execute(spec, opts.timeout_s):
+            rows.append(row)
+            log(report.progress_line(row))
+        return rows[-1]
+
+    with tempfile.TemporaryDirectory(prefix="twinface-bench-") as work_dir:
+        for spec in plan(opts, work_dir):
+            do(spec)
+        for model in opts.models:
+            facts = [do(spec) for spec in prepare_specs(opts, work_dir, model)]
+            cuda = bool(facts[0].get("cuda"))
+            for spec in plan(opts, work_dir, cuda, model):
+                do(spec)
+        for spec in plan(opts, work_dir):            # again at the end: how much the machine drifted meanwhile
+            do(spec)
+    result = {"started": started.isoformat(timespec="seconds"), "seconds": time.perf_counter() - t_start,
+              "machine": machine(load_start), "options": dataclasses.asdict(opts), "rows": rows}
+    derive(result)
+    os.makedirs(opts.out, exist_ok=True)
+    report.write_all(result, opts.out)
+    return result
+
+
+def derive(result: dict) -> None:
+    """Add GFLOP/s, fraction of peak and ratios to the rows, and the targets' verdicts to the result."""
+    rows, opts = result["rows"], result["options"]
+    peaks = [r["gflops"] for r in rows if r["section"] == "peak" and "error" not in r]
+    result["peak_gflops"] = max(peaks) if peaks else None
+    for r in rows:
+        if r["section"] in ("inference", "training") and "error" not in r:
+            r["gflop_per_image"] = measure.gflop_per_image(r["model"], opts["input_size"], r["section"] == "training")
+            r["gflops"] = r["images_per_s"] * r["gflop_per_image"]
+            r["peak_fraction"] = r["gflops"] / result["peak_gflops"] if result["peak_gflops"] else None
+    cpu = [r for r in rows if r["section"] == "inference" and "error" not in r and r["runtime"] in CPU_RUNTIMES]
+    fastest = {}
+    for r in cpu:
+        key = (r["model"], r["batch"])
+        if r["images_per_s"] > fastest.get(key, (0, None))[0]:
+            fastest[key] = (r["images_per_s"], r["runtime"])
+    for r in cpu:
+        r["vs_fastest"] = r["images_per_s"] / fastest[(r["model"], r["batch"])][0]
+    targets = []
+    large = max(opts["batches"])                 # the throughput regime the targets speak of
+    for (model, batch), (best, best_runtime) in sorted(fastest.items()):
+        for r in cpu:
+            if r["model"] == model and r["batch"] == batch == large and r["runtime"] in DEFAULT_PATHS:
+                targets.append({"what": f"{r['runtime']} vs fastest ({best_runtime})", "model": model, "batch": batch,
+                                "ratio": r["vs_fastest"], "target": f">= {TARGETS['default_path_vs_fastest']}",
+                                "met": r["vs_fastest"] >= TARGETS["default_path_vs_fastest"]})
+    train = {(r["model"], r["runtime"]): r for r in rows if r["section"] == "training" and "error" not in r}
+    for model in opts["models"]:
+        if (model, "torch-train") in train and (model, "tf-train") in train:
+            ratio = train[(model, "torch-train")]["images_per_s"] / train[(model, "tf-train")]["images_per_s"]
+            spread = max(ratio, 1 / ratio)
+            targets.append({"what": "training torch / TF", "model": model, "batch": opts["train_batch"],
+                            "ratio": ratio, "target": f"within {TARGETS['train_ratio_max']}x",
+                            "met": spread <= TARGETS["train_ratio_max"]})
+    result["targets"] = targets
+
+
+def machine(load_start) -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    versions = {}
+    for package in ("torch", "tensorflow-cpu", "tensorflow", "onnxruntime", "numpy", "keras"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory, 1), "python": platform.python_version(),
+            "platform": platform.platform(), "versions": versions, "load_start": load_start,
+            "load_end": os.getloadavg(), "child_env": {k: os.environ.get(k, v) for k, v in CHILD_ENV.items()}}

@@ -1,0 +1,22 @@
+"""What the rows of different frameworks share without importing one another: file names and the training config."""
+import os
+
+from twinface import config
+
+
+def weights_path(work_dir, model):
+    """The torch twin's seeded weights (numpy state_dict), loaded by every row of that model."""
+    return os.path.join(work_dir, f"{model}.weights.npz")
+
+
+def onnx_path(work_dir, model, framework):
+    return os.path.join(work_dir, f"{model}.{framework}.onnx")
+
+
+def train_config(spec):
+    """ArcFace head, SGD: the default recipe; a small lr keeps every timed step finite (a NaN step skips its
+    update and would time faster than training)."""
+    return config.from_dict({"seed": 0, "backbone": {"name": spec["model"], "input_size": spec["input_size"],
+                                                     "num_features": spec["num_features"]},
+                             "head": {"type": "arcface"}, "optimizer": {"type": "sgd", "lr": 0.01},
+                             "train": {"batch_size": spec["batch"]}})
