@@ -32,6 +32,8 @@ def progress_line(row) -> str:
         return f"{head}: {row['gflops']:.0f} GFLOP/s (fp32 matmul {row['n']}^2)"
     if row["section"] == "prepare":
         return f"{head}: ready in {row['seconds']:.1f} s"
+    if row["section"] == "duel":
+        return f"{head}: {row['images_per_s']:.1f} images/s (median of {row['iterations']} interleaved rounds)"
     return (f"{head}: {row['images_per_s']:.1f} images/s (median of {row['iterations']}, best "
             f"{row['best_images_per_s']:.1f}), first call {row['first_call_s']:.1f} s, peak RSS {row['peak_rss_mb']:.0f} MB")
 
@@ -93,6 +95,17 @@ def markdown(result) -> str:
                 + (f"{_fmt(hi['gflops'], 0)} | {_fmt(100 * hi['peak_fraction'] if hi.get('peak_fraction') else None, 0)} | "
                    f"{_fmt(hi.get('vs_fastest'), 2)} | {_fmt(hi['peak_rss_mb'], 0)} | "
                    f"{_fmt(hi['build_s'] + hi['first_call_s'])} |" if hi else "- | - | - | - | - |"))
+    duel = [r for r in rows if r["section"] == "duel"]
+    if duel:
+        lines += ["", f"### Interleaved at batch {large}: default paths against the fastest rows, one call each per "
+                  f"round, {opts['duel_rounds']} rounds in one process (ratios that other processes' load cannot skew; "
+                  "the targets)", "", "| model | runtime | images/s | x fastest |", "|---|---|---|---|"]
+        for r in duel:
+            if "error" in r:
+                lines.append(f"| {MODEL_NAMES.get(r['model'], r['model'])} | duel | ERROR: {r['error']} |")
+                continue
+            lines.append(f"| {MODEL_NAMES.get(r['model'], r['model'])} | {label(r['runtime'])} | "
+                         f"{_fmt(r['images_per_s'])} | {_fmt(r.get('vs_fastest'), 2)} |")
     train = [r for r in rows if r["section"] == "training"]
     if train:
         lines += ["", f"### Training step (batch {opts['train_batch']}, ArcFace head over {opts['classes']:,} classes, "

@@ -1,4 +1,4 @@
-"""One bench task (reference peak, preparation, inference runtime, training step), run in a child process:
+"""One bench task (reference peak, preparation, inference runtime, duel, training step), run in a child process:
 
     python -m twinface_bench.tasks '<spec json>' OUT.json
 
@@ -92,6 +92,28 @@ def infer(spec) -> list:
     return rows
 
 
+def duel(spec) -> list:
+    """Several runtimes in one process, one call each per round, the order rotating: every runtime sees the
+    same machine, so the ratios between them survive other processes' load coming and going (rows measured a
+    minute apart do not). The bench's targets are read from here."""
+    images = measure.images(spec["batch"], spec["input_size"])
+    calls = {}
+    for runtime in spec["runtimes"]:
+        build, make_call = _rows_module(runtime).inference(runtime, spec)
+        build()
+        calls[runtime] = make_call(images)
+        calls[runtime]()                                     # first call: tracing, compiling, allocation
+    times = {runtime: [] for runtime in calls}
+    order = list(calls)
+    for i in range(spec["rounds"]):
+        for runtime in order[i % len(order):] + order[:i % len(order)]:
+            t0 = time.perf_counter()
+            calls[runtime]()
+            times[runtime].append(time.perf_counter() - t0)
+    return [{"section": "duel", "runtime": runtime, "model": spec["model"], "batch": spec["batch"],
+             **measure.summarize(t, spec["batch"])} for runtime, t in times.items()]
+
+
 def train(spec) -> list:
     """Training steps of one twin's real adapter; a non-finite loss fails the row (that step skipped its
     update, so its time is not what training gets)."""
@@ -118,7 +140,7 @@ def train(spec) -> list:
              **measure.summarize(times, spec["batch"]), "losses": losses, "peak_rss_mb": measure.peak_rss_mb()}]
 
 
-TASKS = {"peak": peak, "prepare": prepare, "infer": infer, "train": train}
+TASKS = {"peak": peak, "prepare": prepare, "infer": infer, "duel": duel, "train": train}
 
 
 def run_task(spec) -> list:
