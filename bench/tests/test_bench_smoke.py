@@ -85,7 +85,8 @@ def test_child_process_rows_and_errors(tmp_path):
     (row,) = run_child({"task": "peak", "lib": "numpy", "n": 64}, timeout_s=120)
     assert row["gflops"] > 0 and row["peak_rss_mb"] > 0
     spec = {"task": "infer", "runtime": "torch-eager", "model": "r7", "input_size": 32, "num_features": 8,
-            "work_dir": str(tmp_path), "batches": [1], "min_iters": 1, "min_seconds": 0.0, "max_seconds": 1.0}
+            "work_dir": str(tmp_path), "batches": [1], "latency_batch": 1, "min_iters": 1, "min_seconds": 0.0,
+            "max_seconds": 1.0}
     (row,) = run_child(spec, timeout_s=120)
     assert row["runtime"] == "torch-eager" and row["model"] == "r7"
     assert "unknown backbone 'r7'" in row["error"], row

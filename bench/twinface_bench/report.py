@@ -55,16 +55,18 @@ def markdown(result) -> str:
     batches = sorted(opts["batches"])
     small, large = batches[0], batches[-1]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
-    peaks = [r for r in rows if r["section"] == "peak"]
-    peak_text = ", ".join(f"{r['runtime'][5:]} {_fmt(r.get('gflops'), 0)}" for r in peaks if "error" not in r)
+    peaks = [r for r in rows if r["section"] == "peak" and "error" not in r]
+    start, end = peaks[:len(opts["peak_libs"])], peaks[len(opts["peak_libs"]):]
+    peak_text = ", ".join(f"{r['runtime'][5:]} {_fmt(r['gflops'], 0)}" for r in start) + "".join(
+        f"; at the end, {r['runtime'][5:]} again: {_fmt(r['gflops'], 0)}" for r in end)
     env = ", ".join(f"{k}={v}" for k, v in m["child_env"].items())
     lines = [
         f"Run {result['started']}, {result['seconds'] / 60:.1f} min. Machine: {m['cpu']}, {m['cores']} cores, "
         f"{m['memory_gib']} GiB; {m['platform']}; Python {m['python']}; {versions}.",
         f"Load average (1/5/15 min) {'/'.join(f'{x:.2f}' for x in m['load_start'])} at the start, "
         f"{'/'.join(f'{x:.2f}' for x in m['load_end'])} at the end.",
-        f"Reference peak: fp32 matrix product {opts['peak_n']}x{opts['peak_n']}, GFLOP/s at the start and at the end "
-        f"of the run: {peak_text}; the best, {_fmt(result['peak_gflops'], 0)} GFLOP/s, is the peak below.",
+        f"Reference peak, GFLOP/s of an fp32 matrix product {opts['peak_n']}x{opts['peak_n']} at the start: {peak_text}. "
+        f"The best, {_fmt(result['peak_gflops'], 0)} GFLOP/s, is the peak below.",
         f"Input {opts['input_size']}x{opts['input_size']}, embeddings {opts['num_features']}-d, the same weights and "
         "images in every row; images/s from the median call; GFLOP/s = images/s x 2 x MACs (training: x 3). "
         f"Each row runs in its own process, with {env} unless the row says otherwise.",

@@ -81,7 +81,7 @@ def infer(spec) -> list:
         t0 = time.perf_counter()
         call()
         first_call_s = time.perf_counter() - t0
-        min_iters = max(spec["min_iters"], LATENCY_MIN_ITERS) if batch == min(spec["batches"]) else spec["min_iters"]
+        min_iters = max(spec["min_iters"], LATENCY_MIN_ITERS) if batch == spec["latency_batch"] else spec["min_iters"]
         times = measure.time_calls(call, min_iters, spec["min_seconds"], spec["max_seconds"])
         row = {"section": "inference", "runtime": runtime, "model": spec["model"], "batch": batch,
                "build_s": build_s, "first_call_s": first_call_s, **measure.summarize(times, batch),
