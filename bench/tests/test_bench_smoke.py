@@ -84,6 +84,7 @@ def test_files_are_written(bench):
 def test_child_process_rows_and_errors(tmp_path):
     (row,) = run_child({"task": "peak", "lib": "numpy", "n": 64}, timeout_s=120)
     assert row["gflops"] > 0 and row["peak_rss_mb"] > 0
+    assert row["process_s"] > 0                             # the child's wall time, start-up included
     spec = {"task": "infer", "runtime": "torch-eager", "model": "r7", "input_size": 32, "num_features": 8,
             "work_dir": str(tmp_path), "batches": [1], "latency_batch": 1, "min_iters": 1, "min_seconds": 0.0,
             "max_seconds": 1.0}

@@ -1,5 +1,5 @@
 """`twinface bench`: the verb, registered in twinface.cli as (add_parser, run). Importing it loads no framework."""
-from .run import CPU_RUNTIMES, TRAIN_RUNTIMES, Options
+from .run import CPU_RUNTIMES, OPT_IN_RUNTIMES, TRAIN_RUNTIMES, Options
 
 
 def _csv(text):
@@ -9,12 +9,14 @@ def _csv(text):
 def add_parser(subparsers):
     d = Options()
     p = subparsers.add_parser("bench", help="throughput of both twins and onnxruntime side by side: table, JSON, chart",
-                              description=__doc__)
+                              description="Inference and training throughput of both twins and onnxruntime on the "
+                                          "same weights and inputs, each row in its own process; writes bench.md, "
+                                          "bench.json and bench.png (docs/bench.md explains the rows).")
     p.add_argument("--models", type=_csv, default=d.models, help=f"backbones (default {','.join(d.models)})")
     p.add_argument("--batches", type=lambda s: tuple(int(x) for x in _csv(s)), default=d.batches,
                    help="inference batch sizes (default 1,32)")
     p.add_argument("--runtimes", type=_csv, default=d.runtimes,
-                   help=f"rows to run (default all CPU rows; torch-cuda rows join when torch sees a GPU): "
+                   help=f"rows to run (default all but {','.join(OPT_IN_RUNTIMES)}; torch-cuda rows join when torch sees a GPU): "
                         f"{','.join(CPU_RUNTIMES + TRAIN_RUNTIMES)}")
     p.add_argument("--input-size", type=int, default=d.input_size)
     p.add_argument("--num-features", type=int, default=d.num_features)

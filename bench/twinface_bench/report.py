@@ -60,11 +60,16 @@ def markdown(result) -> str:
     peak_text = ", ".join(f"{r['runtime'][5:]} {_fmt(r['gflops'], 0)}" for r in start) + "".join(
         f"; at the end, {r['runtime'][5:]} again: {_fmt(r['gflops'], 0)}" for r in end)
     env = ", ".join(f"{k}={v}" for k, v in m["child_env"].items())
+    spent = {}
+    for r in rows:
+        spent[r["section"]] = spent.get(r["section"], 0.0) + r.get("process_s", 0.0)
+    spent_text = ", ".join(f"{section} {seconds / 60:.1f}" for section, seconds in spent.items() if seconds)
     lines = [
         f"Run {result['started']}, {result['seconds'] / 60:.1f} min. Machine: {m['cpu']}, {m['cores']} cores, "
         f"{m['memory_gib']} GiB; {m['platform']}; Python {m['python']}; {versions}.",
         f"Load average (1/5/15 min) {'/'.join(f'{x:.2f}' for x in m['load_start'])} at the start, "
-        f"{'/'.join(f'{x:.2f}' for x in m['load_end'])} at the end.",
+        f"{'/'.join(f'{x:.2f}' for x in m['load_end'])} at the end."
+        + (f" Minutes by section (each row's process, start-up included): {spent_text}." if spent_text else ""),
         f"Reference peak, GFLOP/s of an fp32 matrix product {opts['peak_n']}x{opts['peak_n']} at the start: {peak_text}. "
         f"The best, {_fmt(result['peak_gflops'], 0)} GFLOP/s, is the peak below.",
         f"Input {opts['input_size']}x{opts['input_size']}, embeddings {opts['num_features']}-d, the same weights and "
