@@ -55,6 +55,28 @@ def run_tiny(make_twin, data_dir, output, kill_after=None, poison_after=None, po
     return Trainer(cfg, twin, resume=resume, progress=False).run(), twin
 
 
+def check_training_outputs(make_twin, backbone_file, state_file, reloaded_weights, weights_of, data_dir, tmp_path):
+    """Train the tiny config and check what a run promises: every output file, TensorBoard events, progress and
+    evaluation lines, a faithful ONNX export, and a backbone file the framework's own loader reads back
+    (reloaded_weights(path) -> {name: array} of a fresh model) holding the trained weights (weights_of(twin))."""
+    import json
+    import numpy as np
+    run = tmp_path / "run"
+    summary, twin = run_tiny(make_twin, data_dir, run)
+    for name in (backbone_file, state_file, "config.yaml", "train.log", "backbone.onnx", "summary.json", "roc.png"):
+        assert (run / name).is_file(), name
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(run / "tensorboard"))
+    assert summary["steps"] == 8 and 0.0 <= summary["results"]["val"]["acc_mean"] <= 1.0
+    assert summary["onnx_max_abs_diff"] < 1e-4
+    log = (run / "train.log").read_text()
+    assert "img/s ETA" in log and "[val]Accuracy-Flip" in log
+    assert json.load(open(run / "summary.json"))["arch"] == "mbf"
+    expected, got = weights_of(twin), reloaded_weights(run / backbone_file)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
 def check_resume_matches_uninterrupted(make_twin, weights_of, state_step, data_dir, tmp_path):
     """Kill a run in epoch 2 (after the epoch-1 checkpoint), resume it, and compare its final backbone with an
     uninterrupted run's. weights_of(twin) -> {name: array}; state_step(run_dir) -> step in the saved state."""

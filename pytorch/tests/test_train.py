@@ -1,11 +1,9 @@
 """The torch twin through the shared training loop: outputs, resume after a kill, NaN guard rails."""
-import json
-import os
-
 import pytest
 import torch
 
-from twinface.testing import check_nan_guard, check_resume_matches_uninterrupted, run_tiny, tiny_dataset
+from twinface.testing import (check_nan_guard, check_resume_matches_uninterrupted, check_training_outputs, run_tiny,
+                              tiny_dataset)
 from twinface_torch.backbones import get_model
 from twinface_torch.train import TorchTwin
 
@@ -15,24 +13,23 @@ def data(tmp_path_factory):
     return tiny_dataset(tmp_path_factory.mktemp("synth"))
 
 
+def _weights_of_model(model):
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
 def _weights(twin):
-    return {k: v.detach().numpy().copy() for k, v in twin.backbone.state_dict().items()}
+    return _weights_of_model(twin.backbone)
+
+
+def _reloaded(path):
+    # arcface_torch's format: a plain state_dict that loads strictly into a fresh model
+    model = get_model("mbf", num_features=32, input_size=32)
+    model.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    return _weights_of_model(model)
 
 
 def test_training_writes_every_output(data, tmp_path):
-    summary, twin = run_tiny(TorchTwin, data, tmp_path / "run")
-    run = tmp_path / "run"
-    for name in ("backbone.pth", "state.pt", "config.yaml", "train.log", "backbone.onnx", "summary.json", "roc.png"):
-        assert (run / name).is_file(), name
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(run / "tensorboard"))
-    assert summary["steps"] == 8 and 0.0 <= summary["results"]["val"]["acc_mean"] <= 1.0
-    assert summary["onnx_max_abs_diff"] < 1e-4
-    log = (run / "train.log").read_text()
-    assert "img/s ETA" in log and "[val]Accuracy-Flip" in log
-    # backbone.pth is arcface_torch's format: a plain state_dict that loads strictly into a fresh model
-    model = get_model("mbf", num_features=32, input_size=32)
-    model.load_state_dict(torch.load(run / "backbone.pth", weights_only=True), strict=True)
-    assert json.load(open(run / "summary.json"))["arch"] == "mbf"
+    check_training_outputs(TorchTwin, "backbone.pth", "state.pt", _reloaded, _weights, data, tmp_path)
 
 
 def test_resume_after_a_kill_ends_like_an_uninterrupted_run(data, tmp_path):

@@ -1,11 +1,10 @@
 """The TF twin through the shared training loop: outputs, resume after a kill, NaN guard rails."""
 import json
-import os
 
 import numpy as np
 import pytest
 
-from twinface.testing import check_nan_guard, check_resume_matches_uninterrupted, run_tiny, tiny_dataset
+from twinface.testing import check_nan_guard, check_resume_matches_uninterrupted, check_training_outputs, tiny_dataset
 from twinface_tf.backbones import get_model
 from twinface_tf.train import TFTwin
 
@@ -15,27 +14,23 @@ def data(tmp_path_factory):
     return tiny_dataset(tmp_path_factory.mktemp("synth"))
 
 
+def _weights_of_model(model):
+    return {v.path: v.numpy().copy() for v in model.variables}
+
+
 def _weights(twin):
-    return {v.path: v.numpy().copy() for v in twin.backbone.variables}
+    return _weights_of_model(twin.backbone)
+
+
+def _reloaded(path):
+    # plain Keras weights: model.load_weights reads them into a fresh model
+    model = get_model("mbf", num_features=32, input_size=32)
+    model.load_weights(str(path))
+    return _weights_of_model(model)
 
 
 def test_training_writes_every_output(data, tmp_path):
-    summary, twin = run_tiny(TFTwin, data, tmp_path / "run")
-    run = tmp_path / "run"
-    for name in ("backbone.weights.h5", "state.npz", "config.yaml", "train.log", "backbone.onnx", "summary.json",
-                 "roc.png"):
-        assert (run / name).is_file(), name
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(run / "tensorboard"))
-    assert summary["steps"] == 8 and 0.0 <= summary["results"]["val"]["acc_mean"] <= 1.0
-    assert summary["onnx_max_abs_diff"] < 1e-4
-    log = (run / "train.log").read_text()
-    assert "img/s ETA" in log and "[val]Accuracy-Flip" in log
-    # the backbone file is plain Keras weights: model.load_weights reads it into a fresh model
-    model = get_model("mbf", num_features=32, input_size=32)
-    model.load_weights(str(run / "backbone.weights.h5"))
-    for a, b in zip(model.weights, twin.backbone.weights):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
-    assert json.load(open(run / "summary.json"))["arch"] == "mbf"
+    check_training_outputs(TFTwin, "backbone.weights.h5", "state.npz", _reloaded, _weights, data, tmp_path)
 
 
 def _state_step(run):
