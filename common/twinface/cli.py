@@ -63,15 +63,9 @@ def _print_stats(stats: dict):
 def _add_eval(sub):
     p = sub.add_parser("eval", help="insightface verification protocol on .bin sets")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--weights", help="model: .onnx, torch .pth/.pt, Keras .weights.h5")
     src.add_argument("--embeddings", help=".npy of the set's 2N embeddings (precomputed, no flip)")
+    _add_model_args(p, weights_in=src)
     p.add_argument("--bin", action="append", required=True, help="verification .bin (repeatable)")
-    p.add_argument("--framework", choices=["torch", "tf", "onnx"], help="override detection from the extension")
-    p.add_argument("--arch", help="backbone name for torch/TF weights that do not record it (e.g. r50)")
-    p.add_argument("--input-size", type=int, default=112, help="torch/TF weights: the input size trained at")
-    p.add_argument("--num-features", type=int, default=512, help="torch/TF weights: the embedding size")
-    p.add_argument("--no-flip", action="store_true", help="skip the flip test")
-    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--roc", help="write a ROC plot (PNG) of all sets here")
     p.add_argument("--json", help="write the numbers as JSON here")
 
@@ -137,13 +131,17 @@ def _run_export(args):
     print(f"wrote {args.out} (onnxruntime vs {framework}: max abs diff {diff:.3g})")
 
 
-def _add_model_args(p):
-    p.add_argument("--weights", required=True, help="model: .onnx, torch .pth/.pt, Keras .weights.h5")
+def _add_model_args(p, weights_in=None):
+    """The model options of embed, verify and eval; `weights_in` is a mutually exclusive group that --weights
+    joins (eval: --weights or --embeddings), else --weights is required."""
+    (weights_in or p).add_argument("--weights", required=weights_in is None,
+                                   help="model: .onnx, torch .pth/.pt, Keras .weights.h5")
     p.add_argument("--framework", choices=["torch", "tf", "onnx"], help="override detection from the extension")
     p.add_argument("--arch", help="backbone name for torch/TF weights (e.g. r50); ONNX files need none")
     p.add_argument("--input-size", type=int, default=112, help="torch/TF weights: the input size trained at")
     p.add_argument("--num-features", type=int, default=512, help="torch/TF weights: the embedding size")
-    p.add_argument("--no-flip", action="store_true", help="embed the image alone, without adding its mirror")
+    p.add_argument("--no-flip", action="store_true",
+                   help="skip the flip test: embed each image alone, without adding its mirror's embedding")
     p.add_argument("--batch-size", type=int, default=64)
 
 
