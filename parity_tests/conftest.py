@@ -75,29 +75,6 @@ def pytest_terminal_summary(terminalreporter):
 
 
 # --- building twins with the same weights -------------------------------------------------------------
-def calibrate_bn(model, x):
-    """Give every torch BN realistic running statistics (those of a batch), and random affine parameters,
-    so eval-mode parity exercises them instead of identities."""
-    import torch
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.momentum = None                              # cumulative average: one batch -> its stats
-                m.reset_running_stats()
-                if m.weight.requires_grad:
-                    m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(0.0, 0.1, generator=g)
-            elif isinstance(m, torch.nn.PReLU):
-                m.weight.uniform_(0.0, 0.5, generator=g)
-        model.train()
-        model(x)
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.momentum = 0.1
-    return model.eval()
-
-
 @pytest.fixture(scope="session")
 def make_twins():
     """(torch model, Keras model) of one architecture holding identical weights."""
@@ -106,10 +83,11 @@ def make_twins():
         from twinface_convert.mapping import torch_to_keras
         from twinface_tf.backbones import get_model as tf_model
         from twinface_torch.backbones import get_model as torch_model
+        from twinface_torch.calibrate import calibrate_batchnorm
         torch.manual_seed(0)
         tm = torch_model(arch, input_size=input_size, **kwargs)
         if calibrate:
-            calibrate_bn(tm, torch.from_numpy(images_nchw(batch, input_size, seed=99)))
+            calibrate_batchnorm(tm, torch.from_numpy(images_nchw(batch, input_size, seed=99)))
         km = tf_model(arch, input_size=input_size, **kwargs)
         torch_to_keras(tm.state_dict(), km, source=f"torch {arch}")
         return tm, km

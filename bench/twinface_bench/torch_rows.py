@@ -6,6 +6,7 @@ import torch
 
 from twinface.data.transforms import to_model_input
 from twinface_torch.backbones import get_model
+from twinface_torch.calibrate import calibrate_batchnorm
 from twinface_torch.embed import embed_images, freeze_for_inference
 from twinface_torch.export import export_onnx
 from twinface_torch.train import TorchTwin
@@ -15,27 +16,12 @@ from .shared import onnx_path, train_config, weights_path
 CUDA_RUNTIMES = ("torch-cuda-fp32", "torch-cuda-bf16", "torch-cuda-fp16", "torch-cuda-fp16-channels-last")
 
 
-def calibrate_batchnorm(model, x):
-    """Running statistics of one batch instead of the initial (0, 1): with identity BatchNorms a fresh
-    IResNet-50 grows its activations to ~1e20, and no trained model looks like that."""
-    batchnorms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for bn in batchnorms:
-        bn.reset_running_stats()
-        bn.momentum = None                                     # cumulative average: one batch -> its statistics
-    model.train()
-    with torch.no_grad():
-        model(x)
-    for bn in batchnorms:
-        bn.momentum = 0.1
-    return model.eval()
-
-
 def prepare(spec, images):
-    """Seeded weights with calibrated BatchNorm (saved for every other row, TF's included) and the torch
-    export for onnxruntime. Returns facts the plan needs (is there a CUDA device?)."""
+    """Seeded weights with BatchNorm statistics of one batch (saved for every other row, TF's included) and the
+    torch export for onnxruntime. Returns facts the plan needs (is there a CUDA device?)."""
     torch.manual_seed(0)
     model = get_model(spec["model"], num_features=spec["num_features"], input_size=spec["input_size"])
-    calibrate_batchnorm(model, torch.from_numpy(to_model_input(images[:8], "NCHW")))
+    calibrate_batchnorm(model, torch.from_numpy(to_model_input(images[:8], "NCHW")), randomize=False)
     np.savez(weights_path(spec["work_dir"], spec["model"]),
              **{k: v.numpy() for k, v in model.state_dict().items()})
     export_onnx(model, onnx_path(spec["work_dir"], spec["model"], "torch"), spec["model"], input_size=spec["input_size"])

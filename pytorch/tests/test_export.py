@@ -8,31 +8,17 @@ from torch import nn
 
 from twinface.onnx_meta import read_metadata
 from twinface_torch.backbones import get_model
+from twinface_torch.calibrate import trained_like
 from twinface_torch.export import export_onnx, verify_onnx
 
 SIZE = 32
-
-
-def trained_like(name):
-    """A small backbone whose BatchNorms hold distinct, data-like statistics, so outputs are O(1)."""
-    torch.manual_seed(0)
-    model = get_model(name, input_size=SIZE)
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.momentum = None                      # running stats = this one batch's statistics
-            if module.weight.requires_grad:
-                nn.init.uniform_(module.weight, 0.5, 1.5)
-                nn.init.uniform_(module.bias, -0.2, 0.2)
-    with torch.no_grad():
-        model.train()(torch.rand(8, 3, SIZE, SIZE) * 2 - 1)
-    return model.eval()
 
 
 @pytest.fixture(scope="module", params=["r18", "mbf"])
 def exported(request, tmp_path_factory):
     """One fresh and one trained-like export per architecture, shared by the tests below."""
     name = request.param
-    fresh, trained = get_model(name, input_size=SIZE), trained_like(name)
+    fresh, trained = get_model(name, input_size=SIZE), trained_like(name, input_size=SIZE)
     directory = tmp_path_factory.mktemp(name)
     paths = {"fresh": str(directory / "fresh.onnx"), "trained": str(directory / "trained.onnx")}
     diffs = {kind: export_onnx(model, paths[kind], name, input_size=SIZE)

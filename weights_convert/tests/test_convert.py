@@ -8,32 +8,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from torch import nn
 
 from twinface.data.images import encode_image
 from twinface_convert import cli, formats
 from twinface_convert.convert import convert
-from twinface_torch.backbones import get_model
+from twinface_torch.calibrate import trained_like
 
 SIZE = 32
-
-
-def trained_like(arch, size=SIZE, batch=8):
-    """Backbone with data-like BN statistics (those of one batch) and distinct affine / PReLU values."""
-    torch.manual_seed(0)
-    model = get_model(arch, input_size=size)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.momentum = None
-                if m.weight.requires_grad:
-                    m.weight.uniform_(0.5, 1.5, generator=generator)
-                m.bias.normal_(0.0, 0.1, generator=generator)
-            elif isinstance(m, nn.PReLU):
-                m.weight.uniform_(0.0, 0.5, generator=generator)
-        model.train()(torch.rand(batch, 3, size, size, generator=generator) * 2 - 1)
-    return model.eval()
 
 
 def run_cli(*argv):
@@ -44,7 +25,7 @@ def run_cli(*argv):
 
 @pytest.fixture(scope="module")
 def r18_pth(tmp_path_factory):
-    model = trained_like("r18")
+    model = trained_like("r18", input_size=SIZE)
     path = str(tmp_path_factory.mktemp("src") / "backbone.pth")
     torch.save(model.state_dict(), path)
     return model, path
@@ -126,7 +107,7 @@ def test_verification_on_an_image_folder(r18_pth, tmp_path):
 # --- IResNet-50 at 112x112: the DESIGN tolerance and the speed of the name-faithful route ------------------------
 @pytest.fixture(scope="module")
 def r50_pth(tmp_path_factory):
-    model = trained_like("r50", size=112, batch=4)
+    model = trained_like("r50", batch=4)
     path = str(tmp_path_factory.mktemp("r50") / "backbone.pth")
     torch.save(model.state_dict(), path)
     return model, path

@@ -10,27 +10,10 @@ from torch import nn
 from twinface_convert.convert import convert
 from twinface_convert.onnx_import import IDENTITY_VAR, read_onnx
 from twinface_torch.backbones import get_model
+from twinface_torch.calibrate import trained_like
 from twinface_torch.export import export_onnx
 
 SIZE = 32
-
-
-def trained_like(arch):
-    """Small backbone with data-like BN statistics and distinct affine / PReLU values (nothing is an identity)."""
-    torch.manual_seed(0)
-    model = get_model(arch, input_size=SIZE)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.momentum = None                       # running stats = those of the one batch below
-                if m.weight.requires_grad:
-                    m.weight.uniform_(0.5, 1.5, generator=generator)
-                m.bias.normal_(0.0, 0.1, generator=generator)
-            elif isinstance(m, nn.PReLU):
-                m.weight.uniform_(0.0, 0.5, generator=generator)
-        model.train()(torch.rand(8, 3, SIZE, SIZE, generator=generator) * 2 - 1)
-    return model.eval()
 
 
 def torch2onnx_like_arcface(model, path, input_name="data"):
@@ -61,12 +44,12 @@ def loaded(state, arch):
 
 @pytest.fixture(scope="module", params=["r18", "mbf"])
 def source(request):
-    return request.param, trained_like(request.param)
+    return request.param, trained_like(request.param, input_size=SIZE)
 
 
 @pytest.fixture(scope="module")
 def r18_export(tmp_path_factory):
-    model = trained_like("r18")
+    model = trained_like("r18", input_size=SIZE)
     path = str(tmp_path_factory.mktemp("r18") / "r18.onnx")
     export_onnx(model, path, "r18", input_size=SIZE, verify=False)
     return model, path
