@@ -6,7 +6,7 @@ import argparse
 
 FORMATS_HELP = """formats (SRC by content, DST by extension):
   .pth / .pt       PyTorch state_dict (arcface_torch backbone.pth too) or training checkpoint ('backbone' entry)
-  .safetensors     needs the safetensors package
+  .safetensors     a torch state_dict in safetensors (the safetensors package)
   .weights.h5      Keras weights of the TF twin
   NAME (no ext.)   TensorFlow SavedModel directory; serving signature: 'data' NHWC float32 [N, S, S, 3]
                    normalised (x - 127.5) / 127.5 -> 'embedding'
