@@ -22,8 +22,8 @@ CUDA_RUNTIMES = ("torch-cuda-fp32", "torch-cuda-bf16", "torch-cuda-fp16", "torch
 TRAIN_RUNTIMES = ("torch-train", "tf-train")
 DEFAULT_PATHS = ("torch-embed", "tf-embed")                 # what `twinface embed` and `twinface eval` run
 TARGETS = {"default_path_vs_fastest": 0.9, "train_ratio_max": 1.25}
-# By default libgomp (torch's OpenMP) spins its threads between parallel regions: on cores that other processes
-# also want, a spinning thread starves the one it waits for, and torch slows down 2-10x (docs/bench.md). Children
+# By default libgomp (torch's OpenMP) spins its threads between parallel regions: on cores that other thread pools
+# also want (TF's, onnxruntime's in the duel), a spinning thread starves the one it waits for (docs/bench.md). Children
 # run PASSIVE unless the caller's environment says otherwise; an opt-in row runs libgomp's default, for comparison.
 CHILD_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 RUNTIME_ENV = {"torch-embed-omp-default": {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None}}     # None: unset
