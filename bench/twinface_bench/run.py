@@ -137,15 +137,23 @@ def run_bench(opts: Options, log=print) -> dict:
     started, t_start = datetime.datetime.now().astimezone(), time.perf_counter()
     execute = run_child if opts.isolate else run_in_process
     load_start = os.getloadavg()
-    rows = []
+    rows, tasks = [], {"done": 0}
 
     def do(spec):
-        for row in execute(spec, opts.timeout_s):
+        new = execute(spec, opts.timeout_s)
+        tasks["done"] += 1
+        elapsed = time.perf_counter() - t_start
+        left = elapsed / tasks["done"] * max(tasks["total"] - tasks["done"], 0)      # tasks differ: a rough ETA
+        for row in new:
             rows.append(row)
-            log(report.progress_line(row))
+            log(f"{report.progress_line(row)}  [task {tasks['done']}/{tasks['total']}, {elapsed / 60:.1f} min, "
+                f"~{left / 60:.1f} min left]")
         return rows[-1]
 
     with tempfile.TemporaryDirectory(prefix="twinface-bench-") as work_dir:
+        # peaks at the start and one at the end; per model: preparations, rows, the duel (CUDA rows not counted)
+        tasks["total"] = len(plan(opts, work_dir)) + 1 + sum(
+            len(prepare_specs(opts, work_dir, m)) + len(plan(opts, work_dir, False, m)) + 1 for m in opts.models)
         for spec in plan(opts, work_dir):
             do(spec)
         for model in opts.models:
