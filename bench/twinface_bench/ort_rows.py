@@ -5,8 +5,6 @@ from twinface.data.transforms import to_model_input
 
 from .shared import onnx_path
 
-RUNTIMES = ("ort-torch", "ort-tf")
-
 
 def inference(runtime, spec):
     path = onnx_path(spec["work_dir"], spec["model"], runtime.split("-")[1])

@@ -2,6 +2,8 @@
 import json
 import os
 
+from .shared import DEFAULT_PATHS
+
 LABELS = {
     "torch-eager": "torch eager (NCHW)", "torch-channels-last": "torch eager channels_last",
     "torch-jit-freeze": "torch TorchScript frozen, channels_last",
@@ -154,7 +156,7 @@ def chart(result, path):
         names = [label(r["runtime"]).strip("*") + (f" ({MODEL_NAMES.get(r['model'], r['model'])})"
                                                   if r["section"] == "training" else "") for r in panel]
         values = [r["images_per_s"] for r in panel]
-        colors = ["tab:red" if r["runtime"] in ("torch-embed", "tf-embed") else
+        colors = ["tab:red" if r["runtime"] in DEFAULT_PATHS else
                   "tab:orange" if r["runtime"].startswith("torch") else
                   "tab:blue" if r["runtime"].startswith("tf") else "tab:green" for r in panel]
         ax.barh(range(len(panel)), values, color=colors)

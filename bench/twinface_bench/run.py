@@ -12,6 +12,7 @@ import time
 from importlib import metadata
 
 from . import measure, report
+from .shared import DEFAULT_PATHS
 from .tasks import run_task
 
 CPU_RUNTIMES = ("torch-eager", "torch-channels-last", "torch-jit-freeze", "torch-jit-onednn", "torch-compile",
@@ -20,7 +21,6 @@ CPU_RUNTIMES = ("torch-eager", "torch-channels-last", "torch-jit-freeze", "torch
 OPT_IN_RUNTIMES = ("torch-embed-omp-default",)             # --runtimes only: keeps `make bench` under 15 min
 CUDA_RUNTIMES = ("torch-cuda-fp32", "torch-cuda-bf16", "torch-cuda-fp16", "torch-cuda-fp16-channels-last")
 TRAIN_RUNTIMES = ("torch-train", "tf-train")
-DEFAULT_PATHS = ("torch-embed", "tf-embed")                 # what `twinface embed` and `twinface eval` run
 TARGETS = {"default_path_vs_fastest": 0.9, "train_ratio_max": 1.25}
 # By default libgomp (torch's OpenMP) spins its threads between parallel regions: on cores that other thread pools
 # also want (TF's, onnxruntime's in the duel), a spinning thread starves the one it waits for (docs/bench.md). Children

@@ -1,7 +1,10 @@
-"""What the rows of different frameworks share without importing one another: file names and the training config."""
+"""What the bench's modules share without importing one another: file names, the training config, the
+default paths."""
 import os
 
 from twinface import config
+
+DEFAULT_PATHS = ("torch-embed", "tf-embed")                 # what `twinface embed` and `twinface eval` run
 
 
 def weights_path(work_dir, model):

@@ -11,8 +11,6 @@ from twinface_tf.train import TFTwin
 
 from .shared import onnx_path, train_config, weights_path
 
-RUNTIMES = ("tf-eager", "tf-function", "tf-xla", "tf-embed")
-
 
 def load_model(spec):
     """The Keras twin holding the torch twin's weights (same model, same numbers)."""

@@ -13,8 +13,6 @@ from twinface_torch.train import TorchTwin
 
 from .shared import onnx_path, train_config, weights_path
 
-CUDA_RUNTIMES = ("torch-cuda-fp32", "torch-cuda-bf16", "torch-cuda-fp16", "torch-cuda-fp16-channels-last")
-
 
 def prepare(spec, images):
     """Seeded weights with BatchNorm statistics of one batch (saved for every other row, TF's included) and the
@@ -41,7 +39,7 @@ def inference(runtime, spec):
     """(build, call): build() prepares the runtime once (its time is reported); call(images) -> a function
     that runs one batch, inputs converted beforehand except for the torch-embed rows, which are the user's path
     (uint8 in, embeddings out)."""
-    if runtime in CUDA_RUNTIMES:
+    if runtime.startswith("torch-cuda-"):                   # run.CUDA_RUNTIMES
         return _cuda(runtime, spec)
     model = load_model(spec)
     channels_last = runtime != "torch-eager"
