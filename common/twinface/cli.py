@@ -32,6 +32,8 @@ def error_line(e: BaseException) -> str:
         text = f"{e.filename}: {e.strerror}"
     elif isinstance(e, KeyError) and e.args:                        # str(KeyError) adds quotes
         text = str(e.args[0])
+    elif isinstance(e, EOFError) and not str(e):                   # pickle's, on a 0-byte file
+        text = "the file ends early (empty or truncated)"
     elif type(e) is pickle.UnpicklingError:                         # torch.load(weights_only=True) refusing
         lines = [line for line in str(e).splitlines() if line.strip()]
         why = next((line for line in lines if "global" in line.lower()), lines[0] if lines else "")
@@ -357,7 +359,8 @@ def _add_convert(sub):
 
 def _run_convert(args):
     from twinface_convert.cli import run
-    return run(args)
+    with reading(args.src):
+        return run(args)
 
 
 def _add_bench(sub):
