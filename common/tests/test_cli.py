@@ -7,6 +7,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import onnx
@@ -305,3 +306,14 @@ def test_embed_takes_one_image_and_names_an_unreadable_list(pool_model, tmp_path
     (tmp_path / "list.txt").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(SystemExit, match="list.txt: neither an image .* nor a text file of paths"):
         cli.main(["embed", "--weights", pool_model, "--images", str(tmp_path / "list.txt"), "--out", "e"])
+
+
+def test_our_own_messages_are_not_prefixed_with_another_file(tmp_path):
+    src, dst = tmp_path / "src.pth", tmp_path / "dst.onnx"
+    with zipfile.ZipFile(src, "w") as archive:             # what torch.save writes, as far as the sniffing reads
+        archive.writestr("src/data.pkl", b"")
+    dst.write_bytes(b"precious")
+    with pytest.raises(SystemExit) as err:
+        cli.main(["convert", str(src), str(dst)])
+    assert err.value.code == f"twinface convert: error: {dst} exists; pass --force to overwrite it"
+    assert dst.read_bytes() == b"precious"

@@ -21,9 +21,13 @@ class UsageError(Exception):
 _USER_ERROR_MODULES = ("onnxruntime.", "onnx.", "safetensors.", "google.protobuf.")
 
 
+_USER_ERRORS = (UsageError, ValueError, OSError, KeyError, EOFError, RuntimeError, pickle.UnpicklingError)
+
+
 def is_user_error(e: BaseException) -> bool:
-    return isinstance(e, (UsageError, ValueError, OSError, KeyError, EOFError, RuntimeError, pickle.UnpicklingError)) \
-        or type(e).__module__.startswith(_USER_ERROR_MODULES)
+    if isinstance(e, NotImplementedError):                          # a RuntimeError, but always ours to fix
+        return False
+    return isinstance(e, _USER_ERRORS) or type(e).__module__.startswith(_USER_ERROR_MODULES)
 
 
 def error_line(e: BaseException) -> str:
@@ -43,15 +47,24 @@ def error_line(e: BaseException) -> str:
     return " ".join(text.split()) or f"{type(e).__name__} (no message)"
 
 
+def _worded_by_us(e: BaseException) -> bool:
+    """Raised by a `raise` in twinface's own code, whose messages name their file; not a bare OSError (a seek or
+    read that the OS refused) and not a library's error passing through."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    ours = tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("twinface")
+    return ours and not (isinstance(e, OSError) and e.filename is None and e.errno is not None)
+
+
 @contextlib.contextmanager
 def reading(path: str):
-    """Errors while reading `path` whose message does not name a file get `path: ` in front (torch's EOFError
-    on a 0-byte file, onnxruntime's refusals, a seek to a negative offset say nothing of where)."""
+    """Errors while reading `path` that name no file get `path: ` in front: torch's EOFError on a 0-byte file,
+    onnxruntime's and safetensors' refusals, a seek to a negative offset say nothing of where."""
     try:
         yield
     except Exception as e:
-        names_a_file = isinstance(e, OSError) and e.filename is not None
-        if not is_user_error(e) or names_a_file or path in error_line(e):
+        if not is_user_error(e) or _worded_by_us(e) or getattr(e, "filename", None) or path in error_line(e):
             raise
         raise UsageError(f"{path}: {error_line(e)}") from e
 
