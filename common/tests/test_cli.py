@@ -172,7 +172,8 @@ ERROR_CASES = {
                          lambda d, m, t, p: ["embed", "--weights", p, "--images", _png(t / "a.png"), "--out",
                                              str(t / "e")], "No graph"),
     "refused pickle in a .bin": (lambda d, m, t: _evil_bin(t),
-                                      lambda d, m, t, p: ["eval", "--weights", m, "--bin", p], "refusing to load global"),
+                                      lambda d, m, t, p: ["eval", "--weights", m, "--bin", p],
+                                      "refusing to load global"),
     "onnx external data outside its folder": (
         lambda d, m, t: _onnx_with_external_data_outside(m, t),
         lambda d, m, t, p: ["eval", "--weights", p, "--bin", os.path.join(d, "val.bin")], "escapes model directory"),

@@ -101,12 +101,13 @@ def test_out_of_range_values_are_refused_at_load_naming_key_value_and_range(key,
     section, name = key.split(".")
     with pytest.raises(config.ConfigError) as err:
         config.from_dict({section: {name: value}})
-    assert str(err.value) == f"config key '{key}': expected {'an integer' if isinstance(value, int) else 'a finite number'} " \
-                             f"{allowed}, got {value!r}"
+    kind = "an integer" if isinstance(value, int) else "a finite number"
+    assert str(err.value) == f"config key '{key}': expected {kind} {allowed}, got {value!r}"
 
 
 def test_list_items_are_checked_one_by_one():
-    with pytest.raises(config.ConfigError, match=r"'optimizer.betas\[1\]': expected a finite number in \[0, 1\), got 1.0"):
+    with pytest.raises(config.ConfigError,
+                       match=r"'optimizer.betas\[1\]': expected a finite number in \[0, 1\), got 1.0"):
         config.from_dict({"optimizer": {"betas": [0.9, 1.0]}})
     with pytest.raises(config.ConfigError, match=r"'optimizer.betas': expected 2 values"):
         config.from_dict({"optimizer": {"betas": [0.9]}})
