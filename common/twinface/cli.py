@@ -311,7 +311,7 @@ def _add_verify(sub):
     p.add_argument("images", nargs=2, metavar="IMAGE")
     p.add_argument("--threshold", type=_bounded(float, 0.0, 4.0), default=1.4,
                    help="same person when the squared L2 distance of the normalised embeddings is below this "
-                        "(insightface's protocol; `twinface eval` prints the best one per set). Default 1.4")
+                        "(0 to 4; insightface's protocol; `twinface eval` prints the best one per set). Default 1.4")
 
 
 def _run_verify(args):
@@ -392,8 +392,9 @@ VERBS = {"train": (_add_train, _run_train), "convert": (_add_convert, _run_conve
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="twinface", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="twinface", description="twinface: train, convert, embed and evaluate "
+                                     "face recognition models with the PyTorch and TensorFlow twins. A failure reads "
+                                     "as one line, `twinface VERB: error: ...`; --debug shows its traceback.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or TWINFACE_DEBUG=1)")
     sub = parser.add_subparsers(dest="verb", required=True)
     for add, _ in VERBS.values():
