@@ -1,7 +1,8 @@
 """One experiment config (YAML) that both twins read.
 
-Configs are data: nested sections of typed fields with defaults. Loading checks every key and type and
-fails with the dotted key name and what was expected, so a typo never silently falls back to a default.
+Configs are data: nested sections of typed fields with defaults. Loading checks every key, its type and, for
+numbers, its range (RANGES), and fails with the dotted key name, the value and what was expected, so a typo never
+silently falls back to a default and a value that would crash or mislead a run later is refused up front.
 """
 import dataclasses
 import math
