@@ -111,14 +111,14 @@ def _add_export(sub):
     p.add_argument("--num-features", type=int, default=512)
     p.add_argument("--input-size", type=int, default=112)
     p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.add_argument("--force", action="store_true", help="replace an existing --out .onnx file (never the weights)")
 
 
 def _run_export(args):
     from .embedders import detect_framework
     framework = detect_framework(args.weights, args.framework)
-    if os.path.exists(args.out) and not args.force:
-        raise SystemExit(f"{args.out} exists; pass --force to overwrite it")
+    from .atomic import check_destination
+    check_destination(args.out, overwrite=args.force, flag="--force", inputs=[args.weights], ext=".onnx")
     if framework == "torch":
         from twinface_torch import checkpoint, export
     elif framework == "tf":

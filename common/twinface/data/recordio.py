@@ -92,9 +92,11 @@ class RecordWriter:
     def __init__(self, rec_path, idx_path=None, writer="twinface RecordWriter", **checks):
         self.rec_path = os.fspath(rec_path)
         self.idx_path = os.fspath(idx_path) if idx_path else _default_idx(self.rec_path)
-        self._outputs = Outputs([self.rec_path, self.idx_path], writer,
+        # The .rec goes last, as the commit point of the swap: it vanishes before the new .idx comes in and
+        # returns only as the new .rec, so no .rec is ever found beside the other generation's .idx.
+        self._outputs = Outputs([self.idx_path, self.rec_path], writer,
                                 **{"overwrite": True, "recognise": is_recordio, "what": "a RecordIO file", **checks})
-        tmp_rec, tmp_idx = self._outputs.temps
+        tmp_idx, tmp_rec = self._outputs.temps
         self._rec = open(tmp_rec, "wb")
         self._idx = open(tmp_idx, "w")
         self._offset = 0
