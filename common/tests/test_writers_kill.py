@@ -79,6 +79,8 @@ def sets(tmp_path):
     """Two small image folders, old (4 images) and new (6 images), and their .rec pairs."""
     _make_folder(tmp_path / "old", [2, 2])
     _make_folder(tmp_path / "new", [1, 3, 2])
+    (tmp_path / "recs").mkdir()
+    (tmp_path / "out").mkdir()
     for name in ("old", "new"):
         folder_to_rec(tmp_path / name, tmp_path / "recs" / name, progress=False)
     return tmp_path
@@ -111,7 +113,7 @@ def test_rec2folder_killed(sets, kill_in, kill_at):
     assert _tree(dst) == (new if kill_in == "rmtree" else old)  # whole, old or new, never a mixture
     rec_to_folder(sets / "recs" / "new", dst, progress=False, overwrite=True)
     assert _tree(dst) == new
-    assert sorted(os.listdir(sets)) == ["dst", "expected_new", "new", "old", "recs"]
+    assert sorted(os.listdir(sets)) == ["dst", "expected_new", "new", "old", "out", "recs"]
 
 
 # The swap of a .rec pair makes 6 calls: link .idx aside, move .rec aside, new .idx in, new .rec in (the
