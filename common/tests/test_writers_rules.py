@@ -102,3 +102,20 @@ def test_clean_stale_finishes_or_undoes_an_interrupted_swap(tmp_path):
     clean_stale(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["d", "t.idx", "t.rec"] and os.listdir(tmp_path / "d") == ["new"]
     assert (tmp_path / "t.rec").read_text() == "old rec" and (tmp_path / "t.idx").read_text() == "old idx"
+
+
+def test_temporaries_never_take_a_fixed_name(tmp_path):
+    # save_bin wrote through `<path>.partial`, save_resolved through `config.yaml.tmp`, RecordWriter through
+    # `<rec>.partial`: a user's file of that name was overwritten, then renamed away.
+    from twinface import config
+    from twinface.data.recordio import write_insightface_rec
+    from twinface.data.verification_bin import load_bin, save_bin
+    names = ["v.bin.partial", "config.yaml.tmp", "t.rec.partial", "t.idx.partial"]
+    for name in names:
+        (tmp_path / name).write_text("mine")
+    save_bin(tmp_path / "v.bin", [b"a", b"b"], [True])
+    config.save_resolved(config.Config(), str(tmp_path))
+    write_insightface_rec(tmp_path / "t", [(0, b"image")])
+    assert all((tmp_path / name).read_text() == "mine" for name in names)
+    assert sorted(os.listdir(tmp_path)) == sorted(names + ["v.bin", "config.yaml", "t.rec", "t.idx"])
+    assert load_bin(tmp_path / "v.bin")[1].tolist() == [True]
