@@ -6,7 +6,7 @@ import os
 import pytest
 
 from twinface import cli
-from twinface.atomic import MARKER, Outputs, atomic_path, clean_stale, check_destination
+from twinface.atomic import MARKER, Outputs, atomic_path, check_destination, clean_stale, is_ours
 
 DEAD_PID = 2 ** 22 + 1                      # above Linux's pid_max limit: never a live process
 
@@ -119,3 +119,12 @@ def test_temporaries_never_take_a_fixed_name(tmp_path):
     assert all((tmp_path / name).read_text() == "mine" for name in names)
     assert sorted(os.listdir(tmp_path)) == sorted(names + ["v.bin", "config.yaml", "t.rec", "t.idx"])
     assert load_bin(tmp_path / "v.bin")[1].tolist() == [True]
+
+
+def test_a_swap_cut_by_a_kill_is_undone_before_the_next_check(tmp_path):
+    # killed between moving the old output aside and renaming the new one in: the output seems absent
+    _temp(tmp_path, "out", kind="old").mkdir()
+    (_temp(tmp_path, "out", kind="old") / MARKER).write_text("{}")
+    with pytest.raises(FileExistsError, match="out: already exists"):
+        Outputs([tmp_path / "out"], "test writer", directory=True)
+    assert os.listdir(tmp_path) == ["out"] and is_ours(tmp_path / "out")

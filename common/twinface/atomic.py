@@ -30,8 +30,11 @@ def check_destination(path, *, overwrite=False, flag="--overwrite", inputs=(), d
     """The absolute destination, or an error naming it: it is (or holds) one of `inputs`, lacks the extension
     `ext`, or exists and may not be replaced. Replaceable with `overwrite`: an empty file or directory, a
     directory holding MARKER, and whatever `recognise(path)` accepts (of the kind `directory` says; a file
-    without `recognise` when none is given). `what` names the accepted kind in the message."""
+    without `recognise` when none is given). `what` names the accepted kind in the message. What killed
+    writers left beside `path` is cleaned up first (clean_stale), so the check sees the true state."""
     path = os.path.abspath(os.fspath(path)).rstrip(os.sep) or os.sep
+    if os.path.isdir(os.path.dirname(path)):
+        clean_stale(os.path.dirname(path))
     if ext and not path.endswith(ext):
         raise ValueError(f"{path}: expected a name ending in {ext}")
     for source in filter(None, inputs):
@@ -74,9 +77,8 @@ class Outputs:
     def __init__(self, paths, writer="twinface", *, suffixes=None, directory=False, **checks):
         self.directory, self.checks = directory, checks
         self.finals = [check_destination(p, directory=directory, **checks) for p in paths]
-        for parent in dict.fromkeys(os.path.dirname(f) for f in self.finals):
-            os.makedirs(parent, exist_ok=True)
-            clean_stale(parent)
+        for final in self.finals:
+            os.makedirs(os.path.dirname(final), exist_ok=True)
         self.temps = []
         try:
             for final, suffix in zip(self.finals, suffixes or [""] * len(self.finals)):

@@ -65,10 +65,10 @@ def test_force_replaces_only_an_output_of_the_same_format_and_never_an_input(r18
     photos = tmp_path / "photos"
     photos.mkdir()
     (photos / "holiday.jpg").write_bytes(b"mine")
-    with pytest.raises(FileExistsError, match=f"{photos}: exists and is not a savedmodel directory; refusing"):
+    with pytest.raises(FileExistsError, match=f"{photos}: exists and is not a SavedModel directory; refusing"):
         run_cli(src, str(photos), "--force")
     (tmp_path / "notes.pth").write_text("not weights")
-    with pytest.raises(FileExistsError, match="notes.pth: exists and is not a torch file"):
+    with pytest.raises(FileExistsError, match="notes.pth: exists and is not a file of the torch format"):
         run_cli(src, str(tmp_path / "notes.pth"), "--force")
     with pytest.raises(ValueError, match="is or holds the input"):
         run_cli(src, src, "--force")

@@ -24,9 +24,9 @@ from .arch import Backbone, template_shapes
 
 TOLERANCE = 1e-5          # max abs diff of L2-normalised embeddings, fp32 (docs/design.md, IResNet-50 at 112x112)
 RANDOM_IMAGES = 4
+MAX_IMAGES = 64
 # What tf.saved_model.save writes: --force replaces a directory holding nothing else.
 SAVEDMODEL_ENTRIES = {"saved_model.pb", "fingerprint.pb", "variables", "assets", MARKER}
-MAX_IMAGES = 64
 
 
 class VerificationFailed(RuntimeError):
@@ -60,10 +60,10 @@ def convert(src: str, dst: str, arch: str = None, keep_onnx: str = None, force: 
     if keep_onnx and os.path.abspath(keep_onnx) == os.path.abspath(dst):
         raise ValueError(f"--keep-onnx {keep_onnx}: the same path as DST; give the hub its own name")
     checks = dict(overwrite=force, flag="--force", inputs=[src, images])
-    dst_checks = _checks_for(dst_format, checks)
+    dst_checks, hub_checks = _checks_for(dst_format, checks), _checks_for("onnx", checks)
     check_destination(dst, **dst_checks)                         # refuse before any slow work
     if keep_onnx:
-        check_destination(keep_onnx, **_checks_for("onnx", checks))
+        check_destination(keep_onnx, **hub_checks)
     if dst_format == "safetensors":
         formats.require_safetensors(dst)
     if images and not os.path.isdir(images):
@@ -78,7 +78,7 @@ def convert(src: str, dst: str, arch: str = None, keep_onnx: str = None, force: 
     batch, what = _verification_images(images, backbone.input_size)
     clock.lap("read")
 
-    with _hub_path(keep_onnx, dst, _checks_for("onnx", checks)) as hub:
+    with _hub_path(keep_onnx, dst, hub_checks) as hub:
         formats.write(source.state, backbone, hub, "onnx")
         hub_state = formats.read(hub, "onnx", backbone.arch).state
         _check_identical(source.state, hub_state, hub)
@@ -167,7 +167,7 @@ def _checks_for(fmt: str, checks: dict) -> dict:
         except (OSError, ValueError):
             return False
     return {**checks, "directory": fmt == "savedmodel", "recognise": recognise,
-            "what": f"a {fmt} {'directory' if fmt == 'savedmodel' else 'file'}"}
+            "what": "a SavedModel directory" if fmt == "savedmodel" else f"a file of the {fmt} format"}
 
 
 class _Clock:
