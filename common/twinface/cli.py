@@ -200,14 +200,14 @@ def _add_export(sub):
     p.add_argument("--num-features", type=POSITIVE_INT, default=512)
     p.add_argument("--input-size", type=POSITIVE_INT, default=112)
     p.add_argument("--opset", type=POSITIVE_INT, default=17)
-    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.add_argument("--force", action="store_true", help="replace an existing --out .onnx file (never the weights)")
 
 
 def _run_export(args):
     from .embedders import detect_framework
     framework = detect_framework(args.weights, args.framework)
-    if os.path.exists(args.out) and not args.force:
-        raise UsageError(f"{args.out} exists; pass --force to overwrite it")
+    from .atomic import check_destination
+    check_destination(args.out, overwrite=args.force, flag="--force", inputs=[args.weights], ext=".onnx")
     if framework == "torch":
         from twinface_torch import checkpoint, export
     elif framework == "tf":

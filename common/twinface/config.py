@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from . import registry
+from .atomic import atomic_path
 
 
 class ConfigError(ValueError):
@@ -374,12 +375,8 @@ def load(path: str, overrides=None) -> Config:
 
 
 def save_resolved(cfg: Config, out_dir: str) -> str:
-    """Write the fully resolved config (defaults filled in) into the run directory."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Write the fully resolved config (defaults filled in) into the run directory, atomically."""
     path = os.path.join(out_dir, "config.yaml")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    os.replace(tmp, path)
     return path
-

@@ -8,12 +8,14 @@ The .idx file holds "key<TAB>byte offset" lines. A record payload starts with st
 """
 import numbers
 import os
+import re
 import struct
 import threading
 from collections import namedtuple
 
 import numpy as np
 
+from twinface.atomic import Outputs
 from twinface.data.images import decode_image
 
 MAGIC = 0xCED7230A
@@ -71,20 +73,32 @@ def _chunks(record: bytes):
     yield (3 if start else 0), record[start:]
 
 
+def is_recordio(path) -> bool:
+    """A .rec (starts with the magic) or an .idx ("key<TAB>offset" lines), as far as its first bytes tell."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    return head.startswith(_MAGIC_BYTES) or re.match(rb"\d+\t\d+\r?\n", head) is not None
+
+
 def _default_idx(rec_path):
     return os.path.splitext(rec_path)[0] + ".idx"
 
 
 class RecordWriter:
-    """Writes rec_path and its .idx; both go to temporary files renamed into place on a clean close,
-    so an interrupted run never leaves a half-written pair under the final names."""
+    """Writes rec_path and its .idx into temporary siblings that replace both together on a clean close
+    (twinface.atomic.Outputs), so an interrupted run never leaves a half-written or mismatched pair under the
+    final names. `checks` go to twinface.atomic.check_destination (default: replace a RecordIO pair)."""
 
-    def __init__(self, rec_path, idx_path=None):
+    def __init__(self, rec_path, idx_path=None, writer="twinface RecordWriter", **checks):
         self.rec_path = os.fspath(rec_path)
         self.idx_path = os.fspath(idx_path) if idx_path else _default_idx(self.rec_path)
-        self._tmp_rec, self._tmp_idx = self.rec_path + ".partial", self.idx_path + ".partial"
-        self._rec = open(self._tmp_rec, "wb")
-        self._idx = open(self._tmp_idx, "w")
+        # The .rec goes last, as the commit point of the swap: it vanishes before the new .idx comes in and
+        # returns only as the new .rec, so no .rec is ever found beside the other generation's .idx.
+        self._outputs = Outputs([self.idx_path, self.rec_path], writer,
+                                **{"overwrite": True, "recognise": is_recordio, "what": "a RecordIO file", **checks})
+        tmp_idx, tmp_rec = self._outputs.temps
+        self._rec = open(tmp_rec, "wb")
+        self._idx = open(tmp_idx, "w")
         self._offset = 0
         self._keys = set()
 
@@ -107,18 +121,15 @@ class RecordWriter:
             return
         self._rec.close()
         self._idx.close()
-        # An old .idx must not survive next to a new .rec if we die between the two renames.
-        if os.path.exists(self.idx_path):
-            os.remove(self.idx_path)
-        os.replace(self._tmp_rec, self.rec_path)
-        os.replace(self._tmp_idx, self.idx_path)
+        try:
+            self._outputs.commit()
+        finally:
+            self._outputs.discard()
 
     def abort(self) -> None:
         self._rec.close()
         self._idx.close()
-        for path in (self._tmp_rec, self._tmp_idx):
-            if os.path.exists(path):
-                os.remove(path)
+        self._outputs.discard()
 
     def __enter__(self):
         return self
@@ -252,15 +263,16 @@ class RecordReader:
                 return _MAGIC_BYTES.join(parts), pos
 
 
-def write_insightface_rec(prefix, samples) -> dict:
+def write_insightface_rec(prefix, samples, **checks) -> dict:
     """Write prefix.rec/.idx in insightface's training layout from (label, encoded image) pairs.
 
     Keys 1..N: images (label float(class), id = key). Key 0: flag 2, label [N+1, N+1+C].
     Keys N+1+c: identity c, label [first image key, last image key + 1]. Streams: one image in memory at a time.
+    `checks` (writer, overwrite, inputs, ...) go to RecordWriter.
     """
     prefix = os.fspath(prefix)
     ranges, current, key = {}, None, 1
-    with RecordWriter(prefix + ".rec", prefix + ".idx") as writer:
+    with RecordWriter(prefix + ".rec", prefix + ".idx", **checks) as writer:
         for label, data in samples:
             if label != current:
                 if not float(label).is_integer() or label < 0:

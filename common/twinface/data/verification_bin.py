@@ -12,6 +12,7 @@ import pickle
 import numpy as np
 from numpy._core import multiarray, numeric
 
+from twinface.atomic import atomic_path
 from twinface.data.images import decode_image
 
 
@@ -103,13 +104,11 @@ def decode_bin(bins, source) -> np.ndarray:
 
 
 def save_bin(path, bins, issame) -> None:
-    """Write (bins, issame_list) as insightface does, through a temporary file renamed into place."""
+    """Write (bins, issame_list) as insightface does, through a temporary file renamed into place (replaces `path`)."""
     path = os.fspath(path)
     bins = [bytes(b) for b in bins]
     issame = [bool(s) for s in issame]
     if len(bins) != 2 * len(issame):
         raise ValueError(f"{path}: {len(bins)} images for {len(issame)} pairs; expected 2 images per pair")
-    tmp = path + ".partial"
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         pickle.dump((bins, issame), f, protocol=4)
-    os.replace(tmp, path)
