@@ -1,9 +1,11 @@
+import io
+
 import cv2
 import numpy as np
 import pytest
 
-from twinface.data.images import (CorruptImageError, decode_image, encode_image, fit_square, image_ext,
-                                  read_image)
+from twinface.data.images import (CorruptImageError, NotSquareImageError, check_image, decode_image, encode_image,
+                                  fit_square, image_ext, read_image)
 
 
 def _red_image():
@@ -70,5 +72,39 @@ def test_fit_square():
     out = fit_square(img, 112, "x")
     assert out.shape == (112, 112, 3) and np.all(out == 77)
     assert fit_square(out, 112, "x") is out
-    with pytest.raises(ValueError, match=r"some/face.jpg.*square.*60x50"):
+    with pytest.raises(NotSquareImageError, match=r"some/face.jpg.*square.*60x50"):
         fit_square(np.zeros((50, 60, 3), np.uint8), 112, "some/face.jpg")
+
+
+def _pil_bytes(image, fmt, **options):
+    buf = io.BytesIO()
+    image.save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+def test_other_pixel_formats_decode_to_8bit_rgb():
+    """Grayscale, alpha, palette, 16-bit and CMYK are converted, not refused (Pillow comes with matplotlib)."""
+    from PIL import Image
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    rgb[...] = (200, 50, 10)
+    cases = {
+        "gray": (_pil_bytes(Image.fromarray(rgb[..., 0]), "PNG"), (200, 200, 200)),
+        "gray+alpha": (_pil_bytes(Image.fromarray(rgb[..., 0]).convert("LA"), "PNG"), (200, 200, 200)),
+        "rgba, fully transparent": (_pil_bytes(Image.fromarray(np.dstack([rgb, np.zeros((16, 16), np.uint8)])),
+                                               "PNG"), (200, 50, 10)),
+        "16-bit": (cv2.imencode(".png", rgb[..., ::-1].astype(np.uint16) * 257)[1].tobytes(), (200, 50, 10)),
+        "cmyk jpeg": (_pil_bytes(Image.fromarray(rgb).convert("CMYK"), "JPEG", quality=100), (200, 50, 10)),
+    }
+    for name, (data, colour) in cases.items():
+        out = decode_image(data, name)
+        assert out.dtype == np.uint8 and out.shape == (16, 16, 3), name
+        assert np.abs(out.astype(int) - colour).max() <= 2, (name, out[0, 0])
+
+
+def test_check_image_is_the_one_ingestion_test():
+    """Old code had no such check: folder2rec packed non-square images that training then refused."""
+    assert check_image(encode_image(_red_image()), "ok.jpg") is None
+    assert check_image(b"", "x.rec record 4") == "x.rec record 4: empty image data"
+    assert "cannot decode" in check_image(b"\xff\xd8\xff junk", "bad.jpg")
+    assert check_image(encode_image(np.zeros((20, 30, 3), np.uint8)), "wide.jpg") == \
+        "wide.jpg: expected a square aligned face crop, got 30x20"

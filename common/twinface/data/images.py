@@ -1,4 +1,10 @@
-"""Image bytes <-> uint8 RGB arrays. OpenCV works in BGR; everything leaving this file is RGB."""
+"""Image bytes <-> uint8 RGB arrays. OpenCV works in BGR; everything leaving this file is RGB.
+
+What decodes is converted, never refused: grayscale becomes RGB, alpha is dropped (the colour under it is
+kept), 16-bit samples are scaled to 8 bits, CMYK JPEGs are converted to RGB (all by OpenCV's IMREAD_COLOR).
+A non-square image is not an aligned face crop: stretching it would distort the face, so it is refused
+(NotSquareImageError) and skipped where training and ingestion skip unreadable images.
+"""
 import os
 
 import cv2
@@ -9,8 +15,16 @@ _ENCODE_EXTS = (".jpg", ".jpeg", ".png")
 _SIGNATURES = ((b"\xff\xd8\xff", ".jpg"), (b"\x89PNG\r\n\x1a\n", ".png"), (b"BM", ".bmp"))
 
 
-class CorruptImageError(ValueError):
-    """An image that cannot be decoded; the message names its source (a path or "x.rec record 17")."""
+class UnusableImageError(ValueError):
+    """An image training cannot use; the message names its source (a path or "x.rec record 17")."""
+
+
+class CorruptImageError(UnusableImageError):
+    """An image that cannot be decoded."""
+
+
+class NotSquareImageError(UnusableImageError):
+    """A decodable image that is not square, so not an aligned face crop."""
 
 
 def decode_image(data: bytes, source: str) -> np.ndarray:
@@ -55,12 +69,28 @@ def image_ext(data: bytes) -> str:
     return ".jpg"
 
 
-def fit_square(img: np.ndarray, size: int, source: str) -> np.ndarray:
-    """Resize a square face crop to size x size; a non-square image is not an aligned crop, so it is an error."""
+def check_image(data: bytes, source: str):
+    """None when `data` is an image training can use (decodes, square), else the reason, naming `source`.
+    The one test ingestion (folder2rec, rec2folder) and training apply, so both skip the same images."""
+    try:
+        img = decode_image(data, source)
+        require_square(img, source)
+    except UnusableImageError as err:
+        return str(err)
+    return None
+
+
+def require_square(img: np.ndarray, source: str) -> np.ndarray:
     h, w = img.shape[:2]
+    if h != w:
+        raise NotSquareImageError(f"{source}: expected a square aligned face crop, got {w}x{h}")
+    return img
+
+
+def fit_square(img: np.ndarray, size: int, source: str) -> np.ndarray:
+    """Resize a square face crop to size x size; a non-square image raises NotSquareImageError."""
+    h, w = require_square(img, source).shape[:2]
     if (h, w) == (size, size):
         return img
-    if h != w:
-        raise ValueError(f"{source}: expected a square aligned face crop ({size}x{size}), got {w}x{h}")
     interpolation = cv2.INTER_AREA if h > size else cv2.INTER_LINEAR
     return cv2.resize(img, (size, size), interpolation=interpolation)
