@@ -6,6 +6,7 @@ dmlc's writer splits a record wherever the magic appears at a 4-byte aligned off
 The .idx file holds "key<TAB>byte offset" lines. A record payload starts with struct '<IfQQ'
 (flag, label, id, id2); when flag > 0, `flag` float32 labels follow, then the encoded image.
 """
+import logging
 import numbers
 import os
 import struct
@@ -13,6 +14,8 @@ import threading
 from collections import namedtuple
 
 import numpy as np
+
+log = logging.getLogger("twinface.data")
 
 from twinface.data.images import decode_image
 
@@ -197,12 +200,8 @@ class RecordReader:
     def _offset_of(self, key) -> int:
         index = self._index()
         if key not in index:
-            raise KeyError(f"{self.idx_path}: no record with key {key}")
-        offset = index[key]
-        if offset + _CHUNK_HEAD.size > self._size:
-            raise RecordIOError(self.rec_path, offset,
-                                f"{self.idx_path} points key {key} past the end of the file ({self._size} bytes)")
-        return offset
+            raise ValueError(f"{self.idx_path}: no record with key {key}")
+        return index[key]
 
     def _index(self) -> dict:
         if self._offsets is None:
@@ -210,21 +209,34 @@ class RecordReader:
                 raise FileNotFoundError(f"{self.idx_path}: index not found; random access into {self.rec_path} "
                                         "needs it (iterating the reader works without)")
             offsets = {}
-            with open(self.idx_path) as f:
+            with open(self.idx_path, errors="replace") as f:
                 for line_no, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    fields = line.split("\t")
-                    try:
-                        key, offset = int(fields[0]), int(fields[1])
-                    except (IndexError, ValueError):
-                        raise ValueError(f"{self.idx_path}: line {line_no}: expected 'key<TAB>offset', "
-                                         f"got {line.rstrip()!r}") from None
-                    if key in offsets:
-                        raise ValueError(f"{self.idx_path}: line {line_no}: key {key} listed twice")
-                    offsets[key] = offset
+                    if line.strip():
+                        key, offset = self._parse_idx_line(line, line_no)
+                        if key in offsets:
+                            raise ValueError(f"{self.idx_path}: line {line_no}: key {key} listed twice")
+                        # every record takes at least a chunk header: more entries than that is not this .rec's
+                        if len(offsets) >= self._size // _CHUNK_HEAD.size:
+                            raise ValueError(f"{self.idx_path}: line {line_no}: more entries than {self.rec_path} "
+                                             f"({self._size} bytes) can hold records")
+                        offsets[key] = offset
             self._offsets = offsets
         return self._offsets
+
+    def _parse_idx_line(self, line: str, line_no: int):
+        """-> (key, offset) of one "key<TAB>offset" line, the offset inside the .rec."""
+        fields = line.split("\t")
+        try:
+            if len(fields) < 2:
+                raise ValueError
+            key, offset = int(fields[0]), int(fields[1])
+        except ValueError:
+            raise ValueError(f"{self.idx_path}: line {line_no}: expected 'key<TAB>offset' (two integers), "
+                             f"got {line.rstrip()[:80]!r}") from None
+        if not 0 <= offset <= self._size - _CHUNK_HEAD.size:
+            raise ValueError(f"{self.idx_path}: line {line_no}: key {key} at byte offset {offset}, outside "
+                             f"{self.rec_path} ({self._size} bytes)")
+        return key, offset
 
     def _read_chunks(self, f, offset):
         """-> (record, offset of the next record); joins split chunks."""
@@ -242,6 +254,9 @@ class RecordReader:
                 raise RecordIOError(self.rec_path, pos, f"unexpected chunk flag {cflag} "
                                     + ("after a split record's first part" if parts else "at a record start"))
             padded = length + (-length % 4)
+            if pos + _CHUNK_HEAD.size + padded > self._size:     # checked before reading: no allocation
+                raise RecordIOError(self.rec_path, pos, f"truncated: chunk holds {length} bytes (+padding) "
+                                    f"but the file ends after {self._size - pos - _CHUNK_HEAD.size}")
             data = f.read(padded)
             if len(data) < padded:
                 raise RecordIOError(self.rec_path, pos, f"truncated: chunk holds {length} bytes (+padding) "
@@ -297,6 +312,18 @@ def _class_of(header: IRHeader, source: str) -> int:
     return int(value)
 
 
+def _require_no_gaps(labels, source, keys):
+    """Labels 0..C-1 with an image in every class, as write_insightface_rec writes them."""
+    if not len(labels):
+        return
+    present = np.bincount(labels) > 0
+    if not present.all():
+        top = int(np.argmax(labels))
+        raise ValueError(f"{source}: labels run up to {labels[top]} (record {keys[top]}) but only "
+                         f"{int(present.sum())} of classes 0..{labels[top]} have images; labels must be 0..C-1 "
+                         "without gaps")
+
+
 class InsightFaceRec:
     """Random access to an insightface training .rec (header record 0, images, identity records),
     or to a plain .rec whose record 0 is an image: then every record listed in the .idx is an image."""
@@ -313,14 +340,29 @@ class InsightFaceRec:
         # arcface_torch takes any vector-labelled record 0 for the header; requiring the header's empty payload
         # as well keeps an im2rec file whose first image has a vector label readable.
         if header.flag >= 2 and not payload:
-            first_identity, end = int(header.label[0]), int(header.label[1])
-            if not 1 <= first_identity <= end:
-                raise ValueError(f"{self.source_of_key(0)}: header label {header.label.tolist()} is not "
-                                 "[first identity key, end key] with 1 <= first <= end")
-            self._keys = np.arange(1, first_identity, dtype=np.int64)
-            self.num_identity_records = end - first_identity
+            self._keys = self._header_image_keys(header.label[:2])
         else:
             self._keys = np.asarray(self.reader.keys, dtype=np.int64)
+
+    def _header_image_keys(self, label) -> np.ndarray:
+        """Image keys 1..first-1 of header label [first identity key, end key], checked against the .idx before
+        anything is allocated: a header is only a claim (one said [1e9, 1e9 + 5] and cost 7.8 GB)."""
+        where = f"{self.source_of_key(0)} (header)"
+        keys = self.reader.keys
+        first, end = (float(v) for v in label)
+        if not (first.is_integer() and end.is_integer() and 1 <= first <= end):
+            raise ValueError(f"{where}: label {label.tolist()} is not [first identity key, end key] with "
+                             "1 <= first <= end")
+        first, end = int(first), int(end)
+        if end > len(keys):
+            raise ValueError(f"{where}: claims {first - 1} images and {end - first} identities (keys up to "
+                             f"{end - 1}), but {self.reader.idx_path} lists only {len(keys)} records")
+        missing = next((k for k in range(1, end) if k not in self.reader), None)
+        if missing is not None:
+            kind = "image" if missing < first else "identity"
+            raise ValueError(f"{where}: {kind} record {missing} is not in {self.reader.idx_path}")
+        self.num_identity_records = end - first
+        return np.arange(1, first, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -341,7 +383,14 @@ class InsightFaceRec:
         key = self.key(i)
         source = self.source_of_key(key)
         header, payload = unpack_record(self.reader.read_idx(key), source)
-        return _class_of(header, source), payload
+        return self._checked_class(header, source), payload
+
+    def _checked_class(self, header: IRHeader, source: str) -> int:
+        label = _class_of(header, source)
+        if self.num_identity_records is not None and label >= self.num_identity_records:
+            raise ValueError(f"{source}: label {label}, but the header (record 0) declares "
+                             f"{self.num_identity_records} identities (labels 0..{self.num_identity_records - 1})")
+        return label
 
     def encoded(self, i: int) -> bytes:
         return self.record(i)[1]
@@ -358,13 +407,38 @@ class InsightFaceRec:
             header, _ = unpack_record(self.reader.read_head(key, _IR_HEADER.size + 64), source)
         except ValueError:
             header, _ = unpack_record(self.reader.read_idx(key), source)
-        return _class_of(header, source)
+        return self._checked_class(header, source)
 
     @property
     def labels(self) -> np.ndarray:
+        """Every image's class, checked once: within the header's identities, or, without a header, classes
+        0..C-1 without gaps (one image labelled 2,000,000 must not make a 2,000,001-class head)."""
         if self._labels is None:
-            self._labels = np.fromiter((self.label(i) for i in range(len(self))), np.int64, len(self))
+            labels = np.fromiter((self.label(i) for i in range(len(self))), np.int64, len(self))
+            if self.num_identity_records is None:
+                _require_no_gaps(labels, self.prefix + ".rec", self._keys)
+            else:
+                self._check_identity_records(labels)
+            self._labels = labels
         return self._labels
+
+    def _check_identity_records(self, labels):
+        """Identity record c holds [first image key, end key) of class c; images whose own label disagrees
+        keep their own (as arcface_torch does) and are counted in a warning."""
+        first = len(self) + 1
+        disagree = []
+        for c in range(self.num_identity_records):
+            key = first + c
+            header, _ = unpack_record(self.reader.read_idx(key), self.source_of_key(key))
+            start, end = (int(v) if float(v).is_integer() else -1 for v in np.atleast_1d(header.label)[:2]) \
+                if header.flag >= 2 else (-1, -1)
+            if not 1 <= start <= end <= first:
+                raise ValueError(f"{self.source_of_key(key)} (identity {c}): label {np.ravel(header.label).tolist()}"
+                                 f" is not an image key range [start, end) within 1..{first}")
+            disagree.extend(k for k in range(start, end) if labels[k - 1] != c)
+        if disagree:
+            log.warning(f"{self.prefix}.rec: {len(disagree)} images lie in another identity's range than their "
+                        f"label says, e.g. record {disagree[0]} (label {labels[disagree[0] - 1]}); the labels are used")
 
     @property
     def num_classes(self) -> int:
