@@ -156,6 +156,10 @@ class RecordReader:
     def __contains__(self, key) -> bool:
         return key in self._index()
 
+    @property
+    def num_keys(self) -> int:              # not __len__: list(reader) would read the .idx it does not need
+        return len(self._index())
+
     def read_idx(self, key: int) -> bytes:
         return self._read_chunks(self._handle(), self._offset_of(key))[0]
 
@@ -348,15 +352,14 @@ class InsightFaceRec:
         """Image keys 1..first-1 of header label [first identity key, end key], checked against the .idx before
         anything is allocated: a header is only a claim (one said [1e9, 1e9 + 5] and cost 7.8 GB)."""
         where = f"{self.source_of_key(0)} (header)"
-        keys = self.reader.keys
         first, end = (float(v) for v in label)
         if not (first.is_integer() and end.is_integer() and 1 <= first <= end):
             raise ValueError(f"{where}: label {label.tolist()} is not [first identity key, end key] with "
                              "1 <= first <= end")
         first, end = int(first), int(end)
-        if end > len(keys):
+        if end > self.reader.num_keys:
             raise ValueError(f"{where}: claims {first - 1} images and {end - first} identities (keys up to "
-                             f"{end - 1}), but {self.reader.idx_path} lists only {len(keys)} records")
+                             f"{end - 1}), but {self.reader.idx_path} lists only {self.reader.num_keys} records")
         missing = next((k for k in range(1, end) if k not in self.reader), None)
         if missing is not None:
             kind = "image" if missing < first else "identity"
@@ -435,7 +438,7 @@ class InsightFaceRec:
             if not 1 <= start <= end <= first:
                 raise ValueError(f"{self.source_of_key(key)} (identity {c}): label {np.ravel(header.label).tolist()}"
                                  f" is not an image key range [start, end) within 1..{first}")
-            disagree.extend(k for k in range(start, end) if labels[k - 1] != c)
+            disagree.extend((np.flatnonzero(labels[start - 1:end - 1] != c) + start).tolist())
         if disagree:
             log.warning(f"{self.prefix}.rec: {len(disagree)} images lie in another identity's range than their "
                         f"label says, e.g. record {disagree[0]} (label {labels[disagree[0] - 1]}); the labels are used")
