@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from twinface.data.images import (CorruptImageError, NotSquareImageError, check_image, decode_image, encode_image,
-                                  fit_square, image_ext, read_image)
+                                  fit_square, image_ext, read_image, usable_samples)
 
 
 def _red_image():
@@ -108,3 +108,14 @@ def test_check_image_is_the_one_ingestion_test():
     assert "cannot decode" in check_image(b"\xff\xd8\xff junk", "bad.jpg")
     assert check_image(encode_image(np.zeros((20, 30, 3), np.uint8)), "wide.jpg") == \
         "wide.jpg: expected a square aligned face crop, got 30x20"
+
+
+def test_usable_samples_keeps_the_good_and_lists_the_rest(caplog):
+    good = encode_image(_red_image())
+    samples = [("a.jpg", 0, good), ("b.jpg", 0, b"junk"), ("c.jpg", 1, encode_image(np.zeros((8, 9, 3), np.uint8))),
+               ("d.jpg", 1, good)]
+    skipped = []
+    with caplog.at_level("WARNING", "twinface.data"):
+        assert list(usable_samples(iter(samples), skipped)) == [(0, good), (1, good)]
+    assert skipped == ["b.jpg", "c.jpg"]
+    assert "skipping c.jpg: expected a square aligned face crop, got 9x8" in caplog.text

@@ -5,11 +5,13 @@ kept), 16-bit samples are scaled to 8 bits, CMYK JPEGs are converted to RGB (all
 A non-square image is not an aligned face crop: stretching it would distort the face, so it is refused
 (NotSquareImageError) and skipped where training and ingestion skip unreadable images.
 """
+import logging
 import os
 
 import cv2
 import numpy as np
 
+log = logging.getLogger("twinface.data")
 _ENCODE_EXTS = (".jpg", ".jpeg", ".png")
 # Leading bytes of the formats we read, to name a file by what it holds rather than what it is called.
 _SIGNATURES = ((b"\xff\xd8\xff", ".jpg"), (b"\x89PNG\r\n\x1a\n", ".png"), (b"BM", ".bmp"))
@@ -78,6 +80,18 @@ def check_image(data: bytes, source: str):
     except UnusableImageError as err:
         return str(err)
     return None
+
+
+def usable_samples(samples, skipped: list):
+    """(label, bytes) of the (source, label, bytes) triples whose bytes pass check_image; the sources of the
+    others go to `skipped`, each with a warning saying why: folder2rec and rec2folder decide here, once."""
+    for source, label, data in samples:
+        reason = check_image(data, source)
+        if reason is None:
+            yield label, data
+        else:
+            log.warning("skipping %s", reason)
+            skipped.append(source)
 
 
 def require_square(img: np.ndarray, source: str) -> np.ndarray:
