@@ -8,14 +8,19 @@ from twinface.data.memory import InMemoryDataset, maybe_in_memory
 from twinface.data.transforms import resize
 
 
+def _random_faces(root, per_identity, seed):
+    """root/id0, root/id1, each with `per_identity` random 112x112 PNGs named 0.png, 1.png, ..."""
+    rng = np.random.default_rng(seed)
+    for identity in range(2):
+        (root / f"id{identity}").mkdir()
+        for k in range(per_identity):
+            img = rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)
+            (root / f"id{identity}" / f"{k}.png").write_bytes(encode_image(img, ".png"))
+
+
 @pytest.fixture
 def folder(tmp_path):
-    rng = np.random.default_rng(0)
-    for identity in range(2):
-        (tmp_path / f"id{identity}").mkdir()
-        for k in range(3):
-            img = rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)
-            (tmp_path / f"id{identity}" / f"{k}.png").write_bytes(encode_image(img, ".png"))
+    _random_faces(tmp_path, 3, seed=0)
     (tmp_path / "id1" / "1.png").write_bytes(b"not an image")
     return FolderDataset(tmp_path)
 
@@ -43,12 +48,7 @@ def test_cache_only_when_it_fits_the_budget(folder):
 
 def _unusable_folder(tmp_path):
     """Two good images per identity, then one of each way an image can fail to be usable."""
-    rng = np.random.default_rng(1)
-    for identity in range(2):
-        (tmp_path / f"id{identity}").mkdir()
-        for k in range(2):
-            img = rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)
-            (tmp_path / f"id{identity}" / f"{k}.png").write_bytes(encode_image(img, ".png"))
+    _random_faces(tmp_path, 2, seed=1)
     (tmp_path / "id0" / "2_wide.png").write_bytes(encode_image(np.zeros((112, 96, 3), np.uint8), ".png"))
     (tmp_path / "id0" / "3_empty.jpg").write_bytes(b"")
     (tmp_path / "id1" / "2_gone.png").write_bytes(encode_image(np.zeros((112, 112, 3), np.uint8), ".png"))
