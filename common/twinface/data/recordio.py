@@ -15,9 +15,9 @@ from collections import namedtuple
 
 import numpy as np
 
-log = logging.getLogger("twinface.data")
-
 from twinface.data.images import decode_image
+
+log = logging.getLogger("twinface.data")
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -433,11 +433,11 @@ class InsightFaceRec:
         for c in range(self.num_identity_records):
             key = first + c
             header, _ = unpack_record(self.reader.read_idx(key), self.source_of_key(key))
-            start, end = (int(v) if float(v).is_integer() else -1 for v in np.atleast_1d(header.label)[:2]) \
-                if header.flag >= 2 else (-1, -1)
-            if not 1 <= start <= end <= first:
+            span = [int(v) for v in np.ravel(header.label)[:2] if float(v).is_integer()]
+            if header.flag < 2 or len(span) != 2 or not 1 <= span[0] <= span[1] <= first:
                 raise ValueError(f"{self.source_of_key(key)} (identity {c}): label {np.ravel(header.label).tolist()}"
                                  f" is not an image key range [start, end) within 1..{first}")
+            start, end = span
             disagree.extend((np.flatnonzero(labels[start - 1:end - 1] != c) + start).tolist())
         if disagree:
             log.warning(f"{self.prefix}.rec: {len(disagree)} images lie in another identity's range than their "

@@ -106,6 +106,7 @@ def _check_buffer(data, dtype, shape, source):
 
 def _allowed(budget: _Budget) -> dict:
     source = budget.source
+    ndarray_name = _NdarrayName(source)
 
     def guarded(fn, name):
         def call(*args):
@@ -121,7 +122,7 @@ def _allowed(budget: _Budget) -> dict:
         return text.encode("latin1")
 
     def reconstruct(subtype, shape, dtype):
-        if subtype is not _NDARRAY:
+        if subtype is not ndarray_name:
             raise UnsafePickleError(f"{source}: numpy _reconstruct of something other than numpy.ndarray")
         array = multiarray._reconstruct(_CheckedArray, (0,), b"b")
         array.source = source
@@ -149,7 +150,7 @@ def _allowed(budget: _Budget) -> dict:
            for core in ("core", "_core")
            for module, names in (("multiarray", ("_reconstruct", "scalar")), ("numeric", ("_frombuffer",)))
            for name in names},
-        ("numpy", "ndarray"): _NDARRAY,
+        ("numpy", "ndarray"): ndarray_name,
         ("numpy", "dtype"): _PendingDtype,
         ("_codecs", "encode"): latin1_encode,
     }
@@ -159,11 +160,11 @@ class _NdarrayName:
     """Stands for numpy.ndarray, which a pickle may name as _reconstruct's argument but never call (an
     uninitialised array of any shape)."""
 
+    def __init__(self, source):
+        self.source = source
+
     def __call__(self, *args):
-        raise UnsafePickleError("a verification .bin may not call numpy.ndarray(...) directly")
-
-
-_NDARRAY = _NdarrayName()
+        raise UnsafePickleError(f"{self.source}: a verification .bin may not call numpy.ndarray(...) directly")
 
 
 def _check_opcodes(data: bytes, source: str):
