@@ -72,6 +72,11 @@ def test_plain_rec_labels_must_not_leave_gaps(tmp_path):
     with pytest.raises(ValueError, match=r"train.rec: labels run up to 2000000 \(record 3\) but only 3 of classes "
                                          r"0..2000000 have images"):
         RecDataset(prefix).num_classes
+    (tmp_path / "big").mkdir()
+    prefix = _rec(tmp_path / "big", [0, 2 ** 100], header=False)       # exact in float32, not in int64
+    with pytest.raises(ValueError, match=r"train.rec record 2: label 1.26.*e\+30 is not a class index \(an integer "
+                                         r"in 0..2147483647\)"):
+        RecDataset(prefix).num_classes
 
 
 def test_identity_records_are_checked(tmp_path, caplog):
