@@ -65,14 +65,19 @@ class _PendingDtype:
         self.state = state
 
     def real(self, source) -> np.dtype:
-        name = self.name.decode("latin1") if isinstance(self.name, bytes) else self.name
-        plain = isinstance(self.state, tuple) and len(self.state) == 8 and self.state[1] in ("<", ">", "|", "=") \
+        name, order = (_text(v) for v in (self.name, self.state[1] if isinstance(self.state, tuple) else None))
+        plain = isinstance(self.state, tuple) and len(self.state) == 8 and order in ("<", ">", "|", "=") \
             and self.state[2:] == (None, None, None, -1, -1, 0)
         if not (plain and isinstance(name, str) and name.lstrip("<>|=") in _SIMPLE_DTYPES):
             raise UnsafePickleError(f"{source}: refusing numpy dtype {name!r:.40} with state {self.state!r:.120}; "
                                     "a verification .bin holds only plain numbers and booleans")
         dtype = np.dtype(name.lstrip("<>|="))
-        return dtype.newbyteorder(self.state[1]) if self.state[1] in "<>" else dtype
+        return dtype.newbyteorder(order) if order in "<>" else dtype
+
+
+def _text(value):
+    """Python 2 pickles read with encoding="bytes" give their str as bytes."""
+    return value.decode("latin1") if isinstance(value, bytes) else value
 
 
 class _CheckedArray(np.ndarray):
