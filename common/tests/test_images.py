@@ -1,11 +1,12 @@
 import io
+import struct
 
 import cv2
 import numpy as np
 import pytest
 
-from twinface.data.images import (CorruptImageError, NotSquareImageError, check_image, decode_image, encode_image,
-                                  fit_square, image_ext, read_image, usable_samples)
+from twinface.data.images import (CorruptImageError, NotSquareImageError, check_image, declared_size, decode_image,
+                                  encode_image, fit_square, image_ext, read_image, usable_samples)
 
 
 def _red_image():
@@ -119,3 +120,25 @@ def test_usable_samples_keeps_the_good_and_lists_the_rest(caplog):
         assert list(usable_samples(iter(samples), skipped)) == [(0, good), (1, good)]
     assert skipped == ["b.jpg", "c.jpg"]
     assert "skipping c.jpg: expected a square aligned face crop, got 9x8" in caplog.text
+
+
+def _with_size(data: bytes, width: int, height: int) -> bytes:
+    """`data` (a small PNG, JPEG or BMP) with its header's size replaced: the pixels stay a few bytes."""
+    data = bytearray(data)
+    if data.startswith(b"\x89PNG"):
+        data[16:24] = struct.pack(">II", width, height)
+    elif data.startswith(b"BM"):
+        data[18:26] = struct.pack("<ii", width, height)
+    else:
+        sof = data.index(b"\xff\xc0")
+        data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg", ".bmp"])
+def test_decompression_bombs_are_refused_from_the_header(ext):
+    """Old code handed any declared size to OpenCV, which allows 2**30 pixels: 3 GiB from a few bytes."""
+    small = cv2.imencode(ext, np.zeros((8, 8, 3), np.uint8))[1].tobytes()
+    assert declared_size(small) == (8, 8)
+    with pytest.raises(CorruptImageError, match=r"bomb: declares 10000x10000 pixels, over the 67,108,864-pixel"):
+        decode_image(_with_size(small, 10000, 10000), "bomb")
