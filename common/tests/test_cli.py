@@ -155,10 +155,10 @@ def _negative_first_offset(lines):
 #        argv(data, model, tmp_path, path) -> the command line, what else the line must say)
 ERROR_CASES = {
     "idx negative offset": (lambda d, m, t: _idx_with(d, t, _negative_first_offset)[:-len(".idx")],
-                                 lambda d, m, t, p: ["data", "rec2folder", p, str(t / "out")], "Invalid argument"),
+                                 lambda d, m, t, p: ["data", "rec2folder", p, str(t / "out")], "byte offset -40"),
     "idx missing key": (lambda d, m, t: _idx_with(d, t, _drop_first_key),
                              lambda d, m, t, p: ["data", "rec2folder", p[:-len(".idx")], str(t / "out")],
-                             "no record with key"),
+                             "lists only"),
     "symlink loop image": (lambda d, m, t: _loop(t, "loop.png"),
                                 lambda d, m, t, p: ["verify", "--weights", m, _png(t / "a.png"), p], "symbolic links"),
     "symlink loop config": (lambda d, m, t: _loop(t, "loop.yaml"),
@@ -316,5 +316,5 @@ def test_our_own_messages_are_not_prefixed_with_another_file(tmp_path):
     dst.write_bytes(b"precious")
     with pytest.raises(SystemExit) as err:
         cli.main(["convert", str(src), str(dst)])
-    assert err.value.code == f"twinface convert: error: {dst} exists; pass --force to overwrite it"
+    assert err.value.code == f"twinface convert: error: {dst}: already exists; pass --force to replace it"
     assert dst.read_bytes() == b"precious"

@@ -28,14 +28,24 @@ def _make_folder(root, counts, size=16):
 def test_rec_folder_rec_round_trip(tmp_path):
     samples = [(label, _class_image(label, k)) for label, count in enumerate([2, 1, 3]) for k in range(count)]
     write_insightface_rec(tmp_path / "a", samples)
-    assert rec_to_folder(tmp_path / "a", tmp_path / "folder", progress=False) == {"num_images": 6,
-                                                                                   "num_classes": 3}
+    assert rec_to_folder(tmp_path / "a", tmp_path / "folder", progress=False) == {
+        "num_images": 6, "num_classes": 3, "num_skipped": 0, "skipped": []}
     stats = folder_to_rec(tmp_path / "folder", tmp_path / "b", progress=False)
     assert (stats["num_images"], stats["num_classes"], stats["skipped"]) == (6, 3, [])
     a, b = InsightFaceRec(tmp_path / "a"), InsightFaceRec(tmp_path / "b")
     assert b.labels.tolist() == a.labels.tolist() == [0, 0, 1, 2, 2, 2]
     assert [b.encoded(i) for i in range(len(b))] == [data for _, data in samples]
     assert (tmp_path / "a.rec").read_bytes() == (tmp_path / "b.rec").read_bytes()
+
+
+def test_rec_to_folder_reports_and_skips_records_that_are_no_usable_image(tmp_path):
+    samples = [(0, _class_image(0, 0)), (0, b"\xff\xd8 not a jpeg"), (1, _class_image(1, 0)),
+               (1, encode_image(np.zeros((16, 12, 3), np.uint8), ".png"))]          # not square: no aligned crop
+    write_insightface_rec(tmp_path / "a", samples)
+    stats = rec_to_folder(tmp_path / "a", tmp_path / "folder", progress=False)
+    assert (stats["num_images"], stats["num_skipped"]) == (2, 2)
+    assert [s.rsplit(" ", 1)[-1] for s in stats["skipped"]] == ["2", "4"]               # record keys, named
+    assert len(scan_image_folder(tmp_path / "folder")[0]) == 2
 
 
 def test_folder_to_rec_skips_corrupt_images_and_empty_identities(tmp_path):

@@ -49,8 +49,8 @@ elif spec["kill_in"] == "rmtree":
         die()
     shutil.rmtree = rmtree
 else:
-    decode, write = convert.decode_image, convert.write_image_folder
-    convert.decode_image = counted(decode)
+    read, write = convert._read_bytes, convert.write_image_folder
+    convert._read_bytes = counted(read)
     convert.write_image_folder = lambda root, samples: write(root, (counted(lambda s: s)(s) for s in samples))
 getattr(convert, spec["verb"])(*spec["args"], progress=False, overwrite=True)
 print("finished", flush=True)

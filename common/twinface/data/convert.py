@@ -1,5 +1,4 @@
 """Conversions between the data formats: image folder <-> insightface .rec, image folder -> verification .bin."""
-import logging
 import os
 
 import numpy as np
@@ -7,11 +6,10 @@ from tqdm import tqdm
 
 from twinface.atomic import Outputs, check_destination
 from twinface.data.folder import scan_image_folder, write_image_folder
-from twinface.data.images import CorruptImageError, decode_image, encode_image, fit_square
+from twinface.data.images import decode_image, encode_image, fit_square, usable_samples
 from twinface.data.recordio import InsightFaceRec, write_insightface_rec
 from twinface.data.verification_bin import save_bin
 
-logger = logging.getLogger(__name__)
 
 
 def _read_bytes(path, size=-1) -> bytes:
@@ -35,14 +33,8 @@ def folder_to_rec(src_root, dst_prefix, progress=True, overwrite=False) -> dict:
     skipped, new_label = [], {}
 
     def readable_samples():
-        for path, label in tqdm(samples, desc="folder -> rec", unit="img", disable=not progress):
-            data = _read_bytes(path)
-            try:
-                decode_image(data, path)
-            except CorruptImageError as err:
-                logger.warning("skipping %s", err)
-                skipped.append(path)
-                continue
+        files = tqdm(samples, desc="folder -> rec", unit="img", disable=not progress)
+        for label, data in usable_samples(((p, lab, _read_bytes(p)) for p, lab in files), skipped):
             yield new_label.setdefault(label, len(new_label)), data
 
     stats = write_insightface_rec(dst_prefix, readable_samples(), writer="twinface data folder2rec",
@@ -59,12 +51,15 @@ def rec_to_folder(src_prefix, dst_root, progress=True, overwrite=False) -> dict:
     that rename. See twinface.atomic.
     """
     rec = InsightFaceRec(src_prefix)
-    records = (rec.record(i) for i in tqdm(range(len(rec)), desc="rec -> folder", unit="img",
-                                           disable=not progress))
+    rec.labels                                   # every label checked before anything is written
+    skipped = []
+    records = usable_samples(((rec.source(i), *rec.record(i)) for i in tqdm(range(len(rec)), desc="rec -> folder",
+                                                                             unit="img", disable=not progress)),
+                             skipped)
     with Outputs([dst_root], "twinface data rec2folder", directory=True, overwrite=overwrite,
                  inputs=[rec.reader.rec_path, rec.reader.idx_path]) as (tmp,):
         count = write_image_folder(tmp, records)
-    return {"num_images": count, "num_classes": rec.num_classes}
+    return {"num_images": count, "num_classes": rec.num_classes, "num_skipped": len(skipped), "skipped": skipped}
 
 
 def make_pairs(labels: np.ndarray, num_pairs: int, seed: int):
