@@ -20,12 +20,14 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	touch $@
 
 # One pytest process per room: each frees its models on exit (torch + TF + IResNet-200 ONNX graphs in one
-# process outgrow 24 GB), and a failing room does not hide the others.
+# process outgrow 24 GB), and a failing room does not hide the others. Each room's peak memory is printed.
 ROOMS := common/tests pytorch/tests tensorflow/tests weights_convert/tests bench/tests parity_tests
 test: setup
-	@failed=""; for room in $(ROOMS); do \
-	  echo "== $$room"; $(BIN)/python -m pytest -q $$room || failed="$$failed $$room"; \
+	@failed=""; peaks=$$(mktemp); for room in $(ROOMS); do \
+	  echo "== $$room"; \
+	  $(BIN)/python -m twinface.peak_rss $$room $$peaks -- $(BIN)/python -m pytest -q $$room || failed="$$failed $$room"; \
 	done; \
+	echo "== memory"; cat $$peaks; rm -f $$peaks; \
 	if [ -n "$$failed" ]; then echo "FAILED rooms:$$failed"; exit 1; fi; echo "all rooms passed"
 
 parity: setup

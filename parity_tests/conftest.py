@@ -1,18 +1,28 @@
 """Parity harness: every comparison becomes a row (what, max diff, tolerance, pass/fail) of one table.
 
 `make parity` (twinface parity) prints the table and writes it as JSON; under `make test` the same checks run
-as ordinary assertions. Tolerances are DESIGN.md's (fp32, CPU); a looser one carries its measured reason.
+as ordinary assertions. Tolerances are docs/design.md's (fp32, CPU); a looser one carries its measured reason.
+Checks marked `large` (IResNet-100/200) run each in a process of their own, so the room's memory is that of
+one large model at a time; `twinface parity --quick` leaves them out.
 """
+import ctypes
 import json
 import os
+import subprocess
+import sys
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# tf2onnx deep-copies the whole graph, weights included, before each of its optimisers so that it can skip one
+# that fails; peak memory of one TF export measured without / with this copy: r34 10.2 / 5.9 GB, r50 11.8 /
+# 7.3 GB. Here an optimiser failure should fail the check anyway, so the copies are not needed.
+os.environ.setdefault("TF2ONNX_CATCH_ERRORS", "FALSE")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 ROWS = []
-QUICK = bool(os.environ.get("TWINFACE_PARITY_QUICK"))
+CHILD = "TWINFACE_PARITY_PARENT"          # set in a large check's own process: the pid of the room's process
 
 
 def _np(x):
@@ -46,13 +56,35 @@ def parity():
 
 @pytest.fixture(autouse=True)
 def _release_models():
-    """IResNet-200 twins and their ONNX graphs take GBs; drop Keras' global graph state after every test."""
+    """Twins and their ONNX graphs take GBs: after every test drop Keras' global graph state, collect, and hand
+    glibc's free heap back to the system (otherwise the process keeps its largest test's footprint)."""
     yield
     import gc
-    import sys
     if "keras" in sys.modules:
         sys.modules["keras"].backend.clear_session()
     gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "large: an IResNet-100/200 check; runs in its own process, and "
+                                       "`twinface parity --quick` leaves it out")
+
+
+def pytest_pyfunc_call(pyfuncitem):
+    """Run a `large` check as its own pytest process and take its rows into this room's table."""
+    if pyfuncitem.get_closest_marker("large") is None or CHILD in os.environ:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = os.path.join(tmp, "rows.json")
+        env = {**os.environ, CHILD: str(os.getpid()), "TWINFACE_PARITY_JSON": rows}
+        child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", pyfuncitem.nodeid],
+                               cwd=str(pyfuncitem.config.rootpath), env=env, capture_output=True, text=True)
+        if os.path.exists(rows):
+            with open(rows) as f:
+                ROWS.extend(json.load(f)["rows"])
+    assert child.returncode == 0, f"{pyfuncitem.nodeid} failed in its own process:\n{child.stdout[-6000:]}"
+    return True
 
 
 def pytest_terminal_summary(terminalreporter):

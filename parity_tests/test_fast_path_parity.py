@@ -1,5 +1,5 @@
 """The twins' default embedding paths (embed_images: torch's frozen TorchScript copy, TF's tf.function) agree with
-plain eager torch and with each other, and the torch copy follows weight updates (DESIGN.md tolerances)."""
+plain eager torch and with each other, and the torch copy follows weight updates (docs/design.md tolerances)."""
 import gc
 import weakref
 
@@ -18,7 +18,7 @@ def _uint8(n, size, seed):
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
-# IResNet-50 once at full size (DESIGN's reference case); the small models cover the other block types.
+# IResNet-50 once at full size (docs/design.md's reference case); the small models cover the other block types.
 CASES = [("r50", 112, 3), ("r18", 64, 4), ("mbf", 112, 4)]
 
 

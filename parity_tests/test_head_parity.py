@@ -7,6 +7,9 @@ from twinface.registry import HEADS
 N, D, C = 6, 16, 10
 SETTINGS = [(name, {}) for name in sorted(HEADS)] + [
     ("arcface", {"gradient": "analytic"}),
+    ("arcface", {"easy_margin": True}),
+    ("sphereface", {"m1": 4.0}),                    # SphereFace's piecewise psi across all four pieces
+    ("sphereface", {"m1": 4.0, "gradient": "analytic"}),
     ("cosface", {"interclass_filtering_threshold": 0.1}),
     ("linear", {}),
 ]

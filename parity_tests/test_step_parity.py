@@ -1,13 +1,17 @@
 """Training steps through the real twin adapters: same start, same batch -> same parameters.
 
 A freshly initialised backbone in training mode is ill-conditioned in fp32: batch-statistics BatchNorm over a
-handful of similar samples amplifies rounding, so even torch fp32 differs from torch fp64 by ~1e-3 of the
-gradient scale on the same input (measured: mbf 3e-3, r18 9e-4 at batch 8). A fixed 1e-5 between the twins is
-then below what fp32 itself achieves. The rows therefore measure the TF-vs-torch difference against torch
-fp32's own error w.r.t. a float64 run of the same step: TF may differ from torch by at most 5x torch's own
-error (measured ratios here: 1.6x on the backbone, 2.3x / 3.5x on the class centres after SGD / AdamW, TF's
-oneDNN kernels rounding a little differently), floored at DESIGN's 1e-5. The class centres inherit the embeddings' conditioning and are measured the same
-way. The loss value is well-conditioned and keeps DESIGN's 1e-5.
+handful of similar samples amplifies rounding, so torch fp32 itself differs from a float64 run of the same step.
+A fixed 1e-5 between the twins would be below what fp32 achieves, so each row is scaled by the size of the
+step's update and compared with torch fp32's own error against the float64 run:
+- TF vs torch may differ by at most 5x torch's own error (measured drift), floored at docs/design.md's 1e-5
+  and capped at STEP_CAP = 1e-3 of the update, a cap that holds whatever torch's own error is, so a real bug
+  cannot hide behind a badly conditioned step;
+- torch's own error must stay below TORCH_CAP = 2e-3 of the update.
+Measured here (2-core Xeon with AVX-512, CPU fp32; torch error / TF-vs-torch difference, of the update): SGD
+backbone 3.6e-5 / 3.6e-5, class centres 1.1e-5 / 9.3e-6; AdamW backbone 4.3e-4 / 4.3e-4 (AdamW divides by
+sqrt(v), which magnifies rounding in tiny gradients), class centres 2.2e-5 / 9.3e-6. The caps leave 2.3x (step)
+and 4.7x (torch) over the worst of these. The loss value is well-conditioned and keeps the 1e-5 relative rule.
 """
 import copy
 
@@ -17,6 +21,8 @@ import pytest
 from twinface import config
 
 LR = {"sgd": 0.1, "adamw": 1e-3}
+STEP_CAP = 1e-3        # TF vs torch, / update scale, whatever torch's own error
+TORCH_CAP = 2e-3       # torch fp32 vs float64, / update scale
 
 
 def _twins(arch, head="arcface", optimizer="sgd", num_classes=20):
@@ -66,10 +72,15 @@ def _state(module):
 def _check_against_exact(parity, what, start, exact, torch_state, tf_state):
     update = max(np.abs(exact[k] - start[k]).max() for k in exact)          # scale of this step's change
     torch_err = max(np.abs(torch_state[k] - exact[k]).max() for k in exact) / update
-    parity.check(f"{what}, torch fp32 vs exact (fp64), / update scale", [torch_err], [0.0], 1e-2)
+    parity.check(f"{what}, torch fp32 vs exact (fp64), / update scale", [torch_err], [0.0], TORCH_CAP)
     twin_diff = max(np.abs(torch_state[k] - tf_state[k]).max() for k in exact) / update
-    parity.check(f"{what} torch vs TF, / update scale (tol 5x torch fp32 error)", [twin_diff], [0.0],
-                 max(5 * torch_err, 1e-5))
+    parity.check(f"{what} torch vs TF, / update scale (tol 5x torch fp32 error, cap {STEP_CAP:g})", [twin_diff],
+                 [0.0], step_tolerance(torch_err))
+
+
+def step_tolerance(torch_err):
+    """5x torch's own fp32 error, never below 1e-5 nor above STEP_CAP."""
+    return min(max(5 * torch_err, 1e-5), STEP_CAP)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
@@ -87,3 +98,9 @@ def test_one_training_step_agrees(optimizer, parity):
                          _state(tt.backbone), keras_to_torch(kt.backbone))
     _check_against_exact(parity, f"{what}: class centres", start_head, exact_head, _state(tt.head),
                          {"weight": kt.head.weight.numpy()})
+
+
+def test_the_step_tolerance_is_measured_but_capped():
+    assert step_tolerance(1e-4) == pytest.approx(5e-4)         # 5x torch's own error
+    assert step_tolerance(1e-7) == 1e-5                        # floor
+    assert step_tolerance(1e-2) == STEP_CAP == 1e-3            # a badly conditioned step cannot widen it further

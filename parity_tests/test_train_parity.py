@@ -8,6 +8,8 @@ from twinface.data.sampler import EpochSampler
 from twinface.testing import run_tiny, tiny_config, tiny_dataset
 
 STEPS = 20
+CURVE_CAP = 2e-2       # torch vs TF, max relative loss difference over the curve, whatever the nudge drift
+NUDGE_CAP = 2e-2       # torch vs torch nudged by 1e-7: beyond this the regime is too chaotic to compare
 # 10 identities x 26 images, batch 64: 4 steps per epoch, 5 epochs
 CURVE_DATA = {"synth_identities": 10, "synth_images_per_identity": 26, "synth_val_identities": 4,
               "synth_val_pairs": 20}
@@ -44,10 +46,13 @@ def _curve(twins, cfg, dataset, sampler, lr_of):
 
 def test_twenty_steps_give_the_same_loss_curve(curve_data, tmp_path, parity):
     """Training from scratch amplifies fp32 rounding: a torch run whose weights are nudged by 1e-7 (about one
-    ulp) drifts from the unnudged one by ~1e-3 relative within 20 steps here (r18 + CosFace, lr 0.01, batch 64;
-    MobileFaceNet at lr 0.1 drifts to ~1e-1, measured). A fixed 1e-4 at step 20 is below what fp32 can promise,
-    so the curve is held to 10x torch's own drift under a one-ulp nudge, measured in the same test; the first
-    three steps (momentum, weight decay and the schedule already in play) keep 1e-4 before the drift grows."""
+    ulp) drifts from the unnudged one within 20 steps (r18 + CosFace, lr 0.01, batch 64). A fixed 1e-4 at step 20
+    is below what fp32 can promise, so the curve is held to 10x torch's own drift under a one-ulp nudge, measured
+    in the same test, floored at 1e-4 and capped at CURVE_CAP = 2e-2 relative: the cap holds whatever the drift,
+    so a real bug (a wrong margin or lr moves the loss by far more) cannot pass on a noisy run. The nudged run
+    itself must stay within NUDGE_CAP = 2e-2. Measured here (2-core Xeon with AVX-512): nudge drift 5.9e-3,
+    torch vs TF 7.6e-3 (2.6x below the cap). The first three steps (momentum, weight decay and the schedule
+    already in play) keep 1e-4 before the drift grows."""
     import os
     import torch
     from twinface_convert.mapping import torch_to_keras
@@ -75,9 +80,14 @@ def test_twenty_steps_give_the_same_loss_curve(curve_data, tmp_path, parity):
     parity.check("r18 + cosface, loss at steps 1-3, torch vs TF", t[:3], k[:3], 1e-4, relative=True)
     drift = float(np.max(np.abs(t - n) / np.abs(t)))
     parity.check(f"r18 + cosface, loss curve over {STEPS} steps, torch vs torch nudged by 1e-7", [drift], [0.0],
-                 5e-2)                                      # sanity: the regime is not chaotic beyond this
-    parity.check(f"r18 + cosface, loss curve over {STEPS} steps, torch vs TF (tol 10x the nudge drift)",
-                 [float(np.max(np.abs(t - k) / np.abs(t)))], [0.0], max(10 * drift, 1e-4))
+                 NUDGE_CAP)
+    parity.check(f"r18 + cosface, loss curve over {STEPS} steps, torch vs TF (tol 10x the nudge drift, cap "
+                 f"{CURVE_CAP:g})", [float(np.max(np.abs(t - k) / np.abs(t)))], [0.0], curve_tolerance(drift))
+
+
+def curve_tolerance(drift):
+    """10x torch's own drift under a one-ulp nudge, never below 1e-4 nor above CURVE_CAP."""
+    return min(max(10 * drift, 1e-4), CURVE_CAP)
 
 
 def test_finetune_from_the_other_framework_converts_and_freezes(data, tmp_path):
@@ -99,3 +109,9 @@ def test_finetune_from_the_other_framework_converts_and_freezes(data, tmp_path):
         "weights": str(tmp_path / "tf" / "backbone.weights.h5"), "freeze_epochs": 1, "backbone_lr_scale": 0.1})
     trained = twin.backbone.state_dict()
     assert any(not torch.equal(init[n], trained[n]) for n in init if not n.endswith("num_batches_tracked"))
+
+
+def test_the_curve_tolerance_is_measured_but_capped():
+    assert curve_tolerance(1e-3) == pytest.approx(1e-2)        # 10x the measured drift
+    assert curve_tolerance(1e-7) == 1e-4                       # floor
+    assert curve_tolerance(0.05) == CURVE_CAP == 2e-2          # a noisy run cannot let a 50% difference pass

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from twinface.registry import backbone_spec
 from twinface_bench import measure
 from twinface_bench.run import CPU_RUNTIMES, TRAIN_RUNTIMES, Options, derive, run_bench, run_child
 
@@ -50,7 +51,7 @@ def test_derived_numbers_follow_from_the_measurements(bench):
     result, _, _ = bench
     peak = max(r["gflops"] for r in result["rows"] if r["section"] == "peak")
     assert result["peak_gflops"] == peak
-    forward = 2 * 0.45 * (32 / 112) ** 2                    # registry MACs of mbf at 112, scaled to 32x32
+    forward = 2 * backbone_spec("mbf").gmacs * (32 / 112) ** 2   # registry MACs of mbf at 112, scaled to 32x32
     for r in result["rows"]:
         if r["section"] == "inference":
             assert r["gflop_per_image"] == pytest.approx(forward)

@@ -46,12 +46,25 @@ def test_the_next_write_removes_what_a_killed_writer_left(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["other.pt", "state.pt"] and path.read_bytes() == b"old"
 
 
-def test_polynomial_schedule_with_warmup_matches_arcface_torch():
-    # arcface_torch PolyScheduler: linear warm-up to base, then base * (1 - t)^2
-    lrs = [lr_at(s, 0.1, 100, 10, "polynomial", warmup_epochs=1) for s in range(100)]
-    assert lrs[0] == pytest.approx(0.01) and lrs[9] == pytest.approx(0.1)
-    assert lrs[10] == pytest.approx(0.1) and lrs[55] == pytest.approx(0.1 * (1 - 45 / 90) ** 2)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+def arcface_torch_poly_lr(step, base_lr, max_steps, warmup_steps, power=2):
+    """insightface recognition/arcface_torch/lr_scheduler.py, PolyScheduler.get_lr, written out. arcface_torch
+    calls scheduler.step() after every optimizer step, so the update made at 0-based `step` sees last_epoch == step:
+        last_epoch < warmup_steps: base_lr * last_epoch / warmup_steps
+        otherwise:                 base_lr * (1 - (last_epoch - warmup_steps) / (max_steps - warmup_steps)) ** power
+    """
+    if step < warmup_steps:
+        return base_lr * float(step) / float(warmup_steps)
+    return base_lr * pow(1 - float(step - warmup_steps) / float(max_steps - warmup_steps), power)
+
+
+@pytest.mark.parametrize("warmup_epochs", [0, 1, 2.5])
+def test_polynomial_schedule_with_warmup_matches_arcface_torch(warmup_epochs):
+    total, per_epoch = 100, 10
+    ours = [lr_at(s, 0.1, total, per_epoch, "polynomial", warmup_epochs=warmup_epochs) for s in range(total)]
+    theirs = [arcface_torch_poly_lr(s, 0.1, total, int(warmup_epochs * per_epoch)) for s in range(total)]
+    assert ours == pytest.approx(theirs, rel=1e-12, abs=0)
+    if warmup_epochs:
+        assert ours[0] == 0.0                                  # arcface_torch's first update has lr 0
 
 
 def test_cosine_and_step_schedules():

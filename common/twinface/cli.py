@@ -333,14 +333,18 @@ def _add_parity(sub):
     p.add_argument("--quick", action="store_true", help="skip the large backbones (r100, r200)")
 
 
+def parity_command(quick: bool) -> list:
+    """pytest over the parity room; --quick deselects the checks marked `large` (IResNet-100/200)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(["-m", "not large"] if quick else []),
+            os.path.join(root, "parity_tests")]
+
+
 def _run_parity(args):
     import subprocess
-    env = {**os.environ, "TWINFACE_PARITY_JSON": os.path.abspath(args.json),
-           "TWINFACE_PARITY_QUICK": "1" if args.quick else ""}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    code = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                            os.path.join(root, "parity_tests")], env=env, cwd=root)
-    raise SystemExit(code)
+    env = {**os.environ, "TWINFACE_PARITY_JSON": os.path.abspath(args.json)}
+    cmd = parity_command(args.quick)
+    raise SystemExit(subprocess.call(cmd, env=env, cwd=os.path.dirname(cmd[-1])))
 
 
 def _add_train(sub):

@@ -5,22 +5,29 @@ Each twin's `get_model(name, ...)` looks the name up here, so both twins accept 
 """
 from dataclasses import dataclass, field
 
+from twinface.macs import count_macs
+
 
 @dataclass(frozen=True)
 class BackboneSpec:
     family: str                     # "iresnet" | "mobilefacenet"
     kwargs: dict = field(default_factory=dict)
-    gmacs: float = 0.0              # multiply-accumulates at 112x112 (REFERENCE.md), for FLOP/s reports
+
+    @property
+    def gmacs(self) -> float:
+        """Giga multiply-accumulates of one 112x112 image (ptflops' convention), counted from the architecture;
+        FLOP/s reports use 2 FLOPs per MAC."""
+        return count_macs(self.family, self.kwargs) / 1e9
 
 
 BACKBONES = {
-    "r18": BackboneSpec("iresnet", {"layers": (2, 2, 2, 2)}, 2.6),
-    "r34": BackboneSpec("iresnet", {"layers": (3, 4, 6, 3)}, 4.5),
-    "r50": BackboneSpec("iresnet", {"layers": (3, 4, 14, 3)}, 6.3),
-    "r100": BackboneSpec("iresnet", {"layers": (3, 13, 30, 3)}, 12.1),
-    "r200": BackboneSpec("iresnet", {"layers": (6, 26, 60, 6)}, 23.5),
-    "mbf": BackboneSpec("mobilefacenet", {"blocks": (1, 4, 6, 2), "scale": 2}, 0.45),
-    "mbf_large": BackboneSpec("mobilefacenet", {"blocks": (2, 8, 12, 4), "scale": 4}, 0.0),
+    "r18": BackboneSpec("iresnet", {"layers": (2, 2, 2, 2)}),
+    "r34": BackboneSpec("iresnet", {"layers": (3, 4, 6, 3)}),
+    "r50": BackboneSpec("iresnet", {"layers": (3, 4, 14, 3)}),
+    "r100": BackboneSpec("iresnet", {"layers": (3, 13, 30, 3)}),
+    "r200": BackboneSpec("iresnet", {"layers": (6, 26, 60, 6)}),
+    "mbf": BackboneSpec("mobilefacenet", {"blocks": (1, 4, 6, 2), "scale": 2}),
+    "mbf_large": BackboneSpec("mobilefacenet", {"blocks": (2, 8, 12, 4), "scale": 4}),
 }
 
 # Margin settings of the one combined-margin head: target logit = s * (cos(m1*theta + m2) - m3).

@@ -8,11 +8,12 @@ def lr_at(step: int, base_lr: float, total_steps: int, steps_per_epoch: int, kin
           min_lr: float = 0.0) -> float:
     """lr for the update made at `step` (0-based). Linear warm-up, then the decay of `kind`.
 
-    polynomial is arcface_torch's PolyScheduler: base * (1 - progress)^power after warm-up.
+    Warm-up and polynomial decay are arcface_torch's PolyScheduler: base * step / W during the W warm-up
+    steps (so the very first update has lr 0, as there), then base * (1 - progress)^power.
     """
     warmup = int(round(warmup_epochs * steps_per_epoch))
     if step < warmup:
-        return base_lr * (step + 1) / warmup
+        return base_lr * step / warmup
     if kind == "step":
         epoch = step / steps_per_epoch
         return base_lr * gamma ** bisect.bisect_right(sorted(milestones), epoch)

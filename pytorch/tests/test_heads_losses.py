@@ -10,8 +10,15 @@ from twinface_torch.optim import build_optimizer
 RNG = np.random.default_rng(0)
 
 
-def numpy_margin_logits(embeddings, weight, labels, s, m1, m2, m3, threshold=0.0):
-    """The combined-margin formula written out in float64."""
+def sphereface_psi(phi):
+    """SphereFace (Liu et al. 2017, eq. 6): psi = (-1)^k cos(phi) - 2k for phi in [k pi, (k + 1) pi]."""
+    k = np.floor(phi / np.pi)
+    return (-1.0) ** k * np.cos(phi) - 2 * k
+
+
+def numpy_margin_logits(embeddings, weight, labels, s, m1, m2, m3, threshold=0.0, easy_margin=False):
+    """The combined-margin formula written out in float64: cos(m1 theta + m2) - m3, SphereFace's psi for m1 != 1,
+    the margin left out for targets with cos <= 0 under easy_margin."""
     e = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
     w = weight / np.linalg.norm(weight, axis=1, keepdims=True)
     cos = np.clip(e @ w.T, -1.0, 1.0)
@@ -22,8 +29,9 @@ def numpy_margin_logits(embeddings, weight, labels, s, m1, m2, m3, threshold=0.0
             if label >= 0:
                 noisy[label] = False
             out[row, noisy] = 0.0
-        if label >= 0:
-            out[row, label] = np.cos(m1 * np.arccos(cos[row, label]) + m2) - m3
+        if label >= 0 and not (easy_margin and cos[row, label] <= 0):
+            phi = m1 * np.arccos(cos[row, label]) + m2
+            out[row, label] = (np.cos(phi) if m1 == 1 else sphereface_psi(phi)) - m3
     return s * out
 
 
@@ -53,6 +61,41 @@ def test_margin_forward_with_filtering_matches_numpy():
                                    labels, **HEADS["arcface"], threshold=0.1)
     assert (expected == 0).sum() >= 5                           # the threshold does filter something here
     np.testing.assert_allclose(logits, expected, rtol=0, atol=64 * 2e-6)
+
+
+@pytest.mark.parametrize("m1", [1.35, 2.0, 4.0])
+@pytest.mark.parametrize("gradient", ["straight_through", "analytic"])
+def test_sphereface_margin_decreases_over_the_whole_angle_range(m1, gradient):
+    head = make_head("sphereface", m1=m1, gradient=gradient)
+    theta = torch.linspace(0.0, np.pi, 2001, dtype=torch.float64)
+    cos = torch.cos(theta).unsqueeze(1).requires_grad_(gradient == "analytic")
+    target = head.logits_from_cos(cos, torch.zeros(len(theta), dtype=torch.int64))[:, 0]
+    assert (target[1:] < target[:-1]).all()                      # plain cos(m1 theta) turns back up past pi / m1
+    k = np.arange(int(np.ceil(m1)))                               # SphereFace's values at the piece boundaries
+    at_bounds = head.logits_from_cos(torch.cos(torch.tensor(k * np.pi / m1)).unsqueeze(1), torch.zeros(len(k),
+                                     dtype=torch.int64))[:, 0]
+    # analytic clamps cos to 1 - 1e-7 (theta >= 4.5e-4): its value at theta = 0 is off by ~64 * 4e-7 * m1^2
+    np.testing.assert_allclose(at_bounds.detach().numpy(), 64.0 * (1 - 2 * k), atol=1e-9 if gradient ==
+                               "straight_through" else 1e-3)
+
+
+@pytest.mark.parametrize("gradient", ["straight_through", "analytic"])
+def test_easy_margin_spares_targets_at_or_beyond_ninety_degrees(gradient):
+    head = make_head("arcface", easy_margin=True, gradient=gradient)
+    cos = cos_input([[0.6, 0.1], [-0.2, 0.3], [0.0, 0.5]])
+    logits = head.logits_from_cos(cos, torch.tensor([0, 0, 0]))
+    expected = 64.0 * np.array([np.cos(np.arccos(0.6) + 0.5), -0.2, 0.0])
+    np.testing.assert_allclose(logits[:, 0].detach().numpy(), expected, atol=1e-9)
+    embeddings = RNG.normal(size=(6, 16)).astype(np.float32)
+    labels = np.array([0, 3, -1, 9, 3, 5])
+    got = head(torch.from_numpy(embeddings), torch.from_numpy(labels)).detach().numpy()
+    np.testing.assert_allclose(got, numpy_margin_logits(embeddings.astype(np.float64), head.weight.detach().double()
+                               .numpy(), labels, **HEADS["arcface"], easy_margin=True), rtol=0, atol=64 * 2e-6)
+
+
+def test_m1_must_be_positive():
+    with pytest.raises(ValueError, match="MarginHead: m1 multiplies the angle and must be > 0, got 0"):
+        make_head("sphereface", m1=0)
 
 
 def test_weight_shape_and_init():

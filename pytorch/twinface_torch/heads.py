@@ -1,7 +1,12 @@
 """Classification heads on top of the embedding.
 
-MarginHead is the one combined-margin head: target logit = s * (cos(m1*theta + m2) - m3);
-Softmax, SphereFace, ArcFace and CosFace are settings of it (twinface.registry.HEADS).
+MarginHead is the one combined-margin head: target logit = s * (psi(m1*theta + m2) - m3);
+Softmax, SphereFace, ArcFace and CosFace are settings of it (twinface.registry.HEADS). Where it departs from
+arcface_torch's CombinedMarginLoss (docs/design.md, "Margin heads"):
+- arcface_torch applies only cos(theta) - m3 when m3 > 0, ignoring m2; here m2 and m3 always both apply.
+- arcface_torch refuses m1 != 1. Here psi is SphereFace's monotonic psi(phi) = (-1)^k cos(phi) - 2k on
+  [k pi, (k + 1) pi]; with m1 == 1 it is plain cos(phi), which is exactly arcface_torch.
+- easy_margin (insightface's ArcFace option): the margin applies only where cos(theta) > 0.
 """
 import math
 
@@ -29,15 +34,18 @@ def check_batch(head, embeddings, labels, embedding_size, num_classes):
 
 class MarginHead(nn.Module):
     def __init__(self, embedding_size, num_classes, s=64.0, m1=1.0, m2=0.0, m3=0.0,
-                 interclass_filtering_threshold=0.0, gradient="straight_through"):
+                 interclass_filtering_threshold=0.0, gradient="straight_through", easy_margin=False):
         super().__init__()
         if gradient not in GRADIENTS:
             raise ValueError(f"MarginHead: gradient must be one of {GRADIENTS}, got {gradient!r}")
+        if not m1 > 0:
+            raise ValueError(f"MarginHead: m1 multiplies the angle and must be > 0, got {m1}")
         self.embedding_size = embedding_size
         self.num_classes = num_classes
         self.s, self.m1, self.m2, self.m3 = s, m1, m2, m3
         self.interclass_filtering_threshold = interclass_filtering_threshold
         self.gradient = gradient
+        self.easy_margin = easy_margin
         self.weight = nn.Parameter(torch.normal(0.0, 0.01, (num_classes, embedding_size)))
 
     def forward(self, embeddings, labels):
@@ -60,12 +68,20 @@ class MarginHead(nn.Module):
         if self.gradient == "straight_through":
             # Exact forward value, gradient 1 w.r.t. the cosine: no 1/sqrt(1-cos^2), no NaN at cos = +-1.
             with torch.no_grad():
-                margin = torch.cos(self.m1 * torch.acos(target_cos) + self.m2) - self.m3
+                margin = self.margin(target_cos)
             target_logit = target_cos + (margin - target_cos.detach())
         else:
-            theta = torch.acos(torch.clamp(target_cos, -1.0 + 1e-7, 1.0 - 1e-7))
-            target_logit = torch.cos(self.m1 * theta + self.m2) - self.m3
+            target_logit = self.margin(torch.clamp(target_cos, -1.0 + 1e-7, 1.0 - 1e-7))
+        if self.easy_margin:
+            target_logit = torch.where(target_cos > 0, target_logit, target_cos)
         return self.s * torch.where(is_target, target_logit, cos)
+
+    def margin(self, cos):
+        phi = self.m1 * torch.acos(cos) + self.m2
+        if self.m1 == 1:
+            return torch.cos(phi) - self.m3
+        k = torch.floor(phi / math.pi).detach()          # SphereFace's piece: decreasing over the whole range
+        return (1 - 2 * torch.remainder(k, 2)) * torch.cos(phi) - 2 * k - self.m3
 
 
 class LinearHead(nn.Module):

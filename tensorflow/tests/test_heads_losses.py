@@ -18,8 +18,15 @@ def l2_normalize(x):
     return x / np.sqrt(np.maximum((x * x).sum(axis=1, keepdims=True), 1e-24))
 
 
-def reference_logits(embeddings, weight, labels, s, m1, m2, m3, interclass_filtering_threshold=0.0):
-    """The combined-margin formula in float64 numpy."""
+def sphereface_psi(phi):
+    """SphereFace (Liu et al. 2017, eq. 6): psi = (-1)^k cos(phi) - 2k for phi in [k pi, (k + 1) pi]."""
+    k = np.floor(phi / np.pi)
+    return (-1.0) ** k * np.cos(phi) - 2 * k
+
+
+def reference_logits(embeddings, weight, labels, s, m1, m2, m3, interclass_filtering_threshold=0.0,
+                     easy_margin=False):
+    """The combined-margin formula in float64 numpy (SphereFace's psi for m1 != 1; easy_margin spares cos <= 0)."""
     cos = np.clip(l2_normalize(embeddings) @ l2_normalize(weight).T, -1, 1)
     rows = np.flatnonzero(labels >= 0)
     is_target = np.zeros(cos.shape, bool)
@@ -27,7 +34,10 @@ def reference_logits(embeddings, weight, labels, s, m1, m2, m3, interclass_filte
     if interclass_filtering_threshold > 0:
         cos = np.where((cos > interclass_filtering_threshold) & ~is_target, 0.0, cos)
     logits = cos.copy()
-    logits[rows, labels[rows]] = np.cos(m1 * np.arccos(cos[rows, labels[rows]]) + m2) - m3
+    target = cos[rows, labels[rows]]
+    phi = m1 * np.arccos(target) + m2
+    margined = (np.cos(phi) if m1 == 1 else sphereface_psi(phi)) - m3
+    logits[rows, labels[rows]] = np.where(easy_margin & (target <= 0), target, margined)
     return s * logits
 
 
@@ -64,6 +74,38 @@ def test_margin_head_matches_formula_for_every_registry_setting(name, gradient):
     head = margin_head(name, weight, gradient=gradient)
     expected = reference_logits(embeddings.astype(np.float64), weight.astype(np.float64), LABELS, **HEADS[name])
     np.testing.assert_allclose(head(embeddings, LABELS).numpy(), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("m1", [1.35, 2.0, 4.0])
+@pytest.mark.parametrize("gradient", GRADIENTS)
+def test_sphereface_margin_decreases_over_the_whole_angle_range(m1, gradient):
+    weight = np.eye(CLASSES, EMB, dtype=np.float32)
+    theta = np.linspace(0.0, np.pi, 2001)
+    embeddings = np.zeros((len(theta), EMB), np.float32)
+    embeddings[:, 0], embeddings[:, 1] = np.cos(theta), np.sin(theta)       # angle theta to class 0
+    head = margin_head("sphereface", weight, m1=m1, gradient=gradient)
+    target = head(embeddings, np.zeros(len(theta), np.int64)).numpy()[:, 0]
+    assert (target[1:] <= target[:-1]).all() and target[-1] < target[0] - 64   # cos(m1 theta) turns back up
+    np.testing.assert_allclose(target, reference_logits(embeddings.astype(np.float64), weight.astype(np.float64),
+                               np.zeros(len(theta), np.int64), **{**HEADS["sphereface"], "m1": m1})[:, 0],
+                               atol=64 * 1e-3)
+
+
+@pytest.mark.parametrize("gradient", GRADIENTS)
+def test_easy_margin_spares_targets_at_or_beyond_ninety_degrees(gradient):
+    embeddings, weight = random_batch()
+    head = margin_head("arcface", weight, easy_margin=True, gradient=gradient)
+    expected = reference_logits(embeddings.astype(np.float64), weight.astype(np.float64), LABELS,
+                                **HEADS["arcface"], easy_margin=True)
+    rows = np.flatnonzero(LABELS >= 0)
+    assert (expected[rows, LABELS[rows]] <= 0).any() and (expected[rows, LABELS[rows]] > 0).any()   # both cases
+    np.testing.assert_allclose(head(embeddings, LABELS).numpy(), expected, atol=1e-4)
+    assert head.get_config()["easy_margin"] is True
+
+
+def test_m1_must_be_positive():
+    with pytest.raises(ValueError, match="MarginHead: m1 multiplies the angle and must be > 0, got -1"):
+        get_head("sphereface", EMB, CLASSES, m1=-1.0)
 
 
 def test_interclass_filtering_zeroes_only_non_target_cosines_above_threshold():

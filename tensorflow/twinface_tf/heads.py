@@ -3,6 +3,8 @@ and a plain linear head. Same constructor arguments and variable names as the to
 
 MarginHead is the one interface a sharded, sampled Partial FC can later stand behind.
 """
+import math
+
 import keras
 import tensorflow as tf
 
@@ -18,7 +20,11 @@ def l2_normalize(x):
 
 
 class MarginHead(keras.layers.Layer):
-    """logits = s * cos(theta), with the target column replaced by s * (cos(m1 * theta + m2) - m3).
+    """logits = s * cos(theta), with the target column replaced by s * (psi(m1 * theta + m2) - m3).
+
+    psi is cos when m1 == 1 (arcface_torch), otherwise SphereFace's monotonic (-1)^k cos(phi) - 2k on
+    [k pi, (k + 1) pi]. Unlike arcface_torch, m2 and m3 always both apply (docs/design.md, "Margin heads").
+    easy_margin=True (insightface's ArcFace option): targets with cos(theta) <= 0 keep plain s * cos.
 
     `weight` [num_classes, embedding_size], init N(0, 0.01). Rows labelled -1 have no target and keep plain
     s * cos. gradient="straight_through" (default, arcface_torch): exact forward value, d logit / d cos = s on
@@ -28,20 +34,27 @@ class MarginHead(keras.layers.Layer):
     """
 
     def __init__(self, embedding_size, num_classes, s=64.0, m1=1.0, m2=0.0, m3=0.0,
-                 interclass_filtering_threshold=0.0, gradient="straight_through", **kwargs):
+                 interclass_filtering_threshold=0.0, gradient="straight_through", easy_margin=False, **kwargs):
         # float32 whatever the global policy: only the backbone trunk runs in mixed precision
         super().__init__(**{"dtype": "float32", **kwargs})
         if gradient not in GRADIENTS:
             raise ValueError(f"MarginHead: gradient must be one of {GRADIENTS}, got {gradient!r}")
+        if not m1 > 0:
+            raise ValueError(f"MarginHead: m1 multiplies the angle and must be > 0, got {m1}")
         self.embedding_size, self.num_classes = embedding_size, num_classes
         self.s, self.m1, self.m2, self.m3 = float(s), float(m1), float(m2), float(m3)
         self.interclass_filtering_threshold = float(interclass_filtering_threshold)
         self.gradient = gradient
+        self.easy_margin = bool(easy_margin)
         self.weight = self.add_weight(shape=(num_classes, embedding_size), name="weight",
                                       initializer=keras.initializers.RandomNormal(0.0, 0.01))
 
     def margin(self, cos):
-        return tf.cos(self.m1 * tf.acos(cos) + self.m2) - self.m3
+        phi = self.m1 * tf.acos(cos) + self.m2
+        if self.m1 == 1:
+            return tf.cos(phi) - self.m3
+        k = tf.stop_gradient(tf.floor(phi / math.pi))    # SphereFace's piece: decreasing over the whole range
+        return (1.0 - 2.0 * tf.math.floormod(k, 2.0)) * tf.cos(phi) - 2.0 * k - self.m3
 
     def call(self, embeddings, labels):
         embeddings = tf.cast(embeddings, "float32")
@@ -57,12 +70,15 @@ class MarginHead(keras.layers.Layer):
             target = target_cos + tf.stop_gradient(self.margin(target_cos) - target_cos)
         else:
             target = self.margin(tf.clip_by_value(target_cos, -1.0 + 1e-7, 1.0 - 1e-7))
+        if self.easy_margin:
+            target = tf.where(target_cos > 0, target, target_cos)
         return self.s * tf.where(is_target, target, cos)
 
     def get_config(self):
         return {**super().get_config(), "embedding_size": self.embedding_size, "num_classes": self.num_classes,
                 "s": self.s, "m1": self.m1, "m2": self.m2, "m3": self.m3,
-                "interclass_filtering_threshold": self.interclass_filtering_threshold, "gradient": self.gradient}
+                "interclass_filtering_threshold": self.interclass_filtering_threshold, "gradient": self.gradient,
+                "easy_margin": self.easy_margin}
 
 
 class LinearHead(keras.layers.Layer):

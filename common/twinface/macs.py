@@ -1,0 +1,85 @@
+"""Operations of one forward pass, counted from the backbone definitions (twinface.registry), not typed in.
+
+The count follows ptflops, which arcface_torch's flops.py uses for its published figures (IResNet-50 6.3 G at
+112x112): each convolution out_h * out_w * out_channels * k * k * in_channels / groups, each fully connected
+layer in * out, 2 per element out of a BatchNorm (scale and shift), 1 per element out of a PReLU; additions and
+biases are left out. The walk mirrors both twins' builders layer by layer; pytorch/tests/test_macs.py holds it
+to hooks on the real torch modules, so a change to the architecture cannot leave these numbers behind.
+"""
+
+
+class _Counter:
+    def __init__(self, size):
+        self.size, self.macs = size, 0
+
+    def bn(self, channels):
+        self.macs += 2 * channels * self.size * self.size
+
+    def conv(self, cin, cout, kernel=1, stride=1, groups=1, padding=None, bn=True, prelu=False):
+        """A bias-free convolution on the current map, optionally followed by BatchNorm and PReLU."""
+        pad = kernel // 2 if padding is None else padding
+        self.size = (self.size + 2 * pad - kernel) // stride + 1
+        self.macs += self.size * self.size * cout * kernel * kernel * cin // groups
+        if bn:
+            self.bn(cout)
+        if prelu:
+            self.macs += cout * self.size * self.size
+
+    def linear_bn(self, cin, cout):
+        """A fully connected layer followed by BatchNorm1d (the embedding layer of both families)."""
+        self.macs += cin * cout + 2 * cout
+
+
+def _iresnet(c, layers, num_features):
+    c.conv(3, 64, 3, prelu=True)
+    inplanes = 64
+    for planes, blocks in zip((64, 128, 256, 512), layers):
+        # The first block of a stage halves the side (in its second conv) and has a 1x1 stride-2 shortcut + BN.
+        shortcut = _Counter(c.size)
+        shortcut.conv(inplanes, planes, 1, 2, padding=0)
+        c.macs += shortcut.macs
+        for block in range(blocks):
+            cin = inplanes if block == 0 else planes
+            c.bn(cin)                                          # bn1 on the block's input
+            c.conv(cin, planes, 3, prelu=True)                 # conv1, bn2, prelu
+            c.conv(planes, planes, 3, 2 if block == 0 else 1)  # conv2, bn3
+        inplanes = planes
+    c.bn(512)
+    c.linear_bn(512 * c.size * c.size, num_features)
+
+
+def _depthwise(c, cin, cout, groups, stride):
+    c.conv(cin, groups, prelu=True)
+    c.conv(groups, groups, 3, stride, groups=groups, prelu=True)
+    c.conv(groups, cout)
+
+
+def _mobilefacenet(c, blocks, scale, num_features):
+    width = 64 * scale
+    c.conv(3, width, 3, 2, prelu=True)
+    if blocks[0] == 1:
+        c.conv(width, width, 3, groups=64, prelu=True)
+    else:
+        for _ in range(blocks[0]):
+            _depthwise(c, width, width, 128, 1)
+    for cin, cout, groups, residual_blocks, residual_groups in (
+            (width, width, 128, blocks[1], 128), (width, 2 * width, 256, blocks[2], 256),
+            (2 * width, 2 * width, 512, blocks[3], 256)):
+        _depthwise(c, cin, cout, groups, 2)
+        for _ in range(residual_blocks):
+            _depthwise(c, cout, cout, residual_groups, 1)
+    c.conv(2 * width, 512, prelu=True)                         # conv_sep
+    c.conv(512, 512, c.size, groups=512, padding=0)            # GDC: depthwise over the whole final map
+    c.linear_bn(512, num_features)
+
+
+def count_macs(family: str, kwargs: dict, input_size: int = 112, num_features: int = 512) -> int:
+    """Operations (ptflops' "MACs") of one image through the backbone `family` built with registry `kwargs`."""
+    c = _Counter(input_size)
+    if family == "iresnet":
+        _iresnet(c, kwargs["layers"], num_features)
+    elif family == "mobilefacenet":
+        _mobilefacenet(c, kwargs["blocks"], kwargs["scale"], num_features)
+    else:
+        raise ValueError(f"count_macs: unknown backbone family {family!r}; expected iresnet or mobilefacenet")
+    return c.macs
