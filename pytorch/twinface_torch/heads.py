@@ -19,8 +19,10 @@ GRADIENTS = ("straight_through", "analytic")
 
 
 def l2_normalize(x):
-    # rsqrt of a clamped square sum: no division by zero for an all-zero row, same formula in both twins.
-    return x * torch.rsqrt(torch.clamp((x * x).sum(dim=1, keepdim=True), min=1e-24))
+    # x / sqrt(max(sum(x^2), 1e-24)), the same expression in both twins: clamped before the sqrt, so an all-zero
+    # row has a zero gradient, not NaN. sqrt and division are correctly rounded on every CPU; a vectorised rsqrt
+    # is not (TF's AVX-512 rsqrt(4) = 0.49999994), and acos in the margin turns that ulp at cos = 1 into 3e-4.
+    return x / torch.sqrt(torch.clamp((x * x).sum(dim=1, keepdim=True), min=1e-24))
 
 
 def check_batch(head, embeddings, labels, embedding_size, num_classes):

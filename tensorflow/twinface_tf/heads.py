@@ -15,8 +15,8 @@ GRADIENTS = ("straight_through", "analytic")
 
 
 def l2_normalize(x):
-    # Same expression in both twins: x * rsqrt(max(sum(x^2), 1e-24)).
-    return x * tf.math.rsqrt(tf.maximum(tf.reduce_sum(tf.square(x), axis=1, keepdims=True), 1e-24))
+    # The torch twin's expression (see there why not rsqrt): x / sqrt(max(sum(x^2), 1e-24)).
+    return x / tf.sqrt(tf.maximum(tf.reduce_sum(tf.square(x), axis=1, keepdims=True), 1e-24))
 
 
 class MarginHead(keras.layers.Layer):
