@@ -15,8 +15,10 @@ GRADIENTS = ("straight_through", "analytic")
 
 
 def l2_normalize(x):
-    # The torch twin's expression (see there why not rsqrt): x / sqrt(max(sum(x^2), 1e-24)).
-    return x / tf.sqrt(tf.maximum(tf.reduce_sum(tf.square(x), axis=1, keepdims=True), 1e-24))
+    # The torch twin's expression (see there why not rsqrt): x / sqrt(max(sum(x^2), 1e-24)). DivNoNan, not `/`:
+    # grappler rewrites Div(x, Sqrt(y)) into Mul(x, Rsqrt(y)) inside tf.function, which brought rsqrt back into
+    # the training step; the denominator is never 0, so the result is the plain quotient.
+    return tf.math.divide_no_nan(x, tf.sqrt(tf.maximum(tf.reduce_sum(tf.square(x), axis=1, keepdims=True), 1e-24)))
 
 
 class MarginHead(keras.layers.Layer):
