@@ -21,7 +21,8 @@ def test_defaults_and_head_params_fill_from_registry():
     cfg = config.from_dict({"head": {"type": "cosface"}})
     assert cfg.head_params()["m3"] == 0.4 and cfg.head_params()["m2"] == 0.0 and cfg.head_params()["s"] == 64.0
     cfg = config.from_dict({"head": {"type": "arcface", "m2": 0.3}})
-    assert cfg.head_params()["m2"] == 0.3
+    assert cfg.head_params()["m2"] == 0.3 and cfg.head_params()["easy_margin"] is False
+    assert config.from_dict({"head": {"type": "arcface", "easy_margin": True}}).head_params()["easy_margin"] is True
     assert config.from_dict({"head": {"type": "linear"}}).head_params() == {}
 
 

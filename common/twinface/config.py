@@ -40,6 +40,7 @@ class HeadConfig:
     m3: typing.Optional[float] = None
     interclass_filtering_threshold: float = 0.0
     gradient: str = "straight_through"          # or "analytic"
+    easy_margin: bool = False                   # insightface's option: the margin only where cos(theta) > 0
     sample_rate: float = 1.0                    # Partial FC class sampling (1.0 = all classes)
 
 
@@ -133,6 +134,7 @@ class Config:
                 params[key] = value
         params["interclass_filtering_threshold"] = self.head.interclass_filtering_threshold
         params["gradient"] = self.head.gradient
+        params["easy_margin"] = self.head.easy_margin
         return params
 
     def to_dict(self) -> dict:
