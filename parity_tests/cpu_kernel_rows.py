@@ -7,20 +7,20 @@ test_cpu_kernels.py runs it once per backbone and kernel setting (TensorFlow's E
 kernels, oneDNN and ATen capped at AVX2), each in a fresh process: TensorFlow reads the switch once, at import.
 
 - step rows: TFTwin.train_step and TorchTwin.train_step, the real adapters (ArcFace, plain SGD, so the update
-  is -lr * gradient), on the same batch. The loss keeps DESIGN's 1e-5. Each twin's update is held against a
+  is -lr * gradient), on the same batch. The loss keeps the design's 1e-5. Each twin's update is held against a
   float64 run of the same step, relative to the gradient scale, at STEP_TOL = 2e-2: a fresh network's
   training-mode gradient is not a smooth function of rounding. A forward value within an ulp of a PReLU's
   kink lands on either side depending on the kernels' summation order and switches that unit's slope, and
   batch-statistics BatchNorm turns each conv's weight gradient into a difference of near-equal terms. Measured
   here over all backbones and settings: torch 4e-6..7e-3, TF 3e-6..7e-3, either twin the worse one depending
   on the backbone. A wrong gradient formula is off by O(1).
-- gradient row: the kink-free check at DESIGN's 1e-4 per tensor. A data-like backbone (calibrated BatchNorm,
+- gradient row: the kink-free check at the design's 1e-4 per tensor. A data-like backbone (calibrated BatchNorm,
   eval mode) with every PReLU slope set to 1, so no forward rounding can switch a branch, and
   d(embeddings . R)/d(parameters) per tensor, TF vs torch (measured: 1e-6..6e-6). It proves every backward
   kernel, the grouped convolution's Eigen fallback included, and the PReLU slopes' own gradients.
 - inference rows: both twins' default embedding paths (what `twinface embed` runs: frozen TorchScript in
   oneDNN's layout for IResNets, Keras' traced function) against torch's eager module, on the data-like
-  backbone, L2-normalised, DESIGN's 1e-5.
+  backbone, L2-normalised, the design's 1e-5.
 - export rows (backbones with grouped convolutions): the Keras twin's ONNX export still holds one grouped Conv
   per grouped convolution, and onnxruntime reproduces it.
 """

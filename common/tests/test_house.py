@@ -1,4 +1,4 @@
-"""Rules that keep the house standing (DESIGN.md)."""
+"""Rules that keep the house standing (docs/design.md, "Rooms and their rules")."""
 import ast
 import os
 import pathlib

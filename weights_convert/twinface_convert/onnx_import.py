@@ -1,6 +1,6 @@
 """ONNX -> canonical state_dict by walking the graph, never by trusting initializer names.
 
-Exporters rename, merge and fold (DESIGN.md, "Converting weights"): torch's constant folding puts Conv*BN values
+Exporters rename, merge and fold (docs/design.md, "Converting weights: the traps"): torch's constant folding puts Conv*BN values
 under new names (the dynamo exporter even under the old `conv1.weight`), equal initializers are merged behind
 Identity aliases, and tf2onnx dissolves BatchNorm into a Conv bias or Mul/Add and PReLU into Relu/Neg/Mul/Add.
 What every such graph keeps is its structure, so the walker reads that:
