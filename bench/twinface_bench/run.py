@@ -20,16 +20,21 @@ from .tasks import run_task
 
 CPU_RUNTIMES = ("torch-eager", "torch-channels-last", "torch-jit-freeze", "torch-jit-onednn", "torch-compile",
                 "torch-embed", "torch-embed-omp-default", "tf-eager", "tf-function", "tf-xla", "tf-embed",
-                "ort-torch", "ort-tf")
-OPT_IN_RUNTIMES = ("torch-embed-omp-default",)             # --runtimes only: keeps `make bench` under 15 min
+                "tf-embed-eigen", "tf-embed-avx2", "ort-torch", "ort-tf")
+# --runtimes only: keeps `make bench` under 15 min
+OPT_IN_RUNTIMES = ("torch-embed-omp-default", "tf-embed-eigen", "tf-embed-avx2", "tf-train-eigen", "tf-train-avx2")
 CUDA_RUNTIMES = ("torch-cuda-fp32", "torch-cuda-bf16", "torch-cuda-fp16", "torch-cuda-fp16-channels-last")
-TRAIN_RUNTIMES = ("torch-train", "tf-train")
+TRAIN_RUNTIMES = ("torch-train", "tf-train", "tf-train-eigen", "tf-train-avx2")
 TARGETS = {"default_path_vs_fastest": 0.9, "train_ratio_max": 1.25}
 # By default libgomp (torch's OpenMP) spins its threads between parallel regions: on cores that other thread pools
 # also want (TF's, onnxruntime's in the duel), a spinning thread starves the one it waits for (docs/bench.md). Children
 # run PASSIVE unless the caller's environment says otherwise; an opt-in row runs libgomp's default, for comparison.
 CHILD_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
-RUNTIME_ENV = {"torch-embed-omp-default": {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None}}     # None: unset
+# TensorFlow's kernels as other CPUs run them (docs/design.md, "CPU kernels"): its Eigen kernels (TF's default
+# without AVX-512 VNNI/BF16 or AMX) and oneDNN's AVX2 code (what twinface runs on an AVX2-only CPU).
+TF_KERNEL_ENV = {"eigen": {"TF_ENABLE_ONEDNN_OPTS": "0"}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2"}}
+RUNTIME_ENV = {"torch-embed-omp-default": {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None},     # None: unset
+               **{f"tf-{row}-{kind}": env for kind, env in TF_KERNEL_ENV.items() for row in ("embed", "train")}}
 
 
 @dataclasses.dataclass
@@ -38,7 +43,7 @@ class Options:
     batches: tuple = (1, 32)
     input_size: int = 112
     num_features: int = 512
-    runtimes: tuple = tuple(r for r in CPU_RUNTIMES if r not in OPT_IN_RUNTIMES) + TRAIN_RUNTIMES
+    runtimes: tuple = tuple(r for r in CPU_RUNTIMES + TRAIN_RUNTIMES if r not in OPT_IN_RUNTIMES)
     train_batch: int = 64
     classes: int = 10000
     min_iters: int = 3                    # per inference batch (the smallest takes >= 10: latency percentiles)

@@ -43,7 +43,7 @@ def inference(runtime, spec):
             state["forward"] = lambda x: model(x, training=False)
 
     def call(images):
-        if runtime == "tf-embed":
+        if runtime.startswith("tf-embed"):                  # also tf-embed-eigen / -avx2: other kernels
             return lambda: embed_images(model, images)
         x = tf.constant(to_model_input(images, "NHWC"))
         return lambda: state["forward"](x).numpy()
