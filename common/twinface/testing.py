@@ -114,10 +114,11 @@ def check_nan_guard(make_twin, poison, saved_backbone_finite, data_dir, tmp_path
 def check_truncated_state_is_named(make_twin, state_file, data_dir, tmp_path):
     """A state file cut in half (a kill or a full disk outside twinface) makes --resume fail with one line that
     names the file, not with the framework's traceback."""
+    import re
     import pytest
     run = tmp_path / "run"
     run_tiny(make_twin, data_dir, run, train={"epochs": 1})
     state = run / state_file
     state.write_bytes(state.read_bytes()[:state.stat().st_size // 2])
-    with pytest.raises(ValueError, match=f"{state}: not a readable training state"):
+    with pytest.raises(ValueError, match=re.escape(f"{state}: not a readable ")):
         run_tiny(make_twin, data_dir, run, resume=True, train={"epochs": 2})

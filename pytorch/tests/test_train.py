@@ -65,11 +65,16 @@ def test_truncated_state_is_an_error_naming_the_file(data, tmp_path):
     check_truncated_state_is_named(TorchTwin, "state.pt", data, tmp_path)
 
 
+class _MustNotTrain(TorchTwin):
+    def train_step(self, *args):
+        raise AssertionError("a training step ran")
+
+
 def test_a_corrupt_val_bin_fails_the_start_naming_the_file(data, tmp_path):
     bad = tmp_path / "lfw.bin"
     bad.write_bytes(b"\x80\x04not a pickle")
-    with pytest.raises(ValueError, match=f"{bad}"):     # before a single step (kill_after=0 would interrupt it)
-        run_tiny(TorchTwin, data, tmp_path / "run", kill_after=0, val={"bins": [str(bad)]})
+    with pytest.raises(ValueError, match=f"{bad}"):
+        run_tiny(_MustNotTrain, data, tmp_path / "run", val={"bins": [str(bad)]})
 
 
 def test_a_failing_evaluation_is_reported_and_the_run_goes_on_from_a_saved_checkpoint(data, tmp_path):
@@ -124,7 +129,7 @@ def test_training_into_a_previous_run_needs_overwrite(data, tmp_path):
     run_tiny(TorchTwin, data, run, train={"epochs": 1})
     before = (run / "backbone.pth").read_bytes()
     with pytest.raises(FileExistsError, match=f"{run} already holds a training run .*state.pt.*--overwrite"):
-        run_tiny(TorchTwin, data, run, kill_after=0, train={"epochs": 1})
+        run_tiny(_MustNotTrain, data, run, train={"epochs": 1})
     assert (run / "backbone.pth").read_bytes() == before
     with pytest.raises(KeyboardInterrupt):             # --overwrite starts over: the old state is gone at once
         run_tiny(TorchTwin, data, run, kill_after=0, overwrite=True, train={"epochs": 1})
