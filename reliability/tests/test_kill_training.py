@@ -18,7 +18,7 @@ from twinface.testing import tiny_config, tiny_dataset
 
 KILLS = 20                   # kill -9s this room delivers (stated in the README)
 SEED = 20261201
-EPOCHS = 5                   # 4 steps each: a checkpoint (and a backbone write) every 4 steps
+EPOCHS = 3                   # 4 steps each: a checkpoint (and a backbone write) every 4 steps
 STATE_TEMP = re.compile(r"^\.(state\.pt|backbone\.pth)\..+\.tmp$")
 
 
@@ -102,7 +102,7 @@ def test_kill_9_at_random_moments_loses_nothing_and_ends_bit_identical(tmp_path)
             killed = _kill_during_a_write(proc, run, duration)
             during_writes += killed
         else:
-            killed = _kill_after(proc, rng.uniform(0.2, duration))
+            killed = _kill_after(proc, rng.uniform(0.2, 0.75 * duration))
         if killed:
             proc.wait()
             kills += 1
