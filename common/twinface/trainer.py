@@ -288,9 +288,9 @@ class Trainer:
         """A non-finite loss: the twin skipped the update; stop after train.max_bad_steps of them."""
         progress.bad_steps += 1
         last = self.state_path if os.path.exists(self.state_path) else "none yet"
-        self.log.warning(f"non-finite loss {loss} at step {progress.step} (epoch {progress.step // self.steps_per_epoch}"
-                         f"); update skipped; labels of the batch: {labels[:16].tolist()}...; last good "
-                         f"checkpoint: {last}")
+        epoch = progress.step // self.steps_per_epoch
+        self.log.warning(f"non-finite loss {loss} at step {progress.step} (epoch {epoch}); update skipped; labels of "
+                         f"the batch: {labels[:16].tolist()}...; last good checkpoint: {last}")
         if progress.bad_steps >= self.cfg.train.max_bad_steps:
             raise TrainingDiverged(
                 f"{progress.bad_steps} steps with a non-finite loss (train.max_bad_steps={self.cfg.train.max_bad_steps}"
@@ -348,9 +348,9 @@ class Trainer:
             self.tb.scalar(f"val/{name}/xnorm", result.xnorm, step)
         if scored:
             self._log_roc(scored, step)
+        scores = {k: r if "error" in r else {"acc": r["acc_mean"], "val": r["val"]} for k, r in self.results.items()}
         self.history = [h for h in self.history if h["step"] != step] + [
-            {"epoch": step // self.steps_per_epoch, "step": step,
-             **{k: {"acc": r["acc_mean"], "val": r["val"]} if "error" not in r else r for k, r in self.results.items()}}]
+            {"epoch": step // self.steps_per_epoch, "step": step, **scores}]
         self.evaluated_at = step
 
     def _log_roc(self, results, step):

@@ -7,6 +7,7 @@ finished epoch lost), and the run ends with a backbone bit-identical to an unint
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -19,26 +20,45 @@ from twinface.testing import tiny_config, tiny_dataset
 KILLS = 20                   # kill -9s this room delivers (stated in the README)
 SEED = 20261201
 EPOCHS = 3                   # 4 steps each: a checkpoint (and a backbone write) every 4 steps
-STATE_TEMP = re.compile(r"^\.(state\.pt|backbone\.pth)\..+\.tmp$")
 
 
-def _start(config, run, fresh):
+# Runs `twinface train`; with n > 0 the process kill -9s itself inside its n-th checkpoint write (backbone.pth or
+# state.pt), either halfway through writing the temporary file or just before renaming it into place.
+_TRAIN = """
+import io, os, signal, sys
+import torch
+
+n, where = int(sys.argv[1]), sys.argv[2]
+calls = [0]
+real_save, real_replace = torch.save, os.replace
+
+def save(obj, f, *args, **kwargs):
+    calls[0] += 1
+    if calls[0] == n and where == "mid-write":
+        buf = io.BytesIO()
+        real_save(obj, buf, *args, **kwargs)
+        with open(f, "wb") as out:
+            out.write(buf.getvalue()[:len(buf.getvalue()) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *args, **kwargs)
+
+def replace(src, dst, *args, **kwargs):
+    if calls[0] == n and where == "before-rename" and os.path.basename(dst) in ("state.pt", "backbone.pth"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(src, dst, *args, **kwargs)
+
+torch.save, os.replace = save, replace
+from twinface.cli import main
+main(sys.argv[3:])
+"""
+
+
+def _start(config, run, fresh, kill_at_write=0, where=""):
     """`--overwrite` for a fresh start (or when no checkpoint was written yet), else `--resume`."""
     resume = not fresh and os.path.exists(os.path.join(run, "state.pt"))
-    return subprocess.Popen([sys.executable, "-m", "twinface.cli", "train", "--framework", "torch", "--config", config,
-                             "--output", run, "--resume" if resume else "--overwrite"],
+    return subprocess.Popen([sys.executable, "-c", _TRAIN, str(kill_at_write), where, "train", "--framework", "torch",
+                             "--config", config, "--output", run, "--resume" if resume else "--overwrite"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def _kill_during_a_write(proc, run, limit):
-    """Poll the run directory and kill as soon as a checkpoint's temporary file appears; True if it did."""
-    deadline = time.time() + limit
-    while proc.poll() is None and time.time() < deadline:
-        if os.path.isdir(run) and any(STATE_TEMP.match(n) for n in os.listdir(run)):
-            proc.kill()
-            return True
-        time.sleep(0.0005)
-    return False
 
 
 def _kill_after(proc, delay):
@@ -67,9 +87,15 @@ def _announced_step(run, offset):
         return max(map(int, re.findall(r"checkpoint: .*state\.pt \(step (\d+)\)", f.read())), default=0)
 
 
-def _finish(proc):
+def _ended_by_kill(proc):
+    """Wait for the run: True if it kill -9ed itself, False if it ended well; anything else fails the test."""
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-2000:]
+    assert proc.returncode in (0, -signal.SIGKILL), err[-2000:]
+    return proc.returncode != 0
+
+
+def _finish(proc):
+    assert not _ended_by_kill(proc)
 
 
 def _same_backbone(a, b):
@@ -96,21 +122,24 @@ def test_kill_9_at_random_moments_loses_nothing_and_ends_bit_identical(tmp_path)
         assert starts < 3 * KILLS, f"only {kills} kills landed in {starts} runs"
         if fresh:
             offset = _log_size(run)
-        proc = _start(config, run, fresh)
-        starts += 1
-        if rng.random() < 0.4:
-            killed = _kill_during_a_write(proc, run, duration)
-            during_writes += killed
-        else:
+        mode = rng.choice(["timer", "timer", "mid-write", "before-rename"])
+        if mode == "timer":
+            proc = _start(config, run, fresh)
             killed = _kill_after(proc, rng.uniform(0.2, 0.75 * duration))
+        else:                                  # one of the checkpoint writes still to come (2 per epoch)
+            epochs_left = EPOCHS - (0 if fresh else _saved_step(run) // 4)
+            proc = _start(config, run, fresh, rng.randint(1, 2 * epochs_left), mode)
+            killed = _ended_by_kill(proc)
+            during_writes += killed
+        starts += 1
         if killed:
-            proc.wait()
             kills += 1
             # the checkpoint on disk is readable and not older than the last one the log announced
             assert _saved_step(run) >= _announced_step(run, offset)
             fresh = False
         else:                                  # the run reached its end first: check it, then start over
-            _finish(proc)
+            if mode == "timer":
+                _finish(proc)
             _same_backbone(full, run)
             completed += 1
             fresh = True
