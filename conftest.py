@@ -10,4 +10,5 @@ TF_ROOM = pathlib.Path(__file__).parent / "tensorflow"
 
 def pytest_collect_file(file_path, parent):
     if TF_ROOM in file_path.parents:
+        import twinface  # noqa: F401  (its CPU-kernel choice must precede TensorFlow's import)
         import tensorflow  # noqa: F401

@@ -52,6 +52,15 @@ def _fmt(value, digits=1):
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
+def _kernels_line(k) -> str:
+    if not k:
+        return "CPU kernels: not recorded (a run from before they were)."
+    setting = "unset" if k["tf_setting"] is None else k["tf_setting"]
+    return (f"CPU kernels: instruction sets {', '.join(k['isa']) or 'unknown'}; TensorFlow runs {k['tf']} "
+            f"(TF_ENABLE_ONEDNN_OPTS={setting}; TensorFlow's own default on this CPU: {k['tf_default']}); "
+            "torch and onnxruntime pick their kernels by instruction set at run time.")
+
+
 def markdown(result) -> str:
     m, opts, rows = result["machine"], result["options"], result["rows"]
     batches = sorted(opts["batches"])
@@ -69,6 +78,7 @@ def markdown(result) -> str:
     lines = [
         f"Run {result['started']}, {result['seconds'] / 60:.1f} min. Machine: {m['cpu']}, {m['cores']} cores, "
         f"{m['memory_gib']} GiB; {m['platform']}; Python {m['python']}; {versions}.",
+        _kernels_line(m.get("kernels")),
         f"Load average (1/5/15 min) {'/'.join(f'{x:.2f}' for x in m['load_start'])} at the start, "
         f"{'/'.join(f'{x:.2f}' for x in m['load_end'])} at the end."
         + (f" Minutes by section (each row's process, start-up included): {spent_text}." if spent_text else ""),

@@ -11,6 +11,9 @@ import tempfile
 import time
 from importlib import metadata
 
+from twinface.cpu import isa as cpu_isa
+from twinface.cpu import tensorflow_kernels
+
 from . import measure, report
 from .shared import DEFAULT_PATHS
 from .tasks import run_task
@@ -232,6 +235,10 @@ def machine(load_start) -> dict:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             pass
+    tf_default = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    kernels = {"isa": cpu_isa(), "tf": tensorflow_kernels(), "tf_default": tensorflow_kernels(tf_default),
+               "tf_setting": os.environ.get("TF_ENABLE_ONEDNN_OPTS")}
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory, 1), "python": platform.python_version(),
+            "kernels": kernels,
             "platform": platform.platform(), "versions": versions, "load_start": load_start,
             "load_end": os.getloadavg(), "child_env": {k: os.environ.get(k, v) for k, v in CHILD_ENV.items()}}

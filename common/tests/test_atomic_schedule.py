@@ -1,4 +1,7 @@
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -21,6 +24,26 @@ def test_atomic_write_keeps_the_old_file_when_the_writer_dies(tmp_path):
         with open(tmp, "wb") as f:
             f.write(b"new")
     assert path.read_bytes() == b"new"
+
+
+KILLED_WRITER = """
+import os, signal, sys
+from twinface.atomic import atomic_path
+with atomic_path(sys.argv[1], suffix=".pt") as tmp:
+    open(tmp, "wb").write(b"half of the new")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_the_next_write_removes_what_a_killed_writer_left(tmp_path):
+    # Half-written `.state.pt.*.tmp` files of killed runs used to stay in run directories for good.
+    path = tmp_path / "state.pt"
+    path.write_bytes(b"old")
+    run = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(path)])
+    assert run.returncode == -signal.SIGKILL and len(os.listdir(tmp_path)) == 2
+    with atomic_path(str(tmp_path / "other.pt")) as tmp:
+        open(tmp, "wb").close()
+    assert sorted(os.listdir(tmp_path)) == ["other.pt", "state.pt"] and path.read_bytes() == b"old"
 
 
 def test_polynomial_schedule_with_warmup_matches_arcface_torch():

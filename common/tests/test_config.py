@@ -1,9 +1,12 @@
+import dataclasses
+import math
 import pathlib
+import typing
 
 import pytest
 import yaml
 
-from twinface import config
+from twinface import config, registry
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -37,7 +40,7 @@ def test_unknown_key_names_the_key_and_the_known_ones():
     ({"backbone": "r50"}, r"'backbone': expected a section"),
     ({"head": {"type": "arcfce"}}, r"'head.type': expected one of"),
     ({"backbone": {"name": "r51"}}, r"unknown backbone 'r51'; known: .*r50"),
-    ({"train": {"batch_size": 0}}, r"'train.batch_size': expected a positive number"),
+    ({"train": {"batch_size": 0}}, r"'train.batch_size': expected an integer >= 1, got 0"),
     ({"backbone": {"input_size": 100}}, r"multiple of 16"),
 ])
 def test_ill_typed_values_fail_with_key_and_expectation(data, match):
@@ -72,3 +75,83 @@ def test_bad_files_name_the_file(tmp_path):
     typo.write_text("train: {epochs: many}\n")
     with pytest.raises(config.ConfigError, match=r"typo.yaml: config key 'train.epochs'"):
         config.load(str(typo))
+
+
+# Each value a user reported accepted at load and failing later (or silently training nonsense).
+@pytest.mark.parametrize("key,value,allowed", [
+    ("train.checkpoint_every", 0, ">= 1"),
+    ("train.log_every", 0, ">= 1"),
+    ("val.batch_size", 0, ">= 1"),
+    ("data.num_workers", -3, ">= 0"),
+    ("head.s", 0.0, "> 0"),
+    ("head.s", -64.0, "> 0"),
+    ("optimizer.lr", math.nan, "> 0"),
+    ("optimizer.lr", math.inf, "> 0"),
+    ("optimizer.momentum", -5.0, "in [0, 1)"),
+    ("optimizer.weight_decay", math.nan, ">= 0"),
+    ("optimizer.eps", 0.0, "> 0"),
+    ("loss.gamma", math.nan, ">= 0"),
+    ("schedule.warmup_epochs", -1.0, ">= 0"),
+    ("train.epochs", 0, ">= 1"),
+    ("train.clip_grad_norm", -1.0, ">= 0"),
+    ("backbone.dropout", 1.0, "in [0, 1)"),
+    ("head.sample_rate", 0.0, "in (0, 1]"),
+])
+def test_out_of_range_values_are_refused_at_load_naming_key_value_and_range(key, value, allowed):
+    section, name = key.split(".")
+    with pytest.raises(config.ConfigError) as err:
+        config.from_dict({section: {name: value}})
+    kind = "an integer" if isinstance(value, int) else "a finite number"
+    assert str(err.value) == f"config key '{key}': expected {kind} {allowed}, got {value!r}"
+
+
+def test_list_items_are_checked_one_by_one():
+    with pytest.raises(config.ConfigError,
+                       match=r"'optimizer.betas\[1\]': expected a finite number in \[0, 1\), got 1.0"):
+        config.from_dict({"optimizer": {"betas": [0.9, 1.0]}})
+    with pytest.raises(config.ConfigError, match=r"'optimizer.betas': expected 2 values"):
+        config.from_dict({"optimizer": {"betas": [0.9]}})
+    with pytest.raises(config.ConfigError, match=r"'schedule.milestones\[1\]': expected a finite number >= 0"):
+        config.from_dict({"schedule": {"milestones": [3, -1]}})
+
+
+def _numeric_keys(cls, prefix=""):
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _numeric_keys(tp, prefix + f.name + ".")
+        elif {int, float} & {tp, *typing.get_args(tp)}:        # int, float, Optional[float], List[float]
+            yield prefix + f.name
+
+
+def test_every_numeric_key_has_a_range_and_the_boundaries_are_accepted():
+    keys = sorted(_numeric_keys(config.Config))
+    assert len(keys) > 30 and sorted(config.RANGES) == keys
+    for key, allowed in config.RANGES.items():          # the inclusive lower bound itself is a valid value
+        if allowed.low is not None and not allowed.low_open and key != "backbone.input_size":
+            section, _, name = key.rpartition(".")
+            value = [allowed.low] * 2 if key in ("optimizer.betas", "schedule.milestones") else allowed.low
+            data = {section: {name: value}} if section else {name: value}
+            assert config.from_dict(data) is not None
+    for head, margins in registry.HEADS.items():        # the registry's own margins are in range
+        assert config.from_dict({"head": {"type": head, **margins}}).head_params()["s"] == margins["s"]
+
+
+def test_set_values_take_the_key_type_so_string_keys_stay_strings():
+    data = config.apply_overrides({}, ["output=no", "data.path=2024", "finetune.weights=on", "val.bins=[no, 2024]",
+                                       "optimizer.lr=0.05", "train.resume=true", "head.s=null"])
+    cfg = config.from_dict(data)
+    assert (cfg.output, cfg.data.path, cfg.finetune.weights) == ("no", "2024", "on")
+    assert cfg.val.bins == ["no", "2024"]
+    assert cfg.optimizer.lr == 0.05 and cfg.train.resume is True and cfg.head.s is None
+    with pytest.raises(config.ConfigError, match=r"'train.epochs': expected int, got str 'many'"):
+        config.from_dict(config.apply_overrides({}, ["train.epochs=many"]))
+
+
+def test_a_config_path_that_is_a_directory_or_a_symlink_loop_is_named(tmp_path):
+    with pytest.raises(config.ConfigError, match=f"config file {tmp_path}: Is a directory"):
+        config.load(str(tmp_path))
+    loop = tmp_path / "loop.yaml"
+    loop.symlink_to(loop)
+    with pytest.raises(config.ConfigError, match=r"loop.yaml: Too many levels of symbolic links"):
+        config.load(str(loop))

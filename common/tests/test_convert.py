@@ -3,6 +3,7 @@ import os
 import numpy as np
 import pytest
 
+from twinface.atomic import MARKER
 from twinface.data.convert import folder_to_bin, folder_to_rec, make_pairs, rec_to_folder
 from twinface.data.folder import scan_image_folder
 from twinface.data.images import decode_image, encode_image
@@ -27,14 +28,24 @@ def _make_folder(root, counts, size=16):
 def test_rec_folder_rec_round_trip(tmp_path):
     samples = [(label, _class_image(label, k)) for label, count in enumerate([2, 1, 3]) for k in range(count)]
     write_insightface_rec(tmp_path / "a", samples)
-    assert rec_to_folder(tmp_path / "a", tmp_path / "folder", progress=False) == {"num_images": 6,
-                                                                                   "num_classes": 3}
+    assert rec_to_folder(tmp_path / "a", tmp_path / "folder", progress=False) == {
+        "num_images": 6, "num_classes": 3, "num_skipped": 0, "skipped": []}
     stats = folder_to_rec(tmp_path / "folder", tmp_path / "b", progress=False)
     assert (stats["num_images"], stats["num_classes"], stats["skipped"]) == (6, 3, [])
     a, b = InsightFaceRec(tmp_path / "a"), InsightFaceRec(tmp_path / "b")
     assert b.labels.tolist() == a.labels.tolist() == [0, 0, 1, 2, 2, 2]
     assert [b.encoded(i) for i in range(len(b))] == [data for _, data in samples]
     assert (tmp_path / "a.rec").read_bytes() == (tmp_path / "b.rec").read_bytes()
+
+
+def test_rec_to_folder_reports_and_skips_records_that_are_no_usable_image(tmp_path):
+    samples = [(0, _class_image(0, 0)), (0, b"\xff\xd8 not a jpeg"), (1, _class_image(1, 0)),
+               (1, encode_image(np.zeros((16, 12, 3), np.uint8), ".png"))]          # not square: no aligned crop
+    write_insightface_rec(tmp_path / "a", samples)
+    stats = rec_to_folder(tmp_path / "a", tmp_path / "folder", progress=False)
+    assert (stats["num_images"], stats["num_skipped"]) == (2, 2)
+    assert [s.rsplit(" ", 1)[-1] for s in stats["skipped"]] == ["2", "4"]               # record keys, named
+    assert len(scan_image_folder(tmp_path / "folder")[0]) == 2
 
 
 def test_folder_to_rec_skips_corrupt_images_and_empty_identities(tmp_path):
@@ -53,22 +64,75 @@ def test_folder_to_rec_skips_corrupt_images_and_empty_identities(tmp_path):
 def test_never_overwrites_without_permission(tmp_path):
     _make_folder(tmp_path / "src", [2, 2])
     folder_to_rec(tmp_path / "src", tmp_path / "out", progress=False)
-    with pytest.raises(FileExistsError, match=str(tmp_path / "out.rec")):
+    with pytest.raises(FileExistsError, match=rf"{tmp_path / 'out'}\.(rec|idx): already exists"):
         folder_to_rec(tmp_path / "src", tmp_path / "out", progress=False)
-    (tmp_path / "dst").mkdir()
-    (tmp_path / "dst" / "keep.txt").write_text("mine")
+    rec_to_folder(tmp_path / "out", tmp_path / "dst", progress=False)
     with pytest.raises(FileExistsError, match=str(tmp_path / "dst")):
         rec_to_folder(tmp_path / "out", tmp_path / "dst", progress=False)
-    assert (tmp_path / "dst" / "keep.txt").read_text() == "mine"
     (tmp_path / "x.bin").write_bytes(b"old")
     with pytest.raises(FileExistsError, match="x.bin"):
         folder_to_bin(tmp_path / "src", tmp_path / "x.bin", num_pairs=2, progress=False)
 
     folder_to_rec(tmp_path / "src", tmp_path / "out", progress=False, overwrite=True)
+    (tmp_path / "dst" / "00000" / "stale.jpg").write_bytes(b"")
     rec_to_folder(tmp_path / "out", tmp_path / "dst", progress=False, overwrite=True)
-    assert sorted(os.listdir(tmp_path / "dst")) == ["00000", "00001"]  # replaced, not mixed
-    folder_to_bin(tmp_path / "src", tmp_path / "x.bin", num_pairs=2, progress=False, overwrite=True)
-    assert len(load_bin(tmp_path / "x.bin")[0]) == 4
+    assert sorted(os.listdir(tmp_path / "dst")) == [".twinface-output", "00000", "00001"]  # replaced, not mixed
+    assert "stale.jpg" not in os.listdir(tmp_path / "dst" / "00000")
+    folder_to_bin(tmp_path / "src", tmp_path / "v.bin", num_pairs=2, progress=False)
+    folder_to_bin(tmp_path / "src", tmp_path / "v.bin", num_pairs=2, progress=False, overwrite=True)
+    assert len(load_bin(tmp_path / "v.bin")[0]) == 4
+
+
+def test_overwrite_replaces_only_what_twinface_wrote(tmp_path):
+    # rec2folder --overwrite used to rmtree any directory, folder2rec/folder2bin to replace any file.
+    _make_folder(tmp_path / "src", [2, 2])
+    folder_to_rec(tmp_path / "src", tmp_path / "out", progress=False)
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "holiday.jpg").write_bytes(b"mine")
+    with pytest.raises(FileExistsError, match=f"{tmp_path / 'photos'}: exists and is not a twinface output"):
+        rec_to_folder(tmp_path / "out", tmp_path / "photos", progress=False, overwrite=True)
+    (tmp_path / "notes.rec").write_text("my notes")
+    with pytest.raises(FileExistsError, match=f"{tmp_path / 'notes.rec'}: exists and is not a RecordIO file"):
+        folder_to_rec(tmp_path / "src", tmp_path / "notes", progress=False, overwrite=True)
+    (tmp_path / "x.bin").write_bytes(b"old")
+    with pytest.raises(FileExistsError, match="x.bin: exists and is not a pickled verification .bin"):
+        folder_to_bin(tmp_path / "src", tmp_path / "x.bin", num_pairs=2, progress=False, overwrite=True)
+    assert (tmp_path / "photos" / "holiday.jpg").read_bytes() == b"mine"
+    assert (tmp_path / "notes.rec").read_text() == "my notes" and (tmp_path / "x.bin").read_bytes() == b"old"
+    assert not (tmp_path / "notes.idx").exists()
+    (tmp_path / "empty").mkdir()                                # an empty directory holds nothing to lose
+    rec_to_folder(tmp_path / "out", tmp_path / "empty", progress=False, overwrite=True)
+    assert sorted(os.listdir(tmp_path / "empty")) == [".twinface-output", "00000", "00001"]
+
+
+def test_an_unrelated_partial_directory_is_never_touched(tmp_path):
+    # rec2folder used `<dst>.partial` as its work directory and deleted whatever was there, without --overwrite.
+    _make_folder(tmp_path / "src", [2, 2])
+    folder_to_rec(tmp_path / "src", tmp_path / "out", progress=False)
+    (tmp_path / "dst.partial").mkdir()
+    (tmp_path / "dst.partial" / "thesis.tex").write_text("mine")
+    (tmp_path / "out.rec.partial").write_text("mine too")
+    rec_to_folder(tmp_path / "out", tmp_path / "dst", progress=False)
+    folder_to_rec(tmp_path / "dst", tmp_path / "out", progress=False, overwrite=True)
+    assert (tmp_path / "dst.partial" / "thesis.tex").read_text() == "mine"
+    assert (tmp_path / "out.rec.partial").read_text() == "mine too"
+    assert sorted(os.listdir(tmp_path)) == ["dst", "dst.partial", "out.idx", "out.rec", "out.rec.partial", "src"]
+
+
+def test_an_output_never_replaces_its_input(tmp_path):
+    # rec2folder SRC DST --overwrite, DST being the folder holding SRC, deleted the .rec, .idx and val.bin.
+    _make_folder(tmp_path / "src", [2, 2])
+    folder_to_rec(tmp_path / "src", tmp_path / "data" / "train", progress=False)
+    rec_to_folder(tmp_path / "data" / "train", tmp_path / "data" / "images", progress=False)
+    (tmp_path / "data" / MARKER).write_text("{}")             # even a folder twinface made once
+    before = sorted(os.listdir(tmp_path / "data"))
+    for dst in (tmp_path / "data", tmp_path / "data" / "train.rec"):
+        with pytest.raises(ValueError, match=f"{dst}: is or holds the input .*train.rec; an output never"):
+            rec_to_folder(tmp_path / "data" / "train", dst, progress=False, overwrite=True)
+    with pytest.raises(ValueError, match="is or holds the input"):
+        folder_to_bin(tmp_path / "src", tmp_path / "src", num_pairs=2, progress=False, overwrite=True)
+    assert sorted(os.listdir(tmp_path / "data")) == before
+    assert len(InsightFaceRec(tmp_path / "data" / "train")) == 4
 
 
 def test_make_pairs_properties():

@@ -85,3 +85,28 @@ def test_load_errors_name_the_file(tmp_path):
     names_path(path).write_text("a\nb\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"e.names.txt: expected 3 names \(one per row of e.npy\), got 2"):
         load_embeddings(path)
+
+
+def _npy_header(shape, descr="<f4"):
+    import io
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("shape", [(10 ** 7, 10 ** 7), (3, 4)])
+def test_npy_header_must_match_the_file_size(tmp_path, shape):
+    """Old code: numpy believed the header, a 100-byte file claiming 10**14 floats failed with a raw
+    MemoryError ("Unable to allocate 364. TiB")."""
+    path = tmp_path / "bomb.npy"
+    path.write_bytes(_npy_header(shape) + b"\0" * 16)
+    with pytest.raises(ValueError, match=rf"bomb.npy: header says shape \({shape[0]}, {shape[1]}\) of float32, "
+                                         rf"{4 * shape[0] * shape[1]} bytes, but the file holds 16 bytes of data"):
+        load_embeddings(path)
+
+
+def test_npy_with_a_broken_header(tmp_path):
+    path = tmp_path / "junk.npy"
+    path.write_bytes(b"\x93NUMPY\x01\x00\x10\x00{'descr': 'nope'")
+    with pytest.raises(ValueError, match=r"junk.npy: not a plain numeric .npy array \(unreadable header"):
+        load_embeddings(path)

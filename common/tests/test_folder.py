@@ -65,3 +65,17 @@ def test_write_uses_class_names_and_never_overwrites(tmp_path):
     assert open(tmp_path / "ben" / "000000.jpg", "rb").read() == data
     with pytest.raises(ValueError, match="label 5"):
         write_image_folder(tmp_path / "new", [(5, data)], class_names=["ann"])
+
+
+def test_symlink_loops_and_broken_links_are_skipped_and_counted(tmp_path, caplog):
+    """Old code: a self-referencing symlink raised a raw OSError (too many levels of symbolic links)."""
+    _touch(tmp_path / "alice" / "a.jpg")
+    os.symlink("loop", tmp_path / "loop")                          # identity folder pointing at itself
+    os.symlink("self.jpg", tmp_path / "alice" / "self.jpg")        # image pointing at itself
+    os.symlink("nowhere.jpg", tmp_path / "alice" / "gone.jpg")     # broken link
+    os.symlink("..", tmp_path / "alice" / "up")                    # a directory loop inside a class: not followed
+    with caplog.at_level("WARNING", "twinface.data"):
+        samples, class_names = scan_image_folder(tmp_path)
+    assert class_names == ["alice"] and [os.path.basename(p) for p, _ in samples] == ["a.jpg"]
+    assert f"{tmp_path}: skipped 3 entries that cannot be read, e.g." in caplog.text
+    assert "Too many levels of symbolic links" in caplog.text

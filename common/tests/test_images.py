@@ -1,9 +1,12 @@
+import io
+import struct
+
 import cv2
 import numpy as np
 import pytest
 
-from twinface.data.images import (CorruptImageError, decode_image, encode_image, fit_square, image_ext,
-                                  read_image)
+from twinface.data.images import (CorruptImageError, NotSquareImageError, check_image, declared_size, decode_image,
+                                  encode_image, fit_square, image_ext, read_image, usable_samples)
 
 
 def _red_image():
@@ -70,5 +73,72 @@ def test_fit_square():
     out = fit_square(img, 112, "x")
     assert out.shape == (112, 112, 3) and np.all(out == 77)
     assert fit_square(out, 112, "x") is out
-    with pytest.raises(ValueError, match=r"some/face.jpg.*square.*60x50"):
+    with pytest.raises(NotSquareImageError, match=r"some/face.jpg.*square.*60x50"):
         fit_square(np.zeros((50, 60, 3), np.uint8), 112, "some/face.jpg")
+
+
+def _pil_bytes(image, fmt, **options):
+    buf = io.BytesIO()
+    image.save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+def test_other_pixel_formats_decode_to_8bit_rgb():
+    """Grayscale, alpha, palette, 16-bit and CMYK are converted, not refused (Pillow comes with matplotlib)."""
+    from PIL import Image
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    rgb[...] = (200, 50, 10)
+    cases = {
+        "gray": (_pil_bytes(Image.fromarray(rgb[..., 0]), "PNG"), (200, 200, 200)),
+        "gray+alpha": (_pil_bytes(Image.fromarray(rgb[..., 0]).convert("LA"), "PNG"), (200, 200, 200)),
+        "rgba, fully transparent": (_pil_bytes(Image.fromarray(np.dstack([rgb, np.zeros((16, 16), np.uint8)])),
+                                               "PNG"), (200, 50, 10)),
+        "16-bit": (cv2.imencode(".png", rgb[..., ::-1].astype(np.uint16) * 257)[1].tobytes(), (200, 50, 10)),
+        "cmyk jpeg": (_pil_bytes(Image.fromarray(rgb).convert("CMYK"), "JPEG", quality=100), (200, 50, 10)),
+    }
+    for name, (data, colour) in cases.items():
+        out = decode_image(data, name)
+        assert out.dtype == np.uint8 and out.shape == (16, 16, 3), name
+        assert np.abs(out.astype(int) - colour).max() <= 2, (name, out[0, 0])
+
+
+def test_check_image_is_the_one_ingestion_test():
+    """Old code had no such check: folder2rec packed non-square images that training then refused."""
+    assert check_image(encode_image(_red_image()), "ok.jpg") is None
+    assert check_image(b"", "x.rec record 4") == "x.rec record 4: empty image data"
+    assert "cannot decode" in check_image(b"\xff\xd8\xff junk", "bad.jpg")
+    assert check_image(encode_image(np.zeros((20, 30, 3), np.uint8)), "wide.jpg") == \
+        "wide.jpg: expected a square aligned face crop, got 30x20"
+
+
+def test_usable_samples_keeps_the_good_and_lists_the_rest(caplog):
+    good = encode_image(_red_image())
+    samples = [("a.jpg", 0, good), ("b.jpg", 0, b"junk"), ("c.jpg", 1, encode_image(np.zeros((8, 9, 3), np.uint8))),
+               ("d.jpg", 1, good)]
+    skipped = []
+    with caplog.at_level("WARNING", "twinface.data"):
+        assert list(usable_samples(iter(samples), skipped)) == [(0, good), (1, good)]
+    assert skipped == ["b.jpg", "c.jpg"]
+    assert "skipping c.jpg: expected a square aligned face crop, got 9x8" in caplog.text
+
+
+def _with_size(data: bytes, width: int, height: int) -> bytes:
+    """`data` (a small PNG, JPEG or BMP) with its header's size replaced: the pixels stay a few bytes."""
+    data = bytearray(data)
+    if data.startswith(b"\x89PNG"):
+        data[16:24] = struct.pack(">II", width, height)
+    elif data.startswith(b"BM"):
+        data[18:26] = struct.pack("<ii", width, height)
+    else:
+        sof = data.index(b"\xff\xc0")
+        data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg", ".bmp"])
+def test_decompression_bombs_are_refused_from_the_header(ext):
+    """Old code handed any declared size to OpenCV, which allows 2**30 pixels: 3 GiB from a few bytes."""
+    small = cv2.imencode(ext, np.zeros((8, 8, 3), np.uint8))[1].tobytes()
+    assert declared_size(small) == (8, 8)
+    with pytest.raises(CorruptImageError, match=r"bomb: declares 10000x10000 pixels, over the 67,108,864-pixel"):
+        decode_image(_with_size(small, 10000, 10000), "bomb")

@@ -62,7 +62,7 @@ def test_writer_reader_round_trip(tmp_path):
     assert reader.keys == [5, 2, 9, 1]
     assert all(reader.read_idx(k) == v for k, v in records.items())
     assert list(reader) == list(records.values())
-    with pytest.raises(KeyError, match="no record with key 3"):
+    with pytest.raises(ValueError, match=r"a.idx: no record with key 3"):
         reader.read_idx(3)
 
 
@@ -138,13 +138,53 @@ def test_bad_magic(tmp_path):
     assert RecordReader(rec).read_idx(0) == b"12345678"
 
 
-def test_idx_offset_past_end_of_file(tmp_path):
+@pytest.mark.parametrize("line, problem", [
+    ("1\t4096", "key 1 at byte offset 4096, outside .*a.rec \\(12 bytes\\)"),
+    ("1\t8", "key 1 at byte offset 8, outside"),                 # a chunk header cannot start there
+    ("1\t-4", "key 1 at byte offset -4, outside"),
+    ("\t0", "expected 'key<TAB>offset' \\(two integers\\), got '\\\\t0'"),
+    ("1", "expected 'key<TAB>offset'"),
+    ("one\t0", "expected 'key<TAB>offset'"),
+    ("1\t0.5", "expected 'key<TAB>offset'"),
+])
+def test_bad_idx_line_is_one_error_naming_file_and_line(tmp_path, line, problem):
+    """Old code: an offset past the end or negative surfaced only when read (a negative one as a raw OSError
+    from seek), and not with the .idx line."""
     rec = tmp_path / "a.rec"
-    _write(rec, [(0, b"12345678")])
-    with open(tmp_path / "a.idx", "a") as f:
-        f.write("1\t4096\n")
-    message = _expect_error(lambda: RecordReader(rec).read_idx(1), rec, 4096)
-    assert "a.idx" in message and "past the end" in message
+    _write(rec, [(0, b"1234")])
+    (tmp_path / "a.idx").write_text(f"0\t0\n{line}\n")
+    with pytest.raises(ValueError, match=rf"a.idx: line 2: {problem}"):
+        RecordReader(rec).keys
+
+
+def test_idx_with_more_entries_than_the_rec_can_hold(tmp_path):
+    rec = tmp_path / "a.rec"
+    _write(rec, [(0, b"1234")])
+    (tmp_path / "a.idx").write_text("".join(f"{k}\t0\n" for k in range(3)))
+    with pytest.raises(ValueError, match=r"a.idx: line 2: more entries than .*a.rec \(12 bytes\) can hold"):
+        RecordReader(rec).keys
+
+
+def test_absurd_record_length_is_refused_before_reading(tmp_path, monkeypatch):
+    """Old code read (allocated) the length a chunk header claims, up to 512 MiB, before noticing the file ends."""
+    rec = tmp_path / "a.rec"
+    rec.write_bytes(struct.pack("<II", MAGIC, (1 << 29) - 4) + b"tiny")
+    reads = []
+    reader = RecordReader(rec)
+    real_read_chunks = reader._read_chunks
+
+    def spy(f, offset):
+        class Spy:
+            def __getattr__(self, name):
+                return getattr(f, name)
+
+            def read(self, n=-1):
+                reads.append(n)
+                return f.read(n)
+        return real_read_chunks(Spy(), offset)
+    monkeypatch.setattr(reader, "_read_chunks", spy)
+    assert "truncated: chunk holds 536870908 bytes" in _expect_error(lambda: list(reader), rec, 0)
+    assert max(reads) <= 8
 
 
 def test_malformed_idx_line(tmp_path):
@@ -211,15 +251,15 @@ def test_plain_rec_without_header_record(tmp_path):
 def test_long_label_vector_and_split_record_labels(tmp_path):
     """Labels are read from a record's head; a long vector or a split record falls back to the full read."""
     rec_path = tmp_path / "x.rec"
-    long_label = [3] + [0] * 20
+    long_label = [1] + [0] * 20
     split_payload = b"abc\0" + MAGIC_BYTES * 3
     # id == MAGIC puts the magic inside the 24-byte header itself: the first chunk holds only 8 bytes of it.
-    records = [pack_record(long_label, b"p"), pack_record(2.0, split_payload, id=MAGIC)]
+    records = [pack_record(long_label, b"p"), pack_record(0.0, split_payload, id=MAGIC)]
     _write(rec_path, enumerate(records))
     assert rec_path.read_bytes()[len(_chunk(0, records[0])):][:16] == _chunk(1, records[1][:8])
     rec = InsightFaceRec(tmp_path / "x")
     assert rec.reader.read_head(1, 30) == records[1][:30]
-    assert rec.labels.tolist() == [3, 2]
+    assert rec.labels.tolist() == [1, 0]
     assert rec.encoded(1) == split_payload
 
 

@@ -59,6 +59,17 @@ def test_loads_numpy1_module_names(tmp_path):
     assert loaded_bins == _bins(2) and loaded_issame.tolist() == [True]
 
 
+def test_loads_python2_numpy_arrays(tmp_path):
+    """Python 2 wrote a numpy dtype's name and byte order as str, which encoding="bytes" reads as bytes."""
+    data = pickle.dumps((_bins(2), np.array([True])), protocol=2)
+    for text in (b"b1", b"|"):                  # unicode (X) -> Python 2 str (U, SHORT_BINSTRING)
+        data = data.replace(b"X" + len(text).to_bytes(4, "little") + text, b"U" + bytes([len(text)]) + text)
+    path = tmp_path / "py2.bin"
+    path.write_bytes(data)
+    loaded_bins, loaded_issame = load_bin(path)
+    assert loaded_bins == _bins(2) and loaded_issame.tolist() == [True]
+
+
 class _EvalPayload:
     def __init__(self, marker):
         self.marker = str(marker)

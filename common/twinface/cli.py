@@ -1,7 +1,91 @@
-"""`twinface <verb>`: the one command line. A twin is imported only when the verb needs it."""
+"""`twinface <verb>`: the one command line. A twin is imported only when the verb needs it.
+
+Every failure a user can cause (a bad file, key or value) ends as one line, `twinface <verb>: error: ...`,
+naming the file or key, exit status 1 (2 for a bad argument, from argparse); `--debug` or TWINFACE_DEBUG=1
+shows the traceback instead. Any other exception is a bug and keeps its traceback.
+"""
 import argparse
+import contextlib
+import math
 import os
+import pickle
 import sys
+
+
+class UsageError(Exception):
+    """A mistake in the command line, already worded for the user."""
+
+
+# Errors that libraries raise for bad input in their own classes, recognised by module so that this file
+# imports none of them.
+_USER_ERROR_MODULES = ("onnxruntime.", "onnx.", "safetensors.", "google.protobuf.")
+
+
+_USER_ERRORS = (UsageError, ValueError, OSError, KeyError, EOFError, RuntimeError, pickle.UnpicklingError)
+
+
+def is_user_error(e: BaseException) -> bool:
+    if isinstance(e, NotImplementedError):                          # a RuntimeError, but always ours to fix
+        return False
+    return isinstance(e, _USER_ERRORS) or type(e).__module__.startswith(_USER_ERROR_MODULES)
+
+
+def error_line(e: BaseException) -> str:
+    """The one line that reports a user error."""
+    if isinstance(e, OSError) and e.filename is not None:          # "[Errno 40] ...: 'x'" -> "x: ..."
+        text = f"{e.filename}: {e.strerror}"
+    elif isinstance(e, KeyError) and e.args:                        # str(KeyError) adds quotes
+        text = str(e.args[0])
+    elif isinstance(e, EOFError) and not str(e):                   # pickle's, on a 0-byte file
+        text = "the file ends early (empty or truncated)"
+    elif type(e) is pickle.UnpicklingError:                         # torch.load(weights_only=True) refusing
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        why = next((line for line in lines if "global" in line.lower()), lines[0] if lines else "")
+        text = f"refused to unpickle it (only tensors and plain containers are loaded): {why}"
+    else:
+        text = str(e)
+    return " ".join(text.split()) or f"{type(e).__name__} (no message)"
+
+
+def _worded_by_us(e: BaseException) -> bool:
+    """Raised by a `raise` in twinface's own code, whose messages name their file; not a bare OSError (a seek or
+    read that the OS refused) and not a library's error passing through."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    ours = tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("twinface")
+    return ours and not (isinstance(e, OSError) and e.filename is None and e.errno is not None)
+
+
+@contextlib.contextmanager
+def reading(path: str):
+    """Errors while reading `path` that name no file get `path: ` in front: torch's EOFError on a 0-byte file,
+    onnxruntime's and safetensors' refusals, a seek to a negative offset say nothing of where."""
+    try:
+        yield
+    except Exception as e:
+        if not is_user_error(e) or _worded_by_us(e) or getattr(e, "filename", None) or path in error_line(e):
+            raise
+        raise UsageError(f"{path}: {error_line(e)}") from e
+
+
+def _bounded(kind, low, high=None):
+    """An argparse type: `kind` (int or float), finite, within [low, high]."""
+    what = "an integer" if kind is int else "a finite number"
+    bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {what} {bounds}, got {text!r}")
+        return value
+    return parse
+
+
+POSITIVE_INT = _bounded(int, 1)
 
 
 def _add_data(sub):
@@ -10,10 +94,10 @@ def _add_data(sub):
     s = verbs.add_parser("synth", help="write the synthetic training set (.rec + folder) and a held-out val.bin")
     s.add_argument("--config", default="configs/default.yaml", help="take sizes and path from this config's data section")
     s.add_argument("--out", help="output directory (default: the config's data.path)")
-    s.add_argument("--identities", type=int)
-    s.add_argument("--images-per-identity", type=int)
-    s.add_argument("--val-identities", type=int)
-    s.add_argument("--val-pairs", type=int)
+    s.add_argument("--identities", type=POSITIVE_INT)
+    s.add_argument("--images-per-identity", type=POSITIVE_INT)
+    s.add_argument("--val-identities", type=POSITIVE_INT)
+    s.add_argument("--val-pairs", type=POSITIVE_INT)
     s.add_argument("--seed", type=int)
     s.add_argument("--formats", default="rec,folder", help="comma list of rec, folder")
     s.add_argument("--overwrite", action="store_true")
@@ -25,9 +109,9 @@ def _add_data(sub):
     c.add_argument("--overwrite", action="store_true")
     c = verbs.add_parser("folder2bin", help="image folder -> verification .bin with generated pairs")
     c.add_argument("src"), c.add_argument("dst")
-    c.add_argument("--pairs", type=int, default=6000)
+    c.add_argument("--pairs", type=POSITIVE_INT, default=6000)
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--image-size", type=int, default=112)
+    c.add_argument("--image-size", type=POSITIVE_INT, default=112)
     c.add_argument("--overwrite", action="store_true")
 
 
@@ -47,12 +131,15 @@ def _run_data(args):
         stats = synth.generate(out, formats=tuple(args.formats.split(",")), overwrite=args.overwrite, **params)
         _print_stats(stats)
     elif args.data_verb == "folder2rec":
-        _print_stats(convert.folder_to_rec(args.src, args.dst_prefix, overwrite=args.overwrite))
+        with reading(args.src):
+            _print_stats(convert.folder_to_rec(args.src, args.dst_prefix, overwrite=args.overwrite))
     elif args.data_verb == "rec2folder":
-        _print_stats(convert.rec_to_folder(args.src_prefix, args.dst, overwrite=args.overwrite))
+        with reading(args.src_prefix):
+            _print_stats(convert.rec_to_folder(args.src_prefix, args.dst, overwrite=args.overwrite))
     elif args.data_verb == "folder2bin":
-        _print_stats(convert.folder_to_bin(args.src, args.dst, num_pairs=args.pairs, seed=args.seed,
-                                           image_size=args.image_size, overwrite=args.overwrite))
+        with reading(args.src):
+            _print_stats(convert.folder_to_bin(args.src, args.dst, num_pairs=args.pairs, seed=args.seed,
+                                               image_size=args.image_size, overwrite=args.overwrite))
 
 
 def _print_stats(stats: dict):
@@ -81,16 +168,18 @@ def _run_eval(args):
     results = {}
     if args.embeddings:
         if len(args.bin) != 1:
-            raise SystemExit("--embeddings scores exactly one --bin")
-        _, issame = load_bin(args.bin[0])
-        results[os.path.basename(args.bin[0])] = evaluate_embeddings(np.load(args.embeddings), None, issame)
+            raise UsageError("--embeddings scores exactly one --bin")
+        with reading(args.bin[0]):
+            _, issame = load_bin(args.bin[0])
+        with reading(args.embeddings):
+            embeddings = np.load(args.embeddings, allow_pickle=False)
+        results[os.path.basename(args.bin[0])] = evaluate_embeddings(embeddings, None, issame)
     else:
-        from .embedders import load_embedder
-        embed = load_embedder(args.weights, args.framework, args.arch, input_size=args.input_size,
-                          num_features=args.num_features)
+        embed = _load_embedder(args)
         for path in args.bin:
-            results[os.path.basename(path)] = bins_mod.evaluate_bin(embed, path, flip=not args.no_flip,
-                                                                    batch_size=args.batch_size)
+            with reading(path):
+                results[os.path.basename(path)] = bins_mod.evaluate_bin(embed, path, flip=not args.no_flip,
+                                                                        batch_size=args.batch_size)
     for name, result in results.items():
         print(format_result(name, result))
     if args.roc:
@@ -108,25 +197,26 @@ def _add_export(sub):
     p.add_argument("--weights", required=True)
     p.add_argument("--arch", required=True, help="backbone name (r50, mbf, ...)")
     p.add_argument("--out", required=True)
-    p.add_argument("--num-features", type=int, default=512)
-    p.add_argument("--input-size", type=int, default=112)
-    p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.add_argument("--num-features", type=POSITIVE_INT, default=512)
+    p.add_argument("--input-size", type=POSITIVE_INT, default=112)
+    p.add_argument("--opset", type=POSITIVE_INT, default=17)
+    p.add_argument("--force", action="store_true", help="replace an existing --out .onnx file (never the weights)")
 
 
 def _run_export(args):
     from .embedders import detect_framework
     framework = detect_framework(args.weights, args.framework)
-    if os.path.exists(args.out) and not args.force:
-        raise SystemExit(f"{args.out} exists; pass --force to overwrite it")
+    from .atomic import check_destination
+    check_destination(args.out, overwrite=args.force, flag="--force", inputs=[args.weights], ext=".onnx")
     if framework == "torch":
         from twinface_torch import checkpoint, export
     elif framework == "tf":
         from twinface_tf import checkpoint, export
     else:
-        raise SystemExit(f"export takes torch or TF weights, got {framework}")
-    model = checkpoint.load_backbone(args.weights, args.arch, num_features=args.num_features,
-                                     input_size=args.input_size)
+        raise UsageError(f"export takes torch or TF weights, got {framework}")
+    with reading(args.weights):
+        model = checkpoint.load_backbone(args.weights, args.arch, num_features=args.num_features,
+                                         input_size=args.input_size)
     diff = export.export_onnx(model, args.out, args.arch, input_size=args.input_size, opset=args.opset)
     print(f"wrote {args.out} (onnxruntime vs {framework}: max abs diff {diff:.3g})")
 
@@ -138,17 +228,18 @@ def _add_model_args(p, weights_in=None):
                                    help="model: .onnx, torch .pth/.pt, Keras .weights.h5")
     p.add_argument("--framework", choices=["torch", "tf", "onnx"], help="override detection from the extension")
     p.add_argument("--arch", help="backbone name for torch/TF weights (e.g. r50); ONNX files need none")
-    p.add_argument("--input-size", type=int, default=112, help="torch/TF weights: the input size trained at")
-    p.add_argument("--num-features", type=int, default=512, help="torch/TF weights: the embedding size")
+    p.add_argument("--input-size", type=POSITIVE_INT, default=112, help="torch/TF weights: the input size trained at")
+    p.add_argument("--num-features", type=POSITIVE_INT, default=512, help="torch/TF weights: the embedding size")
     p.add_argument("--no-flip", action="store_true",
                    help="skip the flip test: embed each image alone, without adding its mirror's embedding")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=64)
 
 
 def _add_embed(sub):
     p = sub.add_parser("embed", help="embeddings of aligned 112x112 face images -> .npy (+ names .txt)")
     _add_model_args(p)
-    p.add_argument("--images", required=True, help="a folder (searched recursively) or a text file of paths")
+    p.add_argument("--images", required=True, help="a folder (searched recursively), one image, or a text file of "
+                                                    "paths (one a line)")
     p.add_argument("--out", required=True, help="output .npy; the image paths go to a .names.txt beside it")
     p.add_argument("--raw", action="store_true", help="keep raw vectors (default: L2-normalised)")
 
@@ -158,9 +249,14 @@ def _image_paths(spec: str):
     if os.path.isdir(spec):
         paths = sorted(os.path.join(d, f) for d, _, files in os.walk(spec) for f in files
                        if os.path.splitext(f)[1].lower() in IMAGE_EXTS)
+    elif os.path.splitext(spec)[1].lower() in IMAGE_EXTS:
+        paths = [spec]
     elif os.path.isfile(spec):
-        with open(spec) as f:
-            paths = [line.strip() for line in f if line.strip()]
+        try:
+            with open(spec, encoding="utf-8") as f:
+                paths = [line.strip() for line in f if line.strip()]
+        except UnicodeDecodeError:
+            raise ValueError(f"--images {spec}: neither an image (by its extension) nor a text file of paths") from None
     else:
         raise FileNotFoundError(f"--images {spec}: no such folder or list file")
     if not paths:
@@ -168,27 +264,43 @@ def _image_paths(spec: str):
     return paths
 
 
-def _embed_paths(embed, paths, flip: bool, batch_size: int, progress: bool = True):
-    """Embeddings (raw, flip-summed when `flip`) of image files, decoded batch by batch."""
+def _load_embedder(args):
+    from .embedders import load_embedder
+    with reading(args.weights):
+        return load_embedder(args.weights, args.framework, args.arch, input_size=args.input_size,
+                             num_features=args.num_features)
+
+
+def _embed_paths(embed, paths, flip: bool, batch_size: int, verb: str, progress: bool = True):
+    """Embeddings (raw, flip-summed when `flip`) of image files, decoded batch by batch. Images that are not
+    square are squashed to 112x112 like the others, and said so on stderr: they are not aligned crops."""
     import numpy as np
     from tqdm import tqdm
     from .data.images import read_image
     from .data.transforms import hflip, resize
-    chunks = []
+    chunks, squashed = [], []
     for start in tqdm(range(0, len(paths), batch_size), desc="embed", unit="batch", disable=not progress):
-        images = np.stack([resize(read_image(p), 112) for p in paths[start:start + batch_size]])
+        images = []
+        for path in paths[start:start + batch_size]:
+            image = read_image(path)
+            if image.shape[0] != image.shape[1]:
+                squashed.append(f"{path} ({image.shape[1]}x{image.shape[0]})")
+            images.append(resize(image, 112))
+        images = np.stack(images)
         emb = np.asarray(embed(images), np.float32)
         chunks.append(emb + np.asarray(embed(hflip(images)), np.float32) if flip else emb)
+    if squashed:
+        print(f"twinface {verb}: warning: {len(squashed)} of {len(paths)} images are not square and were squashed "
+              f"to 112x112, aspect ratio lost, so their embeddings are unreliable; align the faces first. "
+              f"E.g. {', '.join(squashed[:3])}", file=sys.stderr)
     return np.concatenate(chunks)
 
 
 def _run_embed(args):
-    from .embedders import load_embedder
     from .eval.embeddings import l2_normalize, save_embeddings
     paths = _image_paths(args.images)
-    embed = load_embedder(args.weights, args.framework, args.arch, input_size=args.input_size,
-                          num_features=args.num_features)
-    emb = _embed_paths(embed, paths, not args.no_flip, args.batch_size)
+    embed = _load_embedder(args)
+    emb = _embed_paths(embed, paths, not args.no_flip, args.batch_size, args.verb)
     out = save_embeddings(args.out, emb if args.raw else l2_normalize(emb), names=paths)
     print(f"wrote {out}: {emb.shape[0]} embeddings of dimension {emb.shape[1]}")
 
@@ -197,18 +309,16 @@ def _add_verify(sub):
     p = sub.add_parser("verify", help="same person or not: similarity of two aligned face images")
     _add_model_args(p)
     p.add_argument("images", nargs=2, metavar="IMAGE")
-    p.add_argument("--threshold", type=float, default=1.4,
+    p.add_argument("--threshold", type=_bounded(float, 0.0, 4.0), default=1.4,
                    help="same person when the squared L2 distance of the normalised embeddings is below this "
-                        "(insightface's protocol; `twinface eval` prints the best one per set). Default 1.4")
+                        "(0 to 4; insightface's protocol; `twinface eval` prints the best one per set). Default 1.4")
 
 
 def _run_verify(args):
     import numpy as np
-    from .embedders import load_embedder
     from .eval.embeddings import l2_normalize
-    embed = load_embedder(args.weights, args.framework, args.arch, input_size=args.input_size,
-                          num_features=args.num_features)
-    a, b = l2_normalize(_embed_paths(embed, list(args.images), not args.no_flip, 2, progress=False))
+    embed = _load_embedder(args)
+    a, b = l2_normalize(_embed_paths(embed, list(args.images), not args.no_flip, 2, args.verb, progress=False))
     cos = float(np.dot(a, b))
     dist = float(np.sum((a - b) ** 2))
     same = dist < args.threshold
@@ -263,7 +373,8 @@ def _add_convert(sub):
 
 def _run_convert(args):
     from twinface_convert.cli import run
-    return run(args)
+    with reading(args.src):
+        return run(args)
 
 
 def _add_bench(sub):
@@ -282,7 +393,10 @@ VERBS = {"train": (_add_train, _run_train), "convert": (_add_convert, _run_conve
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="twinface", description=__doc__)
+    parser = argparse.ArgumentParser(prog="twinface", description="twinface: train, convert, embed and evaluate "
+                                     "face recognition models with the PyTorch and TensorFlow twins. A failure reads "
+                                     "as one line, `twinface VERB: error: ...`; --debug shows its traceback.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or TWINFACE_DEBUG=1)")
     sub = parser.add_subparsers(dest="verb", required=True)
     for add, _ in VERBS.values():
         add(sub)
@@ -293,8 +407,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         VERBS[args.verb][1](args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
-        raise SystemExit(f"twinface {args.verb}: error: {e}") from None
+    except Exception as e:
+        if args.debug or os.environ.get("TWINFACE_DEBUG") == "1" or not is_user_error(e):
+            raise
+        raise SystemExit(f"twinface {args.verb}: error: {error_line(e)}") from None
 
 
 if __name__ == "__main__":

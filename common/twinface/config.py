@@ -1,9 +1,11 @@
 """One experiment config (YAML) that both twins read.
 
-Configs are data: nested sections of typed fields with defaults. Loading checks every key and type and
-fails with the dotted key name and what was expected, so a typo never silently falls back to a default.
+Configs are data: nested sections of typed fields with defaults. Loading checks every key, its type and, for
+numbers, its range (RANGES), and fails with the dotted key name, the value and what was expected, so a typo never
+silently falls back to a default and a value that would crash or mislead a run later is refused up front.
 """
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -11,6 +13,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from . import registry
+from .atomic import atomic_path
 
 
 class ConfigError(ValueError):
@@ -197,26 +200,109 @@ def _build(cls, data: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric key: low/high bounds (None = unbounded), each inclusive unless open.
+    Floats must also be finite: nan and inf pass no comparison a training could rely on."""
+    low: float = None
+    high: float = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+AT_LEAST_1 = Range(1)
+NON_NEGATIVE = Range(0)
+POSITIVE = Range(0, low_open=True)
+FRACTION = Range(0, 1, high_open=True)          # momentum, betas, dropout: 1 would never forget / drop all
+
+# Every numeric config key and its allowed range (a list key: each element). A test checks that no numeric key
+# is missing here, so a new key cannot skip validation.
+RANGES = {
+    "seed": NON_NEGATIVE,
+    "backbone.num_features": AT_LEAST_1,
+    "backbone.dropout": FRACTION,
+    "backbone.input_size": Range(16),
+    "head.s": POSITIVE,                         # s = 0 makes every logit 0: a constant loss
+    "head.m1": Range(1),                        # multiplicative angular margin; 1 = none
+    "head.m2": Range(0, math.pi, high_open=True),   # additive angular margin (radians)
+    "head.m3": Range(0, 1),                     # additive cosine margin
+    "head.interclass_filtering_threshold": Range(0, 1),
+    "head.sample_rate": Range(0, 1, low_open=True),
+    "loss.gamma": NON_NEGATIVE,
+    "optimizer.lr": POSITIVE,
+    "optimizer.momentum": FRACTION,
+    "optimizer.weight_decay": NON_NEGATIVE,
+    "optimizer.betas": FRACTION,
+    "optimizer.eps": POSITIVE,
+    "schedule.warmup_epochs": NON_NEGATIVE,
+    "schedule.power": POSITIVE,
+    "schedule.milestones": NON_NEGATIVE,
+    "schedule.gamma": POSITIVE,
+    "schedule.min_lr": NON_NEGATIVE,
+    "data.num_classes": NON_NEGATIVE,           # 0 = read from the data
+    "data.num_workers": NON_NEGATIVE,
+    "data.synth_identities": Range(2),          # different-identity pairs need two identities
+    "data.synth_images_per_identity": Range(2),     # same-identity pairs need two images
+    "data.synth_val_identities": Range(2),
+    "data.synth_val_pairs": Range(2),
+    "data.memory_cache_gb": NON_NEGATIVE,
+    "train.batch_size": AT_LEAST_1,
+    "train.epochs": AT_LEAST_1,
+    "train.log_every": AT_LEAST_1,
+    "train.checkpoint_every": AT_LEAST_1,
+    "train.max_bad_steps": NON_NEGATIVE,
+    "train.clip_grad_norm": NON_NEGATIVE,       # 0 = off
+    "finetune.freeze_epochs": NON_NEGATIVE,
+    "finetune.backbone_lr_scale": NON_NEGATIVE,
+    "val.batch_size": AT_LEAST_1,
+}
+
+
+def _lookup(cfg: Config, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _check_range(key: str, value, allowed: Range) -> None:
+    if value is None:                           # an optional key left unset takes its default elsewhere
+        return
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_range(f"{key}[{i}]", item, allowed)
+    elif value not in allowed:
+        kind = "an integer" if isinstance(value, int) else "a finite number"
+        raise ConfigError(f"config key '{key}': expected {kind} {allowed}, got {value!r}")
+
+
 def _validate(cfg: Config) -> None:
     for key, allowed in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value = _lookup(cfg, key)
         if value not in allowed:
             raise ConfigError(f"config key '{key}': expected one of {allowed}, got {value!r}")
     try:
         registry.backbone_spec(cfg.backbone.name)
     except ValueError as e:
         raise ConfigError(f"config key 'backbone.name': {e}") from None
-    positive = {"train.batch_size": cfg.train.batch_size, "train.epochs": cfg.train.epochs,
-                "optimizer.lr": cfg.optimizer.lr, "backbone.num_features": cfg.backbone.num_features,
-                "backbone.input_size": cfg.backbone.input_size}
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"config key '{key}': expected a positive number, got {value!r}")
+    for key, allowed in RANGES.items():
+        _check_range(key, _lookup(cfg, key), allowed)
     if cfg.backbone.input_size % 16:
         raise ConfigError(f"config key 'backbone.input_size': expected a multiple of 16, got {cfg.backbone.input_size}")
-    if not 0.0 < cfg.head.sample_rate <= 1.0:
-        raise ConfigError(f"config key 'head.sample_rate': expected 0 < rate <= 1, got {cfg.head.sample_rate}")
+    if len(cfg.optimizer.betas) != 2:
+        raise ConfigError(f"config key 'optimizer.betas': expected 2 values [beta1, beta2], got {cfg.optimizer.betas}")
 
 
 def from_dict(data: dict) -> Config:
@@ -225,15 +311,38 @@ def from_dict(data: dict) -> Config:
     return cfg
 
 
+def _declared_type(key: str):
+    """The type a dotted key is declared with in Config (None for an unknown key: _build reports it)."""
+    tp = Config
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(tp):
+            return None
+        tp = typing.get_type_hints(tp).get(part)
+    return tp
+
+
 def _parse_override(text: str):
+    """KEY=VALUE with VALUE read as the key's declared type would have it: a string key takes the text verbatim
+    (a path named `no`, `on` or `2024` stays a string), a list of strings takes YAML's list syntax with every
+    item a string, anything else is parsed as YAML (numbers, booleans, lists, null)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. optimizer.lr=0.05")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    key = key.strip()
+    tp = _declared_type(key)
+    if tp is str:
+        return key, raw
+    try:
+        if tp == typing.List[str]:
+            return key, yaml.load(raw, Loader=yaml.BaseLoader)      # BaseLoader resolves no scalar types
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML: {' '.join(str(e).split())}") from None
 
 
 def apply_overrides(data: dict, overrides) -> dict:
-    """Apply `section.key=value` strings (values parsed as YAML) onto a raw config dict."""
+    """Apply `section.key=value` strings (values read as the key's type, see _parse_override) onto a raw config
+    dict."""
     for text in overrides or ():
         key, value = _parse_override(text)
         node = data
@@ -253,6 +362,8 @@ def load(path: str, overrides=None) -> Config:
             data = yaml.safe_load(f) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except OSError as e:                                        # a directory, a symlink loop, no permission
+        raise ConfigError(f"config file {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -264,12 +375,8 @@ def load(path: str, overrides=None) -> Config:
 
 
 def save_resolved(cfg: Config, out_dir: str) -> str:
-    """Write the fully resolved config (defaults filled in) into the run directory."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Write the fully resolved config (defaults filled in) into the run directory, atomically."""
     path = os.path.join(out_dir, "config.yaml")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    os.replace(tmp, path)
     return path
-

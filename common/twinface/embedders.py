@@ -10,14 +10,19 @@ import numpy as np
 from .data.transforms import to_model_input
 
 FRAMEWORK_BY_SUFFIX = {".onnx": "onnx", ".pth": "torch", ".pt": "torch", ".h5": "tf", ".keras": "tf"}
+ACCEPTED = "an .onnx file, torch .pth/.pt weights or Keras .weights.h5 weights"
 
 
 def detect_framework(weights: str, framework: str = None) -> str:
+    if os.path.isdir(weights):
+        # A TensorFlow SavedModel is a program as much as weights (its graph can read and write files), so
+        # only `twinface convert` reads one, and only one twinface wrote.
+        what = "a TensorFlow SavedModel" if os.path.exists(os.path.join(weights, "saved_model.pb")) else "a directory"
+        raise ValueError(f"{weights}: {what}, not a weights file; this command loads {ACCEPTED}. Convert a "
+                         f"SavedModel first: twinface convert {weights} model.onnx (see twinface convert --help)")
     if framework:
         return framework
     suffix = os.path.splitext(weights)[1].lower()
-    if os.path.isdir(weights):
-        return "tf"                                               # SavedModel directory
     if suffix not in FRAMEWORK_BY_SUFFIX:
         raise ValueError(f"{weights}: cannot tell the framework from the extension {suffix!r}; "
                          f"known: {', '.join(sorted(FRAMEWORK_BY_SUFFIX))} (or pass --framework torch|tf|onnx)")

@@ -1,14 +1,12 @@
 """ONNX export of a backbone, name-faithful and unfolded so weights_convert can map it back by name.
 
 The legacy exporter without constant folding keeps every state_dict name as an initializer and every
-BatchNorm as a node (DESIGN.md: folding would silently put Conv*BN values under the name `conv1.weight`).
+BatchNorm as a node (docs/design.md: folding would silently put Conv*BN values under the name `conv1.weight`).
 """
-import os
-import tempfile
-
 import onnx
 import torch
 
+from twinface.atomic import atomic_path
 from twinface.onnx_meta import INPUT_NAME, OUTPUT_NAME, check_against, export_metadata, stamp_metadata
 
 
@@ -17,7 +15,7 @@ def export_onnx(model, path, arch, input_size=112, opset=17, verify=True):
     on a random batch of 3 (NaN when verify=False).
 
     The file appears only once complete (and verified when verify=True): written to a temporary file in
-    the same directory, then moved into place.
+    the same directory, then moved into place (twinface.atomic).
     """
     was_training, fp16 = model.training, getattr(model, "fp16", False)
     model.eval()
@@ -26,24 +24,18 @@ def export_onnx(model, path, arch, input_size=112, opset=17, verify=True):
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(0)
     sample = (torch.rand(3, 3, input_size, input_size, generator=generator) * 2 - 1).to(device)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(suffix=".onnx.tmp", dir=directory)
-    os.close(fd)
     try:
-        with torch.no_grad():
+        with atomic_path(path, suffix=".onnx") as tmp_path, torch.no_grad():
             reference = model(sample).float().cpu().numpy()
             torch.onnx.export(
                 model, (sample[:1],), tmp_path, dynamo=False, do_constant_folding=False, export_params=True,
                 keep_initializers_as_inputs=False, opset_version=opset,
                 input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                 dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
-        restore_shared_initializers(tmp_path, set(model.state_dict()))
-        stamp_metadata(tmp_path, export_metadata(arch, "torch", input_size, reference.shape[1]))
-        max_abs_diff = verify_onnx(tmp_path, sample.cpu().numpy(), reference, path) if verify else float("nan")
-        os.replace(tmp_path, path)
+            restore_shared_initializers(tmp_path, set(model.state_dict()))
+            stamp_metadata(tmp_path, export_metadata(arch, "torch", input_size, reference.shape[1]))
+            max_abs_diff = verify_onnx(tmp_path, sample.cpu().numpy(), reference, path) if verify else float("nan")
     finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
         model.train(was_training)
         if fp16:
             model.fp16 = True

@@ -1,6 +1,6 @@
 """ONNX export of a Keras backbone via tf2onnx: input "data" NCHW [batch, 3, S, S], output "embedding".
 
-tf2onnx folds every BatchNorm and decomposes PReLU (DESIGN.md), so this file serves inference only; weights
+tf2onnx folds every BatchNorm and decomposes PReLU (docs/design.md), so this file serves inference only; weights
 travel between the twins through the torch-side, name-faithful export.
 """
 import logging

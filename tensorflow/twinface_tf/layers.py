@@ -3,6 +3,7 @@
 Every weighted layer is named with its torch module path (`layer1.0.conv1`), which makes the weight mapping
 between the twins a pure function of (name, layer kind).
 """
+import functools
 import math
 
 import keras
@@ -48,17 +49,88 @@ class TorchBatchNorm(keras.layers.BatchNormalization):
         return {**super().get_config(), "gamma_trainable": self.gamma_trainable}
 
 
+@functools.cache
+def native_grouped_gradients() -> bool:
+    """Whether TensorFlow can differentiate a grouped tf.nn.conv2d here: with its oneDNN CPU kernels or on a GPU.
+
+    TF's Eigen CPU kernels (what runs when oneDNN is off, TF's default on CPUs without AVX-512 VNNI/BF16 or
+    AMX) compute the grouped forward pass but raise "Gradients for grouped convolutions are not supported on
+    CPU". The oneDNN state is read from TF's own switch; if that private hook moves, assume Eigen (the fallback
+    is exact, only slower).
+    """
+    if tf.config.list_physical_devices("GPU"):
+        return True
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        return False
+
+
+def _as_depthwise(kernel, groups):
+    """Grouped kernel (kh, kw, in / G, out) -> depthwise kernel (kh, kw, in, out / G).
+
+    Input channel c (group c // (in / G)) feeds output g * (out / G) + m with weight kernel[..., c % (in / G),
+    g * (out / G) + m]; a depthwise conv with multiplier out / G computes every such product as its channel
+    c * (out / G) + m, and summing those over the in / G inputs of a group gives the grouped conv.
+    """
+    kh, kw, in_per_group, out = kernel.shape
+    k = tf.reshape(kernel, [kh, kw, in_per_group, groups, out // groups])
+    return tf.reshape(tf.transpose(k, [0, 1, 3, 2, 4]), [kh, kw, in_per_group * groups, out // groups])
+
+
+def _from_depthwise(kernel, groups, in_per_group):
+    """Inverse of _as_depthwise (for the kernel's gradient)."""
+    kh, kw, _, mult = kernel.shape
+    k = tf.reshape(kernel, [kh, kw, groups, in_per_group, mult])
+    return tf.reshape(tf.transpose(k, [0, 1, 3, 2, 4]), [kh, kw, in_per_group, groups * mult])
+
+
+def grouped_conv2d(x, kernel, strides, dilations, groups):
+    """tf.nn.conv2d with a grouped kernel ("VALID"), differentiable on every device.
+
+    The forward pass is always the native grouped convolution (same numbers everywhere, one ONNX Conv in
+    exports). Where TF has no native gradient for it (Eigen CPU kernels), the gradients are those of the
+    equivalent depthwise formulation (_as_depthwise), whose kernels exist on every device.
+    """
+    def forward(x, kernel):
+        return tf.nn.conv2d(x, kernel, strides=strides, padding="VALID", dilations=dilations)
+
+    if native_grouped_gradients():
+        return forward(x, kernel)
+
+    @tf.custom_gradient
+    def conv_with_depthwise_gradient(x, kernel):
+        def grad(dy):
+            in_per_group, mult = kernel.shape[2], kernel.shape[3] // groups
+            n, h, w = tf.unstack(tf.shape(dy)[:3])
+            # the gradient of output g * mult + m reaches channel c * mult + m of every input c of group g
+            dy_dw = tf.reshape(tf.broadcast_to(tf.reshape(dy, [n, h, w, groups, 1, mult]),
+                                               [n, h, w, groups, in_per_group, mult]),
+                               [n, h, w, groups * in_per_group * mult])
+            stride4, dilation2 = [1, *strides, 1], list(dilations)
+            dx = tf.nn.depthwise_conv2d_backprop_input(tf.shape(x), _as_depthwise(kernel, groups), dy_dw,
+                                                       stride4, "VALID", dilations=dilation2)
+            dk = tf.nn.depthwise_conv2d_backprop_filter(x, [*kernel.shape[:2], groups * in_per_group, mult],
+                                                        dy_dw, stride4, "VALID", dilations=dilation2)
+            return dx, _from_depthwise(dk, groups, in_per_group)
+        return forward(x, kernel), grad
+
+    return conv_with_depthwise_gradient(x, tf.convert_to_tensor(kernel))
+
+
 @keras.saving.register_keras_serializable(package="twinface")
 class GroupedConv2D(keras.layers.Conv2D):
     """Conv2D with 1 < groups < channels and the usual kernel (kh, kw, in / groups, out).
 
     Keras runs grouped convolutions on CPU inside an XLA-compiled function, which is slow here and which
     tf2onnx cannot convert. tf.nn.conv2d takes the grouped kernel natively (group g owns output channels
-    g * out / groups onward, as in torch) and exports as one ONNX Conv with `group`.
+    g * out / groups onward, as in torch) and exports as one ONNX Conv with `group`; grouped_conv2d gives it
+    gradients where TF's kernels have none.
     """
 
     def convolution_op(self, inputs, kernel):
-        return tf.nn.conv2d(inputs, kernel, strides=self.strides, padding="VALID", dilations=self.dilation_rate)
+        return grouped_conv2d(inputs, kernel, self.strides, self.dilation_rate, self.groups)
 
 
 def prelu(name, dtype=None):

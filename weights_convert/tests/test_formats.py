@@ -171,3 +171,50 @@ def test_safetensors_round_trips_through_the_hub(tmp_path, mbf):
     for name, tensor in mbf.state_dict().items():
         if not name.endswith("num_batches_tracked"):           # a counter: targets get it back as 0
             assert torch.equal(tensors[name], tensor), name
+
+
+def _safetensors(path, header: bytes, data: bytes, claimed=None):
+    with open(path, "wb") as f:
+        f.write((len(header) if claimed is None else claimed).to_bytes(8, "little") + header + data)
+    return str(path)
+
+
+def test_safetensors_with_absurd_sizes_is_refused_naming_the_file(tmp_path):
+    """Old code: a header length past the end read as 'unknown weights format', and offsets past the end or a
+    shape that disagrees with them surfaced as a raw SafetensorError."""
+    header = b'{"fc.weight":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    path = _safetensors(tmp_path / "huge.safetensors", header, bytes(4), claimed=2 ** 62)
+    with pytest.raises(ValueError, match=rf"{path}: a safetensors header of {2 ** 62} bytes is claimed, but the "
+                                         rf"file has {8 + len(header) + 4} bytes"):
+        formats.source_format(path)
+    for name, tensor in [("offsets", '{"dtype":"F32","shape":[250000000000],"data_offsets":[0,1000000000000]}'),
+                         ("shape", '{"dtype":"F32","shape":[1000000,1000000],"data_offsets":[0,4]}')]:
+        path = _safetensors(tmp_path / f"{name}.safetensors", b'{"fc.weight":' + tensor.encode() + b"}", bytes(4))
+        assert formats.source_format(path) == "safetensors"
+        with pytest.raises(ValueError, match=rf"{path}: not a readable safetensors file: "):
+            formats.read(path, "safetensors")
+
+
+def test_empty_truncated_and_foreign_files_are_refused_naming_the_file(mbf, tmp_path):
+    """Old code: a 0-byte .pth read as 'unknown format', a truncated one raised a raw BadZipFile, a numpy .npz
+    read as 'unknown format', and a truncated .weights.h5 raised a raw OSError from h5py."""
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"{empty}: an empty file \(0 bytes\) holds no weights"):
+        formats.source_format(str(empty))
+    whole, cut = tmp_path / "whole.pth", tmp_path / "cut.pth"
+    torch.save(mbf.state_dict(), whole)
+    cut.write_bytes(whole.read_bytes()[:len(whole.read_bytes()) // 2])
+    with pytest.raises(ValueError, match=rf"{cut}: a damaged or truncated zip archive"):
+        formats.source_format(str(cut))
+    npz = tmp_path / "weights.npz"
+    np.savez(npz, w=np.zeros(3))
+    with pytest.raises(ValueError, match=rf"{npz}: a numpy .npz archive, which is no weights format"):
+        formats.source_format(str(npz))
+    h5 = tmp_path / "cut.weights.h5"
+    with h5py.File(h5, "w") as f:
+        f["layers/dense/vars/0"] = np.zeros((64, 64))
+    h5.write_bytes(h5.read_bytes()[:1000])
+    assert formats.source_format(str(h5)) == "keras"
+    with pytest.raises(ValueError, match=rf"{h5}: not a readable HDF5 file"):
+        formats.read(str(h5), "keras")

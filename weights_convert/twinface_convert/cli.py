@@ -23,7 +23,8 @@ def add_parser(subparsers):
     p.add_argument("--arch", help="backbone (r18 r34 r50 r100 r200 mbf mbf_large); default: inferred from the "
                                   "tensor shapes")
     p.add_argument("--keep-onnx", metavar="PATH", help="keep the intermediate ONNX hub file here")
-    p.add_argument("--force", action="store_true", help="overwrite an existing DST (and --keep-onnx file)")
+    p.add_argument("--force", action="store_true", help="replace an existing DST (and --keep-onnx file) of the same "
+                                                        "format; never SRC, nor a directory twinface did not write")
     p.add_argument("--images", metavar="DIR", help="verify on these aligned face crops (searched recursively, "
                                                    "at most 64) instead of random images")
     return p

@@ -6,25 +6,27 @@ tensor bit for bit, which is checked on every run. DST is written from what the 
 the twins nothing is lost: parameters and BatchNorm statistics survive exactly.
 
 DST only appears once verified: it is written under a temporary name beside its final place, run, compared,
-and moved into place on PASS; on FAIL (or any error) nothing is left behind.
+and moved into place on PASS; on FAIL (or any error) nothing is left behind (twinface.atomic). --force
+replaces only an output of DST's format, never an input.
 """
 import contextlib
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from twinface.atomic import atomic_path
+from twinface.atomic import MARKER, Outputs, check_destination, scratch_path
 
 from . import formats
 from .arch import Backbone, template_shapes
 
-TOLERANCE = 1e-5          # max abs diff of L2-normalised embeddings, fp32 (DESIGN.md, IResNet-50 at 112x112)
+TOLERANCE = 1e-5          # max abs diff of L2-normalised embeddings, fp32 (docs/design.md, IResNet-50 at 112x112)
 RANDOM_IMAGES = 4
 MAX_IMAGES = 64
+# What tf.saved_model.save writes: --force replaces a directory holding nothing else.
+SAVEDMODEL_ENTRIES = {"saved_model.pb", "fingerprint.pb", "variables", "assets", MARKER}
 
 
 class VerificationFailed(RuntimeError):
@@ -53,11 +55,15 @@ def convert(src: str, dst: str, arch: str = None, keep_onnx: str = None, force: 
     """
     clock = _Clock()
     src_format, dst_format = formats.source_format(src), formats.target_format(dst)
-    for path in filter(None, (dst, keep_onnx)):
-        if os.path.lexists(path) and not force:
-            raise FileExistsError(f"{path} exists; pass --force to overwrite it")
     if keep_onnx and formats.target_format(keep_onnx) != "onnx":
         raise ValueError(f"--keep-onnx {keep_onnx}: the hub is an ONNX file; give a name ending in .onnx")
+    if keep_onnx and os.path.abspath(keep_onnx) == os.path.abspath(dst):
+        raise ValueError(f"--keep-onnx {keep_onnx}: the same path as DST; give the hub its own name")
+    checks = dict(overwrite=force, flag="--force", inputs=[src, images])
+    dst_checks, hub_checks = _checks_for(dst_format, checks), _checks_for("onnx", checks)
+    check_destination(dst, **dst_checks)                         # refuse before any slow work
+    if keep_onnx:
+        check_destination(keep_onnx, **hub_checks)
     if dst_format == "safetensors":
         formats.require_safetensors(dst)
     if images and not os.path.isdir(images):
@@ -72,13 +78,14 @@ def convert(src: str, dst: str, arch: str = None, keep_onnx: str = None, force: 
     batch, what = _verification_images(images, backbone.input_size)
     clock.lap("read")
 
-    with _hub_path(keep_onnx) as hub:
+    with _hub_path(keep_onnx, dst, hub_checks) as hub:
         formats.write(source.state, backbone, hub, "onnx")
         hub_state = formats.read(hub, "onnx", backbone.arch).state
         _check_identical(source.state, hub_state, hub)
         log(f"ONNX hub {keep_onnx or '(temporary)'}: all {len(hub_state)} tensors read back bit-identical")
         clock.lap("onnx hub")
-        with _staged(dst, dst_format) as staged:
+        suffix = ".weights.h5" if dst_format == "keras" else os.path.splitext(dst)[1]
+        with Outputs([dst], "twinface convert", suffixes=[suffix], **dst_checks) as (staged,):
             if dst_format == "onnx":
                 shutil.copyfile(hub, staged)
             else:
@@ -141,49 +148,26 @@ def _verification_images(folder: str, size: int):
 
 
 @contextlib.contextmanager
-def _hub_path(keep: str):
+def _hub_path(keep: str, dst: str, checks: dict):
     if keep:
-        with atomic_path(keep, suffix=".onnx") as path:
+        with Outputs([keep], "twinface convert", suffixes=[".onnx"], **checks) as (path,):
             yield path
-            _default_permissions(path)
     else:
-        with tempfile.TemporaryDirectory(prefix="twinface-convert-") as scratch:
-            yield os.path.join(scratch, "hub.onnx")
+        with scratch_path(dst, ".onnx") as path:
+            yield path
 
 
-@contextlib.contextmanager
-def _staged(path: str, fmt: str):
-    """A temporary path beside `path` (a directory for a SavedModel), moved over `path` only if the block succeeds."""
-    if fmt != "savedmodel":
-        suffix = ".weights.h5" if fmt == "keras" else os.path.splitext(path)[1]
-        with atomic_path(path, suffix=suffix) as tmp:
-            yield tmp
-            _default_permissions(tmp)
-        return
-    path = path.rstrip("/\\")
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
-    try:
-        yield tmp
-        _default_permissions(tmp)
-        if os.path.lexists(path):                   # --force: swap the old one out, then delete it
-            old = tmp + ".old"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
-        else:
-            os.rename(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-
-
-def _default_permissions(path: str) -> None:
-    """Temporary files and directories are private (0600 / 0700); what we deliver gets the user's umask."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
+def _checks_for(fmt: str, checks: dict) -> dict:
+    """check_destination arguments for a `fmt` output: --force replaces only a `fmt` output."""
+    def recognise(path):
+        if fmt == "savedmodel":
+            return set(os.listdir(path)) <= SAVEDMODEL_ENTRIES
+        try:
+            return formats.source_format(path) == fmt
+        except (OSError, ValueError):
+            return False
+    return {**checks, "directory": fmt == "savedmodel", "recognise": recognise,
+            "what": "a SavedModel directory" if fmt == "savedmodel" else f"a file of the {fmt} format"}
 
 
 class _Clock:

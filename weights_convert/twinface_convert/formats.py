@@ -29,6 +29,7 @@ SUPPORTED = {
             "tf2onnx exports of the TF twin",
 }
 METADATA_ASSET = "twinface.json"          # a SavedModel's record of what it holds (assets/twinface.json)
+SAFETENSORS_MAX_HEADER = 100 * 2 ** 20    # the safetensors library's own limit
 
 
 def supported() -> str:
@@ -51,6 +52,9 @@ def source_format(path: str) -> str:
         raise ValueError(f"{path}: a directory without saved_model.pb is no weights format; supported: {supported()}")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or directory")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ValueError(f"{path}: an empty file (0 bytes) holds no weights")
     with open(path, "rb") as f:
         head = f.read(16)
     if head.startswith(b"\x89HDF\r\n\x1a\n"):
@@ -59,16 +63,27 @@ def source_format(path: str) -> str:
                              f"files named so (legacy Keras 2 .h5 models are not supported)")
         return "keras"
     if head.startswith(b"PK\x03\x04"):
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except zipfile.BadZipFile as err:
+            raise ValueError(f"{path}: a damaged or truncated zip archive ({err}); torch saves .pth files as "
+                             "zip archives") from None
         if any(n.endswith("data.pkl") for n in names):
             return "torch"
+        if names and all(n.endswith(".npy") for n in names):
+            raise ValueError(f"{path}: a numpy .npz archive, which is no weights format; save the torch "
+                             f"state_dict (.pth) or safetensors instead. Supported: {supported()}")
         if "model.weights.h5" in names:
             raise ValueError(f"{path}: a whole Keras model (.keras); save its weights with "
                              f"model.save_weights('backbone.weights.h5') and convert that")
     elif head[:1] == b"\x80" and path.endswith((".pth", ".pt")):    # torch's legacy (pre-zip) pickle format
         return "torch"
-    elif len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path):
+    elif len(head) > 8 and head[8:9] == b"{":
+        header_size = int.from_bytes(head[:8], "little")
+        if header_size > min(size - 8, SAFETENSORS_MAX_HEADER):
+            raise ValueError(f"{path}: a safetensors header of {header_size} bytes is claimed, but the file has "
+                             f"{size} bytes (and headers are at most {SAFETENSORS_MAX_HEADER >> 20} MiB)")
         return "safetensors"
     elif path.endswith(".onnx") or head[:1] == b"\x08":        # protobuf field 1 (ir_version): no magic number
         return "onnx"
@@ -124,8 +139,18 @@ def _read_torch(path, arch):
     return _named(tensors, path, arch, "PyTorch checkpoint")
 
 
+def load_safetensors(path: str) -> dict:
+    """name -> torch tensor; the library's SafetensorError (offsets outside the file, sizes that disagree with
+    shapes) becomes a ValueError naming the file."""
+    module = require_safetensors(path)
+    try:
+        return module.load_file(path)
+    except Exception as err:            # safetensors_rust.SafetensorError, which is no ValueError
+        raise ValueError(f"{path}: not a readable safetensors file: {err}") from None
+
+
 def _read_safetensors(path, arch):
-    return _named(require_safetensors(path).load_file(path), path, arch, "safetensors")
+    return _named(load_safetensors(path), path, arch, "safetensors")
 
 
 # Keras' .weights.h5 addresses variables by object path, "layers/<snake_case class>[_<n>]/vars/<i>", the n-th
@@ -163,8 +188,12 @@ def _read_keras(path, arch):
 
     from .mapping import keras_to_torch
     shapes = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: shapes.__setitem__(name, obj.shape) if isinstance(obj, h5py.Dataset) else None)
+    try:
+        with h5py.File(path, "r") as f:
+            f.visititems(lambda name, obj: shapes.__setitem__(name, obj.shape) if isinstance(obj, h5py.Dataset)
+                         else None)
+    except OSError as err:              # h5py reports a truncated or damaged file as an OSError
+        raise ValueError(f"{path}: not a readable HDF5 file: {err}") from None
     weights = []
     for name, shape in shapes.items():
         match = re.fullmatch(r"layers/(.+?)(_\d+)?/vars/0", name)
@@ -290,7 +319,7 @@ def embedder(path: str, fmt: str, backbone: Backbone):
             model = load_backbone(path, backbone.arch, num_features=backbone.num_features,
                                   input_size=backbone.input_size)
         else:
-            tensors = require_safetensors(path).load_file(path)
+            tensors = load_safetensors(path)
             model = torch_backbone({k: v.numpy() for k, v in tensors.items()}, backbone, path)
         return lambda images: embed_images(model, images)
     if fmt == "keras":

@@ -3,30 +3,42 @@ import logging
 
 import numpy as np
 
-from .images import CorruptImageError
+from .images import UnusableImageError
 from .transforms import resize
 
 log = logging.getLogger("twinface.data")
+MAX_CONSECUTIVE_SKIPS = 64
+_skipped = set()        # sources already reported by this process (a data worker): each is reported once
+
+
+def describe_failure(err: Exception, source: str) -> str:
+    """One line for a per-image failure; our own errors already name their source, others get it and their type."""
+    return str(err) if isinstance(err, UnusableImageError) else f"{source}: {type(err).__name__}: {err}"
 
 
 def load_sample(dataset, index: int, flip: bool, size: int = None):
     """(uint8 RGB HWC image, label) of `index`, the image mirrored when `flip` and resized to `size` if given.
 
-    A corrupt or undecodable image is skipped: it is reported with its source and replaced by the next
-    readable sample, so a long run never dies on one bad file and the batch keeps its size.
+    Any failure to read one image (undecodable, not square, a vanished file, a damaged record) skips it: it is
+    reported once per process with the running count, and replaced by the next readable sample, so a long run
+    never dies on one bad file and the batch keeps its size.
     """
     n = len(dataset)
-    for attempt in range(min(n, 64)):
+    for attempt in range(min(n, MAX_CONSECUTIVE_SKIPS)):
         i = (index + attempt) % n
         try:
             image = dataset.image(i)
             break
-        except CorruptImageError as e:
-            log.warning(f"skipped corrupt image {dataset.source(i)}: {e}")
+        except Exception as err:                   # one image's failure, whatever it is, costs only that image
+            source = dataset.source(i)
+            if source not in _skipped:
+                _skipped.add(source)
+                log.warning(f"skipped an unusable image ({len(_skipped)} so far in this process): "
+                            f"{describe_failure(err, source)}")
     else:
-        raise CorruptImageError(f"64 consecutive unreadable images from {dataset.source(index)} on: is the data set broken?")
+        raise UnusableImageError(f"{MAX_CONSECUTIVE_SKIPS} consecutive unusable images from {dataset.source(index)} "
+                                 "on: is the data set broken?")
     label = int(dataset.labels[i])                 # the label of the image actually returned
     if size:
         image = resize(image, size)
     return (np.ascontiguousarray(image[:, ::-1]) if flip else image), label
-

@@ -1,53 +1,44 @@
 """Conversions between the data formats: image folder <-> insightface .rec, image folder -> verification .bin."""
-import logging
 import os
-import shutil
 
 import numpy as np
 from tqdm import tqdm
 
+from twinface.atomic import Outputs, check_destination
 from twinface.data.folder import scan_image_folder, write_image_folder
-from twinface.data.images import CorruptImageError, decode_image, encode_image, fit_square
+from twinface.data.images import decode_image, encode_image, fit_square, usable_samples
 from twinface.data.recordio import InsightFaceRec, write_insightface_rec
 from twinface.data.verification_bin import save_bin
 
-logger = logging.getLogger(__name__)
 
 
-def _refuse_existing(paths, overwrite):
-    for path in paths:
-        if os.path.exists(path) and not overwrite:
-            raise FileExistsError(f"{path}: already exists; pass overwrite=True to replace it")
-
-
-def _read_bytes(path) -> bytes:
+def _read_bytes(path, size=-1) -> bytes:
     with open(path, "rb") as f:
-        return f.read()
+        return f.read(size)
+
+
+def _is_pickle(path) -> bool:
+    return _read_bytes(path, 1) == b"\x80"
 
 
 def folder_to_rec(src_root, dst_prefix, progress=True, overwrite=False) -> dict:
     """Pack an image folder into dst_prefix.rec/.idx (insightface layout), storing each file's bytes as they are.
 
     Undecodable images are skipped and listed in stats["skipped"]; an identity left without images is dropped
-    and the following labels move down, so the .rec keeps labels 0..C-1.
+    and the following labels move down, so the .rec keeps labels 0..C-1. The pair appears (or replaces an
+    earlier RecordIO pair, with overwrite) only once complete; see twinface.atomic.
     """
     dst_prefix = os.fspath(dst_prefix)
-    _refuse_existing([dst_prefix + ".rec", dst_prefix + ".idx"], overwrite)
     samples, class_names = scan_image_folder(src_root)
     skipped, new_label = [], {}
 
     def readable_samples():
-        for path, label in tqdm(samples, desc="folder -> rec", unit="img", disable=not progress):
-            data = _read_bytes(path)
-            try:
-                decode_image(data, path)
-            except CorruptImageError as err:
-                logger.warning("skipping %s", err)
-                skipped.append(path)
-                continue
+        files = tqdm(samples, desc="folder -> rec", unit="img", disable=not progress)
+        for label, data in usable_samples(((p, lab, _read_bytes(p)) for p, lab in files), skipped):
             yield new_label.setdefault(label, len(new_label)), data
 
-    stats = write_insightface_rec(dst_prefix, readable_samples())
+    stats = write_insightface_rec(dst_prefix, readable_samples(), writer="twinface data folder2rec",
+                                  overwrite=overwrite, inputs=[src_root])
     return {**stats, "num_skipped": len(skipped), "skipped": skipped,
             "class_names": [class_names[old] for old in new_label]}
 
@@ -55,25 +46,20 @@ def folder_to_rec(src_root, dst_prefix, progress=True, overwrite=False) -> dict:
 def rec_to_folder(src_prefix, dst_root, progress=True, overwrite=False) -> dict:
     """Unpack an insightface .rec into dst_root/<%05d label>/<%06d>.jpg, bytes unchanged.
 
-    Written to a temporary folder renamed into place at the end, so dst_root is never left half-filled.
+    Written into a temporary sibling renamed into place at the end, so dst_root appears only complete; with
+    overwrite it replaces only an earlier rec2folder output (or an empty directory), which stays intact until
+    that rename. See twinface.atomic.
     """
-    dst_root = os.fspath(dst_root).rstrip(os.sep)
-    _refuse_existing([dst_root], overwrite)
     rec = InsightFaceRec(src_prefix)
-    tmp = dst_root + ".partial"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    records = (rec.record(i) for i in tqdm(range(len(rec)), desc="rec -> folder", unit="img",
-                                           disable=not progress))
-    try:
+    rec.labels                                   # every label checked before anything is written
+    skipped = []
+    records = usable_samples(((rec.source(i), *rec.record(i)) for i in tqdm(range(len(rec)), desc="rec -> folder",
+                                                                             unit="img", disable=not progress)),
+                             skipped)
+    with Outputs([dst_root], "twinface data rec2folder", directory=True, overwrite=overwrite,
+                 inputs=[rec.reader.rec_path, rec.reader.idx_path]) as (tmp,):
         count = write_image_folder(tmp, records)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(dst_root):
-        shutil.rmtree(dst_root)
-    os.replace(tmp, dst_root)
-    return {"num_images": count, "num_classes": rec.num_classes}
+    return {"num_images": count, "num_classes": rec.num_classes, "num_skipped": len(skipped), "skipped": skipped}
 
 
 def make_pairs(labels: np.ndarray, num_pairs: int, seed: int):
@@ -151,8 +137,8 @@ def folder_to_bin(src_root, dst_path, num_pairs=6000, seed=0, image_size=112, ov
 
     Images already image_size x image_size keep their bytes; others are resized and re-encoded as JPEG.
     """
-    dst_path = os.fspath(dst_path)
-    _refuse_existing([dst_path], overwrite)
+    dst_path = check_destination(dst_path, overwrite=overwrite, inputs=[src_root], recognise=_is_pickle,
+                                 what="a pickled verification .bin")
     samples, _ = scan_image_folder(src_root)
     labels = np.array([label for _, label in samples], dtype=np.int64)
     pairs, issame = make_pairs(labels, num_pairs, seed)

@@ -34,7 +34,8 @@ class FaceDataset:
         return int(self.labels.max()) + 1 if len(self) else 0
 
     def image(self, i: int) -> np.ndarray:
-        """Raises CorruptImageError naming source(i); a square crop of another size is resized to 112."""
+        """Raises an UnusableImageError naming source(i) (undecodable, or not square: not an aligned crop);
+        a square crop of another size is resized to 112."""
         source = self.source(i)
         return fit_square(decode_image(self.encoded(i), source), IMAGE_SIZE, source)
 

@@ -5,36 +5,45 @@ Small inputs make decoding, not the network, the cost of an epoch on a 2-core CP
 cached pixels, so batches stay identical across frameworks.
 """
 import logging
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .images import CorruptImageError
+from .batches import describe_failure
+from .images import UnusableImageError
 from .transforms import resize
 
 log = logging.getLogger("twinface.data")
 
 
 class InMemoryDataset:
-    """A FaceDataset whose images are decoded and resized to `size` up front; corrupt ones keep raising."""
+    """A FaceDataset whose images are decoded and resized to `size` up front; unusable ones keep raising, so
+    load_sample skips them as it does without the cache."""
 
     def __init__(self, dataset, size: int, workers: int = 2, progress: bool = True):
         from tqdm import tqdm
         self.base, self.size = dataset, size
         self.pixels = np.zeros((len(dataset), size, size, 3), np.uint8)
-        self.corrupt = {}
+        self.unusable = {}
 
         def load(i):
             try:
                 self.pixels[i] = resize(dataset.image(i), size)
-            except CorruptImageError as e:      # reported again, with its source, whenever it is asked for
-                self.corrupt[i] = e
+            except Exception as err:            # any one image's failure: raised again whenever it is asked for
+                self.unusable[i] = err
 
         with ThreadPoolExecutor(max(1, workers)) as pool:     # cv2 decodes without the GIL
             list(tqdm(pool.map(load, range(len(dataset))), total=len(dataset), desc="decode to memory",
                       unit="img", disable=not progress, mininterval=2.0))
-        if self.corrupt:
-            log.warning(f"{len(self.corrupt)} unreadable images will be skipped, e.g. {next(iter(self.corrupt.values()))}")
+        if self.unusable:
+            first = min(self.unusable)
+            example = describe_failure(self.unusable[first], dataset.source(first))
+            if len(self.unusable) == len(dataset):
+                raise UnusableImageError(f"none of the {len(dataset)} images can be used, e.g. {example}")
+            kinds = Counter(type(err).__name__ for err in self.unusable.values())
+            log.warning(f"{len(self.unusable)} of {len(dataset)} images are unusable and will be skipped "
+                        f"({', '.join(f'{n} {kind}' for kind, n in sorted(kinds.items()))}), e.g. {example}")
 
     def __len__(self):
         return len(self.base)
@@ -51,8 +60,8 @@ class InMemoryDataset:
         return self.base.source(i)
 
     def image(self, i):
-        if i in self.corrupt:
-            raise self.corrupt[i]
+        if i in self.unusable:
+            raise self.unusable[i]
         return self.pixels[i]
 
 

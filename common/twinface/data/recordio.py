@@ -6,21 +6,27 @@ dmlc's writer splits a record wherever the magic appears at a 4-byte aligned off
 The .idx file holds "key<TAB>byte offset" lines. A record payload starts with struct '<IfQQ'
 (flag, label, id, id2); when flag > 0, `flag` float32 labels follow, then the encoded image.
 """
+import logging
 import numbers
 import os
+import re
 import struct
 import threading
 from collections import namedtuple
 
 import numpy as np
 
+from twinface.atomic import Outputs
 from twinface.data.images import decode_image
+
+log = logging.getLogger("twinface.data")
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
 _CHUNK_HEAD = struct.Struct("<II")
 _LENGTH_MASK = (1 << 29) - 1
 _IR_HEADER = struct.Struct("<IfQQ")
+MAX_CLASSES = 2 ** 31                   # far above any face data set; keeps labels in int64 and heads finite
 
 IRHeader = namedtuple("IRHeader", ["flag", "label", "id", "id2"])
 
@@ -71,20 +77,32 @@ def _chunks(record: bytes):
     yield (3 if start else 0), record[start:]
 
 
+def is_recordio(path) -> bool:
+    """A .rec (starts with the magic) or an .idx ("key<TAB>offset" lines), as far as its first bytes tell."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    return head.startswith(_MAGIC_BYTES) or re.match(rb"\d+\t\d+\r?\n", head) is not None
+
+
 def _default_idx(rec_path):
     return os.path.splitext(rec_path)[0] + ".idx"
 
 
 class RecordWriter:
-    """Writes rec_path and its .idx; both go to temporary files renamed into place on a clean close,
-    so an interrupted run never leaves a half-written pair under the final names."""
+    """Writes rec_path and its .idx into temporary siblings that replace both together on a clean close
+    (twinface.atomic.Outputs), so an interrupted run never leaves a half-written or mismatched pair under the
+    final names. `checks` go to twinface.atomic.check_destination (default: replace a RecordIO pair)."""
 
-    def __init__(self, rec_path, idx_path=None):
+    def __init__(self, rec_path, idx_path=None, writer="twinface RecordWriter", **checks):
         self.rec_path = os.fspath(rec_path)
         self.idx_path = os.fspath(idx_path) if idx_path else _default_idx(self.rec_path)
-        self._tmp_rec, self._tmp_idx = self.rec_path + ".partial", self.idx_path + ".partial"
-        self._rec = open(self._tmp_rec, "wb")
-        self._idx = open(self._tmp_idx, "w")
+        # The .rec goes last, as the commit point of the swap: it vanishes before the new .idx comes in and
+        # returns only as the new .rec, so no .rec is ever found beside the other generation's .idx.
+        self._outputs = Outputs([self.idx_path, self.rec_path], writer,
+                                **{"overwrite": True, "recognise": is_recordio, "what": "a RecordIO file", **checks})
+        tmp_idx, tmp_rec = self._outputs.temps
+        self._rec = open(tmp_rec, "wb")
+        self._idx = open(tmp_idx, "w")
         self._offset = 0
         self._keys = set()
 
@@ -107,18 +125,15 @@ class RecordWriter:
             return
         self._rec.close()
         self._idx.close()
-        # An old .idx must not survive next to a new .rec if we die between the two renames.
-        if os.path.exists(self.idx_path):
-            os.remove(self.idx_path)
-        os.replace(self._tmp_rec, self.rec_path)
-        os.replace(self._tmp_idx, self.idx_path)
+        try:
+            self._outputs.commit()
+        finally:
+            self._outputs.discard()
 
     def abort(self) -> None:
         self._rec.close()
         self._idx.close()
-        for path in (self._tmp_rec, self._tmp_idx):
-            if os.path.exists(path):
-                os.remove(path)
+        self._outputs.discard()
 
     def __enter__(self):
         return self
@@ -152,6 +167,10 @@ class RecordReader:
 
     def __contains__(self, key) -> bool:
         return key in self._index()
+
+    @property
+    def num_keys(self) -> int:              # not __len__: list(reader) would read the .idx it does not need
+        return len(self._index())
 
     def read_idx(self, key: int) -> bytes:
         return self._read_chunks(self._handle(), self._offset_of(key))[0]
@@ -197,12 +216,8 @@ class RecordReader:
     def _offset_of(self, key) -> int:
         index = self._index()
         if key not in index:
-            raise KeyError(f"{self.idx_path}: no record with key {key}")
-        offset = index[key]
-        if offset + _CHUNK_HEAD.size > self._size:
-            raise RecordIOError(self.rec_path, offset,
-                                f"{self.idx_path} points key {key} past the end of the file ({self._size} bytes)")
-        return offset
+            raise ValueError(f"{self.idx_path}: no record with key {key}")
+        return index[key]
 
     def _index(self) -> dict:
         if self._offsets is None:
@@ -210,21 +225,34 @@ class RecordReader:
                 raise FileNotFoundError(f"{self.idx_path}: index not found; random access into {self.rec_path} "
                                         "needs it (iterating the reader works without)")
             offsets = {}
-            with open(self.idx_path) as f:
+            with open(self.idx_path, errors="replace") as f:
                 for line_no, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    fields = line.split("\t")
-                    try:
-                        key, offset = int(fields[0]), int(fields[1])
-                    except (IndexError, ValueError):
-                        raise ValueError(f"{self.idx_path}: line {line_no}: expected 'key<TAB>offset', "
-                                         f"got {line.rstrip()!r}") from None
-                    if key in offsets:
-                        raise ValueError(f"{self.idx_path}: line {line_no}: key {key} listed twice")
-                    offsets[key] = offset
+                    if line.strip():
+                        key, offset = self._parse_idx_line(line, line_no)
+                        if key in offsets:
+                            raise ValueError(f"{self.idx_path}: line {line_no}: key {key} listed twice")
+                        # every record takes at least a chunk header: more entries than that is not this .rec's
+                        if len(offsets) >= self._size // _CHUNK_HEAD.size:
+                            raise ValueError(f"{self.idx_path}: line {line_no}: more entries than {self.rec_path} "
+                                             f"({self._size} bytes) can hold records")
+                        offsets[key] = offset
             self._offsets = offsets
         return self._offsets
+
+    def _parse_idx_line(self, line: str, line_no: int):
+        """-> (key, offset) of one "key<TAB>offset" line, the offset inside the .rec."""
+        fields = line.split("\t")
+        try:
+            if len(fields) < 2:
+                raise ValueError
+            key, offset = int(fields[0]), int(fields[1])
+        except ValueError:
+            raise ValueError(f"{self.idx_path}: line {line_no}: expected 'key<TAB>offset' (two integers), "
+                             f"got {line.rstrip()[:80]!r}") from None
+        if not 0 <= offset <= self._size - _CHUNK_HEAD.size:
+            raise ValueError(f"{self.idx_path}: line {line_no}: key {key} at byte offset {offset}, outside "
+                             f"{self.rec_path} ({self._size} bytes)")
+        return key, offset
 
     def _read_chunks(self, f, offset):
         """-> (record, offset of the next record); joins split chunks."""
@@ -242,6 +270,9 @@ class RecordReader:
                 raise RecordIOError(self.rec_path, pos, f"unexpected chunk flag {cflag} "
                                     + ("after a split record's first part" if parts else "at a record start"))
             padded = length + (-length % 4)
+            if pos + _CHUNK_HEAD.size + padded > self._size:     # checked before reading: no allocation
+                raise RecordIOError(self.rec_path, pos, f"truncated: chunk holds {length} bytes (+padding) "
+                                    f"but the file ends after {self._size - pos - _CHUNK_HEAD.size}")
             data = f.read(padded)
             if len(data) < padded:
                 raise RecordIOError(self.rec_path, pos, f"truncated: chunk holds {length} bytes (+padding) "
@@ -252,15 +283,16 @@ class RecordReader:
                 return _MAGIC_BYTES.join(parts), pos
 
 
-def write_insightface_rec(prefix, samples) -> dict:
+def write_insightface_rec(prefix, samples, **checks) -> dict:
     """Write prefix.rec/.idx in insightface's training layout from (label, encoded image) pairs.
 
     Keys 1..N: images (label float(class), id = key). Key 0: flag 2, label [N+1, N+1+C].
     Keys N+1+c: identity c, label [first image key, last image key + 1]. Streams: one image in memory at a time.
+    `checks` (writer, overwrite, inputs, ...) go to RecordWriter.
     """
     prefix = os.fspath(prefix)
     ranges, current, key = {}, None, 1
-    with RecordWriter(prefix + ".rec", prefix + ".idx") as writer:
+    with RecordWriter(prefix + ".rec", prefix + ".idx", **checks) as writer:
         for label, data in samples:
             if label != current:
                 if not float(label).is_integer() or label < 0:
@@ -292,9 +324,19 @@ def write_insightface_rec(prefix, samples) -> dict:
 def _class_of(header: IRHeader, source: str) -> int:
     """Class of an image record; a vector label's first value is the class, as arcface_torch's MXFaceDataset."""
     value = header.label if header.flag == 0 else header.label[0]
-    if not float(value).is_integer() or value < 0:
-        raise ValueError(f"{source}: label {value} is not a class index")
+    if not float(value).is_integer() or not 0 <= value < MAX_CLASSES:
+        raise ValueError(f"{source}: label {value} is not a class index (an integer in 0..{MAX_CLASSES - 1})")
     return int(value)
+
+
+def _require_no_gaps(labels, source, keys):
+    """Labels 0..C-1 with an image in every class, as write_insightface_rec writes them."""
+    classes = np.unique(labels)         # not bincount: a label may be 1e30
+    if len(classes) and classes[-1] + 1 != len(classes):
+        top = int(np.argmax(labels))
+        raise ValueError(f"{source}: labels run up to {labels[top]} (record {keys[top]}) but only "
+                         f"{len(classes)} of classes 0..{labels[top]} have images; labels must be 0..C-1 "
+                         "without gaps")
 
 
 class InsightFaceRec:
@@ -313,14 +355,28 @@ class InsightFaceRec:
         # arcface_torch takes any vector-labelled record 0 for the header; requiring the header's empty payload
         # as well keeps an im2rec file whose first image has a vector label readable.
         if header.flag >= 2 and not payload:
-            first_identity, end = int(header.label[0]), int(header.label[1])
-            if not 1 <= first_identity <= end:
-                raise ValueError(f"{self.source_of_key(0)}: header label {header.label.tolist()} is not "
-                                 "[first identity key, end key] with 1 <= first <= end")
-            self._keys = np.arange(1, first_identity, dtype=np.int64)
-            self.num_identity_records = end - first_identity
+            self._keys = self._header_image_keys(header.label[:2])
         else:
             self._keys = np.asarray(self.reader.keys, dtype=np.int64)
+
+    def _header_image_keys(self, label) -> np.ndarray:
+        """Image keys 1..first-1 of header label [first identity key, end key], checked against the .idx before
+        anything is allocated: a header is only a claim (one said [1e9, 1e9 + 5] and cost 7.8 GB)."""
+        where = f"{self.source_of_key(0)} (header)"
+        first, end = (float(v) for v in label)
+        if not (first.is_integer() and end.is_integer() and 1 <= first <= end):
+            raise ValueError(f"{where}: label {label.tolist()} is not [first identity key, end key] with "
+                             "1 <= first <= end")
+        first, end = int(first), int(end)
+        if end > self.reader.num_keys:
+            raise ValueError(f"{where}: claims {first - 1} images and {end - first} identities (keys up to "
+                             f"{end - 1}), but {self.reader.idx_path} lists only {self.reader.num_keys} records")
+        missing = next((k for k in range(1, end) if k not in self.reader), None)
+        if missing is not None:
+            kind = "image" if missing < first else "identity"
+            raise ValueError(f"{where}: {kind} record {missing} is not in {self.reader.idx_path}")
+        self.num_identity_records = end - first
+        return np.arange(1, first, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -341,7 +397,14 @@ class InsightFaceRec:
         key = self.key(i)
         source = self.source_of_key(key)
         header, payload = unpack_record(self.reader.read_idx(key), source)
-        return _class_of(header, source), payload
+        return self._checked_class(header, source), payload
+
+    def _checked_class(self, header: IRHeader, source: str) -> int:
+        label = _class_of(header, source)
+        if self.num_identity_records is not None and label >= self.num_identity_records:
+            raise ValueError(f"{source}: label {label}, but the header (record 0) declares "
+                             f"{self.num_identity_records} identities (labels 0..{self.num_identity_records - 1})")
+        return label
 
     def encoded(self, i: int) -> bytes:
         return self.record(i)[1]
@@ -358,13 +421,38 @@ class InsightFaceRec:
             header, _ = unpack_record(self.reader.read_head(key, _IR_HEADER.size + 64), source)
         except ValueError:
             header, _ = unpack_record(self.reader.read_idx(key), source)
-        return _class_of(header, source)
+        return self._checked_class(header, source)
 
     @property
     def labels(self) -> np.ndarray:
+        """Every image's class, checked once: within the header's identities, or, without a header, classes
+        0..C-1 without gaps (one image labelled 2,000,000 must not make a 2,000,001-class head)."""
         if self._labels is None:
-            self._labels = np.fromiter((self.label(i) for i in range(len(self))), np.int64, len(self))
+            labels = np.fromiter((self.label(i) for i in range(len(self))), np.int64, len(self))
+            if self.num_identity_records is None:
+                _require_no_gaps(labels, self.prefix + ".rec", self._keys)
+            else:
+                self._check_identity_records(labels)
+            self._labels = labels
         return self._labels
+
+    def _check_identity_records(self, labels):
+        """Identity record c holds [first image key, end key) of class c; images whose own label disagrees
+        keep their own (as arcface_torch does) and are counted in a warning."""
+        first = len(self) + 1
+        disagree = []
+        for c in range(self.num_identity_records):
+            key = first + c
+            header, _ = unpack_record(self.reader.read_idx(key), self.source_of_key(key))
+            span = [int(v) for v in np.ravel(header.label)[:2] if float(v).is_integer()]
+            if header.flag < 2 or len(span) != 2 or not 1 <= span[0] <= span[1] <= first:
+                raise ValueError(f"{self.source_of_key(key)} (identity {c}): label {np.ravel(header.label).tolist()}"
+                                 f" is not an image key range [start, end) within 1..{first}")
+            start, end = span
+            disagree.extend((np.flatnonzero(labels[start - 1:end - 1] != c) + start).tolist())
+        if disagree:
+            log.warning(f"{self.prefix}.rec: {len(disagree)} images lie in another identity's range than their "
+                        f"label says, e.g. record {disagree[0]} (label {labels[disagree[0] - 1]}); the labels are used")
 
     @property
     def num_classes(self) -> int:

@@ -10,13 +10,13 @@ Everything is a pure function of (seed, identity, index): worker count and order
 import json
 import multiprocessing
 import os
-import shutil
 import sys
 import time
 
 import cv2
 import numpy as np
 
+from twinface.atomic import Outputs
 from twinface.data.convert import make_pairs
 from twinface.data.folder import write_image_folder
 from twinface.data.images import decode_image, encode_image
@@ -185,62 +185,45 @@ def generate(out_dir, num_identities=DEFAULTS["num_identities"], images_per_iden
     formats = tuple(formats)
     _check_params(num_identities, images_per_identity, val_identities, val_pairs, seed, formats)
     out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir):
-        if not overwrite:
-            raise FileExistsError(f"{out_dir}: already exists; pass overwrite=True to replace it")
-        if not (_is_synth_dir(out_dir) or (os.path.isdir(out_dir) and not os.listdir(out_dir))):
-            raise FileExistsError(f"{out_dir}: exists and is not a twinface synthetic data set (no manifest.json "
-                                  f"from {GENERATOR}); refusing to replace it")
-    parent, name = os.path.split(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     renderer = None
-    try:
-        t0 = time.perf_counter()
-        renderer = _Renderer(workers)
-        samples = _train_samples(renderer, tmp, seed, num_identities, images_per_identity, formats, progress, t0)
-        if "rec" in formats:
-            write_insightface_rec(os.path.join(tmp, "train"), samples)
-        else:
-            for _ in samples:
-                pass
-        t_train = time.perf_counter()
-        bins, issame, val_images = _write_val(renderer, tmp, seed, num_identities, val_identities,
-                                              images_per_identity, val_pairs)
-        renderer.close()
-        t_val = time.perf_counter()
-        baseline = raw_pixel_accuracy(bins, issame)
-        t_end = time.perf_counter()
-        rendered = num_identities * images_per_identity + val_images
-        manifest = {
-            "generator": GENERATOR, "version": VERSION,
-            "params": _params(num_identities, images_per_identity, val_identities, val_pairs, seed),
-            "formats": list(formats),
-            "image_size": 112, "template": TEMPLATE.tolist(),
-            "counts": {"train_identities": num_identities, "train_images": num_identities * images_per_identity,
-                       "val_identities": val_identities, "val_first_identity": num_identities,
-                       "val_pairs": val_pairs, "val_same_pairs": int(issame.sum()), "val_images_rendered": val_images},
-            "raw_pixel_baseline": baseline,
-            "timings": {"train_s": round(t_train - t0, 3), "val_s": round(t_val - t_train, 3),
-                        "baseline_s": round(t_end - t_val, 3), "total_s": round(t_end - t0, 3),
-                        "images_per_s": round(rendered / (t_val - t0), 1), "workers": workers},
-        }
-        with open(os.path.join(tmp, "manifest.json"), "w") as f:
-            json.dump(manifest, f, indent=2)
-        if os.path.exists(out_dir):
-            old = os.path.join(parent, f".{name}.old-{os.getpid()}")
-            os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
-    except BaseException:
-        if renderer is not None:
+    with Outputs([out_dir], GENERATOR, directory=True, overwrite=overwrite, recognise=_is_synth_dir,
+                 what=f"a twinface synthetic data set (no manifest.json from {GENERATOR})") as (tmp,):
+        try:
+            t0 = time.perf_counter()
+            renderer = _Renderer(workers)
+            samples = _train_samples(renderer, tmp, seed, num_identities, images_per_identity, formats, progress, t0)
+            if "rec" in formats:
+                write_insightface_rec(os.path.join(tmp, "train"), samples)
+            else:
+                for _ in samples:
+                    pass
+            t_train = time.perf_counter()
+            bins, issame, val_images = _write_val(renderer, tmp, seed, num_identities, val_identities,
+                                                  images_per_identity, val_pairs)
             renderer.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            t_val = time.perf_counter()
+            baseline = raw_pixel_accuracy(bins, issame)
+            t_end = time.perf_counter()
+            rendered = num_identities * images_per_identity + val_images
+            manifest = {
+                "generator": GENERATOR, "version": VERSION,
+                "params": _params(num_identities, images_per_identity, val_identities, val_pairs, seed),
+                "formats": list(formats),
+                "image_size": 112, "template": TEMPLATE.tolist(),
+                "counts": {"train_identities": num_identities, "train_images": num_identities * images_per_identity,
+                           "val_identities": val_identities, "val_first_identity": num_identities,
+                           "val_pairs": val_pairs, "val_same_pairs": int(issame.sum()),
+                           "val_images_rendered": val_images},
+                "raw_pixel_baseline": baseline,
+                "timings": {"train_s": round(t_train - t0, 3), "val_s": round(t_val - t_train, 3),
+                            "baseline_s": round(t_end - t_val, 3), "total_s": round(t_end - t0, 3),
+                            "images_per_s": round(rendered / (t_val - t0), 1), "workers": workers},
+            }
+            with open(os.path.join(tmp, "manifest.json"), "w") as f:
+                json.dump(manifest, f, indent=2)
+        finally:
+            if renderer is not None:
+                renderer.close()
     _progress(progress, f"{rendered} images in {t_end - t0:.1f}s ({manifest['timings']['images_per_s']:.0f} "
                         f"images/s rendering); raw-pixel baseline on val.bin: {baseline:.4f}; wrote {out_dir}")
     return manifest

@@ -69,11 +69,31 @@ def save_embeddings(path, emb, names=None) -> Path:
     return path
 
 
+def _check_npy_size(path: Path) -> None:
+    """The header's shape x dtype must be exactly the bytes the file holds after it, checked before numpy
+    allocates what the header claims (any size: a 100-byte file can claim terabytes)."""
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            shape, _, dtype = read_header[version](f)
+        except Exception as error:          # numpy parses the header text: SyntaxError, TokenError, ...
+            raise ValueError(f"{path}: not a plain numeric .npy array (unreadable header: {error})") from None
+        data_bytes = path.stat().st_size - f.tell()
+    if dtype.hasobject:
+        raise ValueError(f"{path}: not a plain numeric .npy array (it holds pickled Python objects)")
+    need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if need != data_bytes:
+        raise ValueError(f"{path}: header says shape {shape} of {dtype}, {need} bytes, but the file holds "
+                         f"{data_bytes} bytes of data")
+
+
 def load_embeddings(path) -> tuple[np.ndarray, list[str] | None]:
     """Read an embedding file written by save_embeddings: (emb [rows, dim], names or None)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: embedding file not found")
+    _check_npy_size(path)
     try:
         emb = np.load(path, allow_pickle=False)
     except ValueError as error:

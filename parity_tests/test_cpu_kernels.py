@@ -1,0 +1,38 @@
+"""The TF twin trains every backbone under each set of CPU kernels TensorFlow may pick, and agrees with torch.
+
+TensorFlow runs its oneDNN kernels by default only on CPUs with AVX-512 VNNI/BF16 or AMX and its Eigen kernels
+elsewhere; twinface switches oneDNN on (twinface/__init__.py), but a user may switch it off, or import
+TensorFlow first. So whichever CPU this runs on, each backbone is checked in a fresh process per setting:
+Eigen (TF_ENABLE_ONEDNN_OPTS=0, the path with no native grouped-convolution gradient), oneDNN (=1), and, for
+two backbones, oneDNN and torch's ATen kernels capped at AVX2, what an AVX2-only CPU runs. The rows and their
+tolerances are explained in cpu_kernel_rows.py.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from twinface.registry import BACKBONES
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "cpu_kernel_rows.py")
+SETTINGS = {
+    "eigen": ({"TF_ENABLE_ONEDNN_OPTS": "0"}, "TF Eigen", list(BACKBONES)),
+    "onednn": ({"TF_ENABLE_ONEDNN_OPTS": "1"}, "TF oneDNN", list(BACKBONES)),
+    "onednn-avx2": ({"TF_ENABLE_ONEDNN_OPTS": "1", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
+                    "TF oneDNN, ISA <= AVX2", ["r18", "mbf"]),
+}
+CASES = [(setting, arch) for setting, (_, _, archs) in SETTINGS.items() for arch in archs]
+
+
+@pytest.mark.parametrize("setting, arch", CASES, ids=[f"{s}-{a}" for s, a in CASES])
+def test_training_step_agrees_under_each_cpu_kernel_setting(setting, arch, parity):
+    env, kernels, _ = SETTINGS[setting]
+    run = subprocess.run([sys.executable, SCRIPT, arch], env={**os.environ, **env}, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["kernels"] == kernels               # the setting took effect: the path under test really ran
+    for row in result["rows"]:
+        parity.check(f"[{kernels}] {row['what']}", [row["max_diff"]], [0.0], row["tolerance"])
