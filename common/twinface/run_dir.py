@@ -3,7 +3,6 @@
 The trainer calls these before it writes anything, so a refused start leaves the directory as it was.
 """
 import fcntl
-import glob
 import os
 
 import yaml
@@ -49,16 +48,6 @@ class RunLock:
     def __exit__(self, *exc):
         os.close(self.fd)                  # releases the lock; the file stays (removing it would race a waiter)
         self.fd = None
-
-
-def stale_temps(out_dir: str, names) -> list:
-    """Temporary files twinface.atomic.atomic_path left beside `names` in `out_dir` when a run was killed, plus
-    the `tmp*.onnx.tmp` files older ONNX exports left. Only those: nothing else in the directory is ours to delete."""
-    found = []
-    for name in names:
-        found += glob.glob(os.path.join(glob.escape(out_dir), f".{glob.escape(name)}.*.tmp*"))
-    found += glob.glob(os.path.join(glob.escape(out_dir), "tmp*.onnx.tmp"))
-    return sorted(p for p in set(found) if os.path.isfile(p) and not os.path.islink(p))
 
 
 def existing_outputs(out_dir: str, names) -> list:

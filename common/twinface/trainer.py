@@ -26,7 +26,7 @@ import time
 from . import config as config_mod
 from . import run_dir
 from . import schedule
-from .atomic import atomic_path
+from . import atomic
 from .data import dataset as dataset_mod
 from .data.memory import InMemoryDataset, maybe_in_memory
 from .data.sampler import EpochSampler
@@ -106,8 +106,7 @@ class Trainer:
         self.history, self.val_sets, self.results, self.evaluated_at = [], {}, {}, None
         self.tb = None
 
-    # Files this run writes: a fresh start refuses to replace them without --overwrite, and their temporary
-    # siblings left by a killed run are removed at start-up.
+    # Files this run writes: a fresh start refuses to replace them without --overwrite.
     def _outputs(self):
         return [run_dir.CONFIG_NAME, self.twin.state_filename, self.twin.backbone_filename, run_dir.SUMMARY_NAME,
                 "backbone.onnx", "roc.png", "finetune_init.pth", "finetune_init.weights.h5"]
@@ -143,7 +142,7 @@ class Trainer:
     @contextlib.contextmanager
     def _claim_directory(self):
         """One training per directory (a lock naming its pid), no silent restart over a previous run, no resume
-        under a config that would break it; then remove what killed runs left half-written."""
+        under a config that would break it; then remove what killed writers left half-written."""
         if not self.is_main:                      # other ranks write nothing
             yield
             return
@@ -152,9 +151,7 @@ class Trainer:
                 self._check_resumable()
             else:
                 self._check_fresh()
-            for path in run_dir.stale_temps(self.out, self._outputs()):
-                os.remove(path)
-                self.log.info(f"removed {path}, a temporary file a killed run left")
+            atomic.clean_stale(self.out)           # what killed writers (of this run or others) left
             config_mod.save_resolved(self.cfg, self.out)
             yield
 
@@ -403,5 +400,5 @@ class Trainer:
 
 
 def _dump_json(obj, path: str):
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
+    with atomic.atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2, default=float)

@@ -150,11 +150,13 @@ def test_resume_under_a_config_that_breaks_the_run_is_refused_naming_each_key(da
     assert summary["finished"]
 
 
-def test_temporary_files_of_killed_runs_are_removed_and_nothing_else(data, tmp_path):
+def test_temporary_files_of_killed_writers_are_removed_at_start_and_nothing_else(data, tmp_path):
     run = tmp_path / "run"
     run_tiny(TorchTwin, data, run, train={"epochs": 1})
-    ours = [".state.pt.k2j3h4.tmp", ".backbone.pth.x8y9.tmp", ".backbone.onnx.a1b2.tmp.onnx", "tmpq8w7e6r5.onnx.tmp"]
-    theirs = [".notes.txt.tmp", "state.pt.bak", "mine.tmp", ".state.pt.keep"]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    ours = [f".state.pt.twinface-{dead}-k2j3h4.tmp", f".backbone.onnx.twinface-{dead}-a1b2.tmp.onnx"]
+    theirs = [".notes.txt.tmp", "state.pt.bak", f".state.pt.twinface-{os.getpid()}-live.tmp"]  # the last: alive
     for name in ours + theirs:
         (run / name).write_bytes(b"half")
     run_tiny(_MustNotTrain, data, run, resume=True, train={"epochs": 1})        # finished: only the clean-up runs
