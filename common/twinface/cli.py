@@ -355,6 +355,7 @@ def _add_train(sub):
                    help="override a config key, e.g. --set optimizer.lr=0.05 (repeatable)")
     p.add_argument("--output", help="run directory (default: the config's output, suffixed by the framework)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last full checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start over in a directory that holds a previous run")
 
 
 def _run_train(args):
@@ -366,7 +367,7 @@ def _run_train(args):
         from twinface_torch.train import TorchTwin as Twin
     else:
         from twinface_tf.train import TFTwin as Twin
-    Trainer(cfg, Twin(), resume=args.resume).run()
+    Trainer(cfg, Twin(), resume=args.resume, overwrite=args.overwrite).run()
 
 
 def _add_convert(sub):

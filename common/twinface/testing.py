@@ -32,7 +32,7 @@ def tiny_config(data_dir, output, **sections) -> config.Config:
 
 
 def run_tiny(make_twin, data_dir, output, kill_after=None, poison_after=None, poison=None, resume=False,
-             **sections):
+             overwrite=False, **sections):
     """Train the tiny config with a fresh twin; returns (summary, twin).
 
     kill_after=k raises KeyboardInterrupt at the (k+1)-th step, as a kill would; poison_after=k calls
@@ -52,7 +52,7 @@ def run_tiny(make_twin, data_dir, output, kill_after=None, poison_after=None, po
 
     twin.train_step = step
     cfg = tiny_config(data_dir, output, **sections)
-    return Trainer(cfg, twin, resume=resume, progress=False).run(), twin
+    return Trainer(cfg, twin, resume=resume, overwrite=overwrite, progress=False).run(), twin
 
 
 def check_training_outputs(make_twin, backbone_file, state_file, reloaded_weights, weights_of, data_dir, tmp_path):
@@ -109,3 +109,16 @@ def check_nan_guard(make_twin, poison, saved_backbone_finite, data_dir, tmp_path
     assert saved_backbone_finite(tmp_path / "run")
     log = (tmp_path / "run" / "train.log").read_text()
     assert log.count("non-finite loss nan") == 2 and "update skipped" in log
+
+
+def check_truncated_state_is_named(make_twin, state_file, data_dir, tmp_path):
+    """A state file cut in half (a kill or a full disk outside twinface) makes --resume fail with one line that
+    names the file, not with the framework's traceback."""
+    import re
+    import pytest
+    run = tmp_path / "run"
+    run_tiny(make_twin, data_dir, run, train={"epochs": 1})
+    state = run / state_file
+    state.write_bytes(state.read_bytes()[:state.stat().st_size // 2])
+    with pytest.raises(ValueError, match=re.escape(f"{state}: not a readable ")):
+        run_tiny(make_twin, data_dir, run, resume=True, train={"epochs": 2})

@@ -15,21 +15,28 @@ verification sets, checkpoint cadence, resume and the closing summary. A twin ad
     save_backbone(path), save_state(path, meta), load_state(path) -> meta      (atomic writes)
     export_onnx(path) -> max abs diff vs onnxruntime
 """
+import contextlib
+import dataclasses
 import json
 import logging
 import math
 import os
 import time
 
-
 from . import config as config_mod
+from . import run_dir
 from . import schedule
+from . import atomic
 from .data import dataset as dataset_mod
 from .data.memory import InMemoryDataset, maybe_in_memory
 from .data.sampler import EpochSampler
 
 
 class TrainingDiverged(RuntimeError):
+    pass
+
+
+class CheckpointWriteError(RuntimeError):
     pass
 
 
@@ -40,7 +47,7 @@ def _setup_logging(out_dir: str, rank: int) -> logging.Logger:
     log.propagate = False
     if rank == 0:
         fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-        for handler in (logging.StreamHandler(), logging.FileHandler(os.path.join(out_dir, "train.log"))):
+        for handler in (logging.StreamHandler(), logging.FileHandler(os.path.join(out_dir, "train.log"), delay=True)):
             handler.setFormatter(fmt)
             log.addHandler(handler)
     return log
@@ -70,17 +77,153 @@ def prepare_data(cfg):
     return dataset, bins
 
 
+@dataclasses.dataclass
+class Progress:
+    """Where the run stands; a checkpoint stores it as its `meta`. The image and second counts cover every
+    session of the run, so the closing img/s stays honest after a resume."""
+    step: int = 0
+    bad_steps: int = 0
+    train_images: int = 0
+    train_seconds: float = 0.0
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "Progress":
+        return cls(**{f.name: meta[f.name] for f in dataclasses.fields(cls) if f.name in meta})
+
+
 class Trainer:
-    def __init__(self, cfg: config_mod.Config, twin, resume: bool = False, progress: bool = True):
-        self.cfg, self.twin, self.resume, self.progress = cfg, twin, resume or cfg.train.resume, progress
+    def __init__(self, cfg: config_mod.Config, twin, resume: bool = False, progress: bool = True,
+                 overwrite: bool = False):
+        self.cfg, self.twin, self.progress = cfg, twin, progress
+        self.resume, self.overwrite = resume or cfg.train.resume, overwrite
         self.out = cfg.output
         os.makedirs(self.out, exist_ok=True)
         self.log = _setup_logging(self.out, twin.rank)
         self.is_main = twin.rank == 0
         self.backbone_path = os.path.join(self.out, twin.backbone_filename)
         self.state_path = os.path.join(self.out, twin.state_filename)
-        self.history = []
-        self._val_sets = None
+        self.summary_path = os.path.join(self.out, run_dir.SUMMARY_NAME)
+        self.history, self.val_sets, self.results, self.evaluated_at = [], {}, {}, None
+        self.tb = None
+
+    # Files this run writes: a fresh start refuses to replace them without --overwrite.
+    def _outputs(self):
+        return [run_dir.CONFIG_NAME, self.twin.state_filename, self.twin.backbone_filename, run_dir.SUMMARY_NAME,
+                "backbone.onnx", "roc.png", "finetune_init.pth", "finetune_init.weights.h5"]
+
+    # -- the run, step by step ----------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Claim the directory, open the data, build (or restore) the model, train epoch by epoch (checkpoint
+        first, then evaluate), export and summarise."""
+        self.t_start = time.time()
+        with self._claim_directory():
+            dataset, bins = self._open_data()
+            sampler = EpochSampler(len(dataset), self.cfg.train.batch_size, seed=self.cfg.seed, rank=self.twin.rank,
+                                   world_size=self.twin.world_size, flip=self.cfg.data.flip)
+            self.steps_per_epoch = sampler.steps_per_epoch()
+            self.total_steps = self.steps_per_epoch * self.cfg.train.epochs
+            self.lr_of = schedule.from_config(self.cfg, self.total_steps, self.steps_per_epoch)
+            self.twin.build(self.cfg, dataset.num_classes)
+            progress = self._restore() if self.resume else self._start_weights(dataset.num_classes)
+            finished = self._finished_summary(progress)
+            if finished:
+                return finished
+            self._open_val_sets(bins)
+            self._announce(dataset)
+            if self.is_main:
+                from .tb import TensorBoard
+                self.tb = TensorBoard(os.path.join(self.out, "tensorboard"))
+                self._measure_loader(dataset, sampler)
+            while progress.step < self.total_steps:
+                self._train_epoch(dataset, sampler, progress)
+                self._end_epoch(progress)
+            return self._finish(progress)
+
+    @contextlib.contextmanager
+    def _claim_directory(self):
+        """One training per directory (a lock naming its pid), no silent restart over a previous run, no resume
+        under a config that would break it; then remove what killed writers left half-written."""
+        if not self.is_main:                      # other ranks write nothing
+            yield
+            return
+        with run_dir.RunLock(self.out):
+            if self.resume:
+                self._check_resumable()
+            else:
+                self._check_fresh()
+            atomic.clean_stale(self.out)           # what killed writers (of this run or others) left
+            config_mod.save_resolved(self.cfg, self.out)
+            yield
+
+    def _check_fresh(self):
+        found = run_dir.existing_outputs(self.out, self._outputs())
+        if found and not self.overwrite:
+            raise FileExistsError(f"{self.out} already holds a training run ({', '.join(found)}); pass --resume "
+                                  f"to continue it or --overwrite to start it over")
+        for name in found:                         # --overwrite: the previous run's files, nothing else
+            os.remove(os.path.join(self.out, name))
+        if found:
+            self.log.info(f"--overwrite: removed the previous run's {', '.join(found)}")
+
+    def _check_resumable(self):
+        if not os.path.exists(self.state_path):
+            raise FileNotFoundError(f"--resume: no training state at {self.state_path}")
+        breaking, safe = run_dir.config_changes(self.out, self.cfg)
+        if breaking:
+            raise ValueError(f"--resume: the config differs from {os.path.join(self.out, run_dir.CONFIG_NAME)} in "
+                             f"keys a resumed run cannot change: {'; '.join(breaking)}. Restore them, or train into "
+                             f"a new --output")
+        for change in safe:
+            self.log.info(f"resume with a changed config: {change}")
+
+    def _open_data(self):
+        dataset, bins = prepare_data(self.cfg)
+        t0 = time.time()
+        dataset = maybe_in_memory(dataset, self.cfg.backbone.input_size, self.cfg.data.memory_cache_gb,
+                                  workers=max(1, self.cfg.data.num_workers), progress=self.progress and self.is_main)
+        if isinstance(dataset, InMemoryDataset):
+            self.log.info(f"decoded {len(dataset)} images into memory at {self.cfg.backbone.input_size}x"
+                          f"{self.cfg.backbone.input_size} in {time.time() - t0:.1f}s")
+        return dataset, bins
+
+    def _open_val_sets(self, bins):
+        """Decode (and shrink) every verification set now: a bad .bin fails the start, not the end of epoch 1."""
+        from .eval.bins import load_bin_images
+        if self.is_main:
+            self.val_sets = {os.path.splitext(os.path.basename(p))[0]:
+                             load_bin_images(p, self.cfg.backbone.input_size) for p in bins}
+
+    def _start_weights(self, num_classes: int) -> Progress:
+        finetune = self.cfg.finetune
+        if finetune.weights:
+            weights = self._native_weights(finetune.weights)
+            self.twin.load_backbone(weights)
+            self.log.info(f"finetune: backbone from {weights}, new head for {num_classes} identities, backbone "
+                          f"frozen for {finetune.freeze_epochs} epoch(s), then lr x {finetune.backbone_lr_scale}")
+        return Progress()
+
+    def _restore(self) -> Progress:
+        progress = Progress.from_meta(self.twin.load_state(self.state_path))
+        self.history = [h for h in self._saved_summary().get("history", []) if h["step"] <= progress.step]
+        self.log.info(f"resumed from {self.state_path} at step {progress.step} "
+                      f"(epoch {progress.step // self.steps_per_epoch})")
+        return progress
+
+    def _saved_summary(self) -> dict:
+        try:
+            with open(self.summary_path) as f:
+                return json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def _finished_summary(self, progress: Progress):
+        """A resumed run that already reached its end keeps its outputs as they are."""
+        saved = self._saved_summary()
+        if progress.step < self.total_steps or not saved.get("finished") or saved.get("steps") != progress.step:
+            return None
+        self.log.info(f"{self.out}: the run is finished (step {progress.step} of {self.total_steps}); nothing "
+                      f"changed. Raise train.epochs to train on.")
+        return saved
 
     def _native_weights(self, path: str) -> str:
         """Finetuning from the other framework's weights (or any ONNX file): convert them first, verified."""
@@ -92,35 +235,11 @@ class Trainer:
         convert(path, converted, arch=self.cfg.backbone.name, force=True, log=self.log.info)
         return converted
 
-    # -- evaluation -------------------------------------------------------------------------------------
-    def evaluate(self, bins, step, tb):
-        from .eval.bins import evaluate_images, load_bin_images
-        from .eval.verification import format_result
-        if self._val_sets is None:                  # decoded (and shrunk) once, scored every epoch
-            self._val_sets = {os.path.splitext(os.path.basename(p))[0]:
-                              load_bin_images(p, self.cfg.backbone.input_size) for p in bins}
-        results = {}
-        for name, (images, issame) in self._val_sets.items():
-            result = evaluate_images(self.twin.embed, images, issame, flip=self.cfg.val.flip,
-                                     batch_size=self.cfg.val.batch_size, progress=False, name=name)
-            results[name] = result
-            for line in format_result(name, result).splitlines():
-                self.log.info(line)
-            if tb:
-                tb.scalar(f"val/{name}/accuracy", result.acc_mean, step)
-                tb.scalar(f"val/{name}/val_at_far1e-3", result.val, step)
-                tb.scalar(f"val/{name}/xnorm", result.xnorm, step)
-        if tb and results:
-            self._log_roc(results, step, tb)
-        return results
-
-    def _log_roc(self, results, step, tb):
-        import cv2
-        from .eval.roc_plot import save_roc_plot
-        png = os.path.join(self.out, "roc.png")
-        save_roc_plot(results, png, title=f"ROC after step {step}")
-        image = cv2.imread(png)
-        tb.image_png("val/roc", open(png, "rb").read(), image.shape[0], image.shape[1], step)
+    def _announce(self, dataset):
+        cfg = self.cfg
+        self.log.info(f"{self.twin.framework}: {cfg.backbone.name}, {len(dataset)} images, {dataset.num_classes} "
+                      f"identities, {self.steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs, batch "
+                      f"{cfg.train.batch_size} x {self.twin.world_size} rank(s)")
 
     def _measure_loader(self, dataset, sampler, batches: int = 8):
         """The data pipeline alone, once: it should outrun the training step by a wide margin."""
@@ -132,116 +251,154 @@ class Trainer:
         self.log.info(f"data loader alone: {n / max(time.time() - t0, 1e-9):.0f} img/s "
                       f"({self.cfg.data.num_workers} workers, {n} images)")
 
-    # -- the loop ---------------------------------------------------------------------------------------
-    def run(self) -> dict:
-        cfg, twin, log = self.cfg, self.twin, self.log
-        t_start = time.time()
-        if self.is_main:
-            config_mod.save_resolved(cfg, self.out)
-        dataset, bins = prepare_data(cfg)
+    # -- one epoch --------------------------------------------------------------------------------------
+    def _train_epoch(self, dataset, sampler, progress: Progress):
+        epoch, start_step = divmod(progress.step, self.steps_per_epoch)
+        t_window, n_window = time.time(), 0
+        for images, labels in self.twin.batches(dataset, sampler, epoch, start_step):
+            frozen = progress.step / self.steps_per_epoch < self.cfg.finetune.freeze_epochs
+            lr = self.lr_of(progress.step)
+            loss = self._train_step(images, labels, lr, frozen, progress)
+            if not math.isfinite(loss):
+                self._guard(loss, labels, progress)
+            progress.step += 1
+            n_window += len(images)
+            if self.tb and math.isfinite(loss):
+                self.tb.scalar("train/loss", loss, progress.step)
+                self.tb.scalar("train/lr", lr, progress.step)
+            if self.is_main and (progress.step % self.cfg.train.log_every == 0 or progress.step == self.total_steps):
+                self._log_progress(progress.step, loss, lr, frozen, n_window / max(1e-9, time.time() - t_window))
+                t_window, n_window = time.time(), 0
+
+    def _train_step(self, images, labels, lr, frozen, progress: Progress) -> float:
+        """Finetuning: the backbone frozen (lr 0) for freeze_epochs, then at lr x backbone_lr_scale."""
+        finetune = self.cfg.finetune
+        self.twin.set_backbone_frozen(frozen)
+        lr_backbone = 0.0 if frozen else lr * (finetune.backbone_lr_scale if finetune.weights else 1.0)
         t0 = time.time()
-        dataset = maybe_in_memory(dataset, cfg.backbone.input_size, cfg.data.memory_cache_gb,
-                                  workers=max(1, cfg.data.num_workers), progress=self.progress and self.is_main)
-        if isinstance(dataset, InMemoryDataset):
-            log.info(f"decoded {len(dataset)} images into memory at {cfg.backbone.input_size}x"
-                     f"{cfg.backbone.input_size} in {time.time() - t0:.1f}s")
-        sampler = EpochSampler(len(dataset), cfg.train.batch_size, seed=cfg.seed, rank=twin.rank,
-                               world_size=twin.world_size, flip=cfg.data.flip)
-        steps_per_epoch = sampler.steps_per_epoch()
-        total_steps = steps_per_epoch * cfg.train.epochs
-        lr_of = schedule.from_config(cfg, total_steps, steps_per_epoch)
-        twin.build(cfg, dataset.num_classes)
-        if cfg.finetune.weights and not self.resume:
-            weights = self._native_weights(cfg.finetune.weights)
-            twin.load_backbone(weights)
-            log.info(f"finetune: backbone from {weights}, new head for {dataset.num_classes} identities, "
-                     f"backbone frozen for {cfg.finetune.freeze_epochs} epoch(s), then lr x "
-                     f"{cfg.finetune.backbone_lr_scale}")
-        step, bad_steps = 0, 0
-        if self.resume:
-            if not os.path.exists(self.state_path):
-                raise FileNotFoundError(f"--resume: no training state at {self.state_path}")
-            meta = twin.load_state(self.state_path)
-            step, bad_steps, self.history = meta["step"], meta.get("bad_steps", 0), meta.get("history", [])
-            log.info(f"resumed from {self.state_path} at step {step} (epoch {step // steps_per_epoch})")
-        tb = None
-        if self.is_main:
-            from .tb import TensorBoard
-            tb = TensorBoard(os.path.join(self.out, "tensorboard"))
-        log.info(f"{twin.framework}: {cfg.backbone.name}, {len(dataset)} images, {dataset.num_classes} identities, "
-                 f"{steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs, batch {cfg.train.batch_size} "
-                 f"x {twin.world_size} rank(s)")
-        if self.is_main:
-            self._measure_loader(dataset, sampler)
-        images_seen, t_train = 0, 0.0
-        results = {}
-        while step < total_steps:
-            epoch, start_step = divmod(step, steps_per_epoch)
-            t_window, n_window = time.time(), 0
-            for images, labels in twin.batches(dataset, sampler, epoch, start_step):
-                progress = step / steps_per_epoch
-                frozen = progress < cfg.finetune.freeze_epochs
-                twin.set_backbone_frozen(frozen)
-                lr = lr_of(step)
-                lr_backbone = 0.0 if frozen else lr * (cfg.finetune.backbone_lr_scale if cfg.finetune.weights else 1.0)
-                t0 = time.time()
-                loss = twin.train_step(images, labels, lr_backbone, lr)
-                t_train += time.time() - t0
-                if not math.isfinite(loss):
-                    bad_steps += 1
-                    last = self.state_path if os.path.exists(self.state_path) else "none yet"
-                    log.warning(f"non-finite loss {loss} at step {step} (epoch {epoch}); update skipped; "
-                                f"labels of the batch: {labels[:16].tolist()}...; last good checkpoint: {last}")
-                    if bad_steps >= cfg.train.max_bad_steps:
-                        raise TrainingDiverged(
-                            f"{bad_steps} steps with a non-finite loss (train.max_bad_steps={cfg.train.max_bad_steps}); "
-                            f"stopped without writing the diverged weights. Last good checkpoint: {last}. "
-                            f"Try a lower optimizer.lr, head.gradient=straight_through, or check the data.")
-                step += 1
-                images_seen += len(images)
-                n_window += len(images)
-                if tb and math.isfinite(loss):
-                    tb.scalar("train/loss", loss, step)
-                    tb.scalar("train/lr", lr, step)
-                if self.is_main and (step % cfg.train.log_every == 0 or step == total_steps):
-                    rate = n_window / max(1e-9, time.time() - t_window)
-                    eta = (total_steps - step) * cfg.train.batch_size / max(rate, 1e-9)
-                    log.info(f"epoch {epoch + 1}/{cfg.train.epochs} step {step}/{total_steps} loss {loss:.4f} "
-                             f"lr {lr:.5f}{' (backbone frozen)' if frozen else ''} {rate:.1f} img/s ETA {_fmt_time(eta)}")
-                    t_window, n_window = time.time(), 0
-            epoch_done = step // steps_per_epoch
-            if self.is_main:
-                results = self.evaluate(bins, step, tb)
-                self.history.append({"epoch": epoch_done, "step": step,
-                                     **{k: {"acc": r.acc_mean, "val": r.val} for k, r in results.items()}})
-                twin.save_backbone(self.backbone_path)
-                if epoch_done % cfg.train.checkpoint_every == 0 or step == total_steps:
-                    twin.save_state(self.state_path, {"step": step, "bad_steps": bad_steps, "history": self.history})
-                    log.info(f"checkpoint: {self.state_path} (step {step})")
-                tb.flush()
-        summary = {"framework": twin.framework, "arch": cfg.backbone.name, "steps": step,
-                   "wall_time_s": round(time.time() - t_start, 1),
-                   "train_images_per_s": round(images_seen / max(t_train, 1e-9), 1),
-                   "backbone": self.backbone_path, "state": self.state_path,
-                   "tensorboard": os.path.join(self.out, "tensorboard"), "log": os.path.join(self.out, "train.log"),
-                   "results": {k: r.summary() for k, r in results.items()}}
-        if self.is_main:
-            onnx_path = os.path.join(self.out, "backbone.onnx")
-            diff = twin.export_onnx(onnx_path)
-            summary["onnx"], summary["onnx_max_abs_diff"] = onnx_path, diff
-            with open(os.path.join(self.out, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2, default=float)
-            self._print_summary(summary, results)
-            tb.close()
+        loss = self.twin.train_step(images, labels, lr_backbone, lr)
+        progress.train_seconds += time.time() - t0
+        progress.train_images += len(images)
+        return loss
+
+    def _guard(self, loss, labels, progress: Progress):
+        """A non-finite loss: the twin skipped the update; stop after train.max_bad_steps of them."""
+        progress.bad_steps += 1
+        last = self.state_path if os.path.exists(self.state_path) else "none yet"
+        epoch = progress.step // self.steps_per_epoch
+        self.log.warning(f"non-finite loss {loss} at step {progress.step} (epoch {epoch}); update skipped; labels of "
+                         f"the batch: {labels[:16].tolist()}...; last good checkpoint: {last}")
+        if progress.bad_steps >= self.cfg.train.max_bad_steps:
+            raise TrainingDiverged(
+                f"{progress.bad_steps} steps with a non-finite loss (train.max_bad_steps={self.cfg.train.max_bad_steps}"
+                f"); stopped without writing the diverged weights. Last good checkpoint: {last}. "
+                f"Try a lower optimizer.lr, head.gradient=straight_through, or check the data.")
+
+    def _log_progress(self, step, loss, lr, frozen, rate):
+        eta = (self.total_steps - step) * self.cfg.train.batch_size / max(rate, 1e-9)
+        self.log.info(f"epoch {(step - 1) // self.steps_per_epoch + 1}/{self.cfg.train.epochs} step {step}/"
+                      f"{self.total_steps} loss {loss:.4f} lr {lr:.5f}{' (backbone frozen)' if frozen else ''} "
+                      f"{rate:.1f} img/s ETA {_fmt_time(eta)}")
+
+    def _end_epoch(self, progress: Progress):
+        """Checkpoint first, so a failing evaluation (or a kill during it) costs nothing; then evaluate."""
+        if not self.is_main:
+            return
+        self._write(self.twin.save_backbone, self.backbone_path)
+        if (progress.step // self.steps_per_epoch) % self.cfg.train.checkpoint_every == 0 \
+                or progress.step == self.total_steps:
+            self._write(lambda path: self.twin.save_state(path, dataclasses.asdict(progress)), self.state_path)
+            self.log.info(f"checkpoint: {self.state_path} (step {progress.step})")
+        self._evaluate(progress.step)
+        self._write_summary(progress, finished=False)
+        self.tb.flush()
+
+    def _write(self, save, path: str):
+        """save(path) through the twin; a failure (disk full, ...) names the file and keeps the previous one."""
+        try:
+            save(path)
+        except Exception as e:                 # torch reports a full disk as RuntimeError, Keras as OSError
+            raise CheckpointWriteError(f"{path}: writing failed ({type(e).__name__}: {e}); the previous "
+                                       f"version of the file, if any, is unchanged") from e
+
+    # -- evaluation -------------------------------------------------------------------------------------
+    def _evaluate(self, step: int):
+        """Score every verification set; a failure (NaN embeddings, ...) is logged and recorded, and the run goes on."""
+        from .eval.bins import evaluate_images
+        from .eval.verification import format_result
+        self.results, scored = {}, {}
+        for name, (images, issame) in self.val_sets.items():
+            try:
+                result = evaluate_images(self.twin.embed, images, issame, flip=self.cfg.val.flip,
+                                         batch_size=self.cfg.val.batch_size, progress=False, name=name)
+            except Exception as e:             # evaluation only reports: it must never end a run
+                self.results[name] = {"error": f"{type(e).__name__}: {e}"}
+                self.log.warning(f"evaluation of {name} failed at step {step}: {type(e).__name__}: {e}; "
+                                 f"training goes on")
+                continue
+            scored[name] = result
+            self.results[name] = result.summary()
+            for line in format_result(name, result).splitlines():
+                self.log.info(line)
+            self.tb.scalar(f"val/{name}/accuracy", result.acc_mean, step)
+            self.tb.scalar(f"val/{name}/val_at_far1e-3", result.val, step)
+            self.tb.scalar(f"val/{name}/xnorm", result.xnorm, step)
+        if scored:
+            self._log_roc(scored, step)
+        scores = {k: r if "error" in r else {"acc": r["acc_mean"], "val": r["val"]} for k, r in self.results.items()}
+        self.history = [h for h in self.history if h["step"] != step] + [
+            {"epoch": step // self.steps_per_epoch, "step": step, **scores}]
+        self.evaluated_at = step
+
+    def _log_roc(self, results, step):
+        import cv2
+        from .eval.roc_plot import save_roc_plot
+        png = os.path.join(self.out, "roc.png")
+        save_roc_plot(results, png, title=f"ROC after step {step}")
+        image = cv2.imread(png)
+        self.tb.image_png("val/roc", open(png, "rb").read(), image.shape[0], image.shape[1], step)
+
+    # -- the end ----------------------------------------------------------------------------------------
+    def _finish(self, progress: Progress) -> dict:
+        """Export ONNX and write the closing summary (evaluating first if a kill came between the last checkpoint
+        and the summary)."""
+        if not self.is_main:
+            return self._summary(progress, finished=True)
+        if self.evaluated_at != progress.step:
+            self._evaluate(progress.step)
+        onnx_path = os.path.join(self.out, "backbone.onnx")
+        diff = self.twin.export_onnx(onnx_path)
+        summary = self._write_summary(progress, finished=True, onnx=onnx_path, onnx_max_abs_diff=diff)
+        self._print_summary(summary)
+        self.tb.close()
         return summary
 
-    def _print_summary(self, summary, results):
+    def _summary(self, progress: Progress, finished: bool, **extra) -> dict:
+        rate = round(progress.train_images / progress.train_seconds, 1) if progress.train_seconds else None
+        return {"framework": self.twin.framework, "arch": self.cfg.backbone.name, "steps": progress.step,
+                "finished": finished, "wall_time_s": round(time.time() - self.t_start, 1),
+                "train_images_per_s": rate, "backbone": self.backbone_path, "state": self.state_path,
+                "tensorboard": os.path.join(self.out, "tensorboard"), "log": os.path.join(self.out, "train.log"),
+                **extra, "results": self.results, "history": self.history}
+
+    def _write_summary(self, progress: Progress, finished: bool, **extra) -> dict:
+        summary = self._summary(progress, finished, **extra)
+        self._write(lambda path: _dump_json(summary, path), self.summary_path)
+        return summary
+
+    def _print_summary(self, summary):
         log = self.log
         log.info("=" * 72)
         log.info(f"done: {summary['framework']} {self.cfg.backbone.name}, {summary['steps']} steps in "
                  f"{_fmt_time(summary['wall_time_s'])} ({summary['train_images_per_s']} train img/s)")
-        for name, r in results.items():
-            log.info(f"  {name}: accuracy {r.acc_mean * 100:.2f}% +- {r.acc_std * 100:.2f}, "
-                     f"VAL@FAR=1e-3 {r.val * 100:.2f}%")
+        for name, r in summary["results"].items():
+            log.info(f"  {name}: evaluation failed: {r['error']}" if "error" in r else
+                     f"  {name}: accuracy {r['acc_mean'] * 100:.2f}% +- {r['acc_std'] * 100:.2f}, "
+                     f"VAL@FAR=1e-3 {r['val'] * 100:.2f}%")
         for key in ("backbone", "state", "onnx", "tensorboard", "log"):
             log.info(f"  {key}: {summary[key]}")
+
+
+def _dump_json(obj, path: str):
+    with atomic.atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=float)

@@ -11,9 +11,22 @@ def save_backbone(model, path: str) -> None:
         torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
 
 
+def load_file(path: str, map_location="cpu"):
+    """torch.load(weights_only=True); a truncated, empty or foreign file, or a refused pickle, is a one-line
+    ValueError naming the file."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (FileNotFoundError, IsADirectoryError):
+        raise
+    except Exception as e:                     # torch reports these as RuntimeError, EOFError, UnpicklingError, ...
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"{path}: not a readable torch file, truncated or not written by torch.save "
+                         f"({type(e).__name__}: {reason})") from None
+
+
 def read_state_dict(path: str) -> dict:
     """A backbone state_dict from a `backbone.pth` or from a full training state (its 'backbone' entry)."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = load_file(path)
     if isinstance(obj, dict) and "backbone" in obj and isinstance(obj["backbone"], dict):
         obj = obj["backbone"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

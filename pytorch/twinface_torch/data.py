@@ -1,4 +1,10 @@
 """torch DataLoader over the common readers, in the order the shared EpochSampler dictates."""
+import ctypes
+import functools
+import os
+import signal
+import sys
+
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
@@ -19,6 +25,19 @@ class _Samples(Dataset):
         return load_sample(self.dataset, index, flip, self.size)
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int, worker_id: int):
+    """A worker blocked on a full queue outlives a kill -9 of the trainer (torch's own watchdog only runs between
+    batches), holding its memory. Ask the kernel to kill it with its parent, and leave at once if the parent is
+    already gone (died before the request)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
 def _collate(samples):
     return np.stack([s[0] for s in samples]), np.array([s[1] for s in samples], np.int64)
 
@@ -28,5 +47,6 @@ def batches(dataset, sampler, epoch: int, start_step: int = 0, num_workers: int 
     `num_workers` processes."""
     keys = [list(zip(idx.tolist(), flips.tolist())) for idx, flips in sampler.batches(epoch, start_step)]
     loader = DataLoader(_Samples(dataset, size), batch_sampler=keys, num_workers=num_workers, collate_fn=_collate,
+                        worker_init_fn=functools.partial(_die_with_parent, os.getpid()),
                         prefetch_factor=4 if num_workers else None, persistent_workers=False)
     yield from loader

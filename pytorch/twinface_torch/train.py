@@ -17,6 +17,9 @@ from .losses import get_loss
 from .optim import build_optimizer
 
 
+STATE_KEYS = ("backbone", "head", "optimizer", "rng", "meta")
+
+
 class TorchTwin:
     framework = "torch"
     backbone_filename = "backbone.pth"
@@ -106,16 +109,23 @@ class TorchTwin:
         checkpoint.save_backbone(self.backbone, path)
 
     def save_state(self, path: str, meta: dict):
-        state = {"backbone": self.backbone.state_dict(), "head": self.head.state_dict(),
-                 "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(), "meta": meta}
+        state = dict(zip(STATE_KEYS, (self.backbone.state_dict(), self.head.state_dict(),
+                                      self.optimizer.state_dict(), torch.get_rng_state(), meta)))
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
 
     def load_state(self, path: str) -> dict:
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        state = checkpoint.load_file(path, self.device)
+        missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise ValueError(f"{path}: not a twinface training state (no '{missing[0]}' entry)")
         checkpoint.load_into(self.backbone, state["backbone"], path)
-        self.head.load_state_dict(state["head"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.head.load_state_dict(state["head"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"{path}: the saved head or optimizer does not fit this config "
+                             f"({str(e).strip().splitlines()[0]})") from None
         torch.set_rng_state(state["rng"].cpu())
         return state["meta"]
 

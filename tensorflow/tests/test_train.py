@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from twinface.testing import check_nan_guard, check_resume_matches_uninterrupted, check_training_outputs, tiny_dataset
+from twinface.testing import (check_nan_guard, check_resume_matches_uninterrupted, check_training_outputs,
+                              check_truncated_state_is_named, tiny_dataset)
 from twinface_tf.backbones import get_model
 from twinface_tf.train import TFTwin
 
@@ -53,3 +54,7 @@ def test_nan_loss_skips_updates_and_stops_without_writing_nan_weights(data, tmp_
         model.load_weights(str(run / "backbone.weights.h5"))
         return all(np.isfinite(v.numpy()).all() for v in model.weights)
     check_nan_guard(TFTwin, poison, finite, data, tmp_path)
+
+
+def test_truncated_state_is_an_error_naming_the_file(data, tmp_path):
+    check_truncated_state_is_named(TFTwin, "state.npz", data, tmp_path)

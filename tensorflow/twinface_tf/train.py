@@ -17,6 +17,18 @@ from .losses import get_loss
 from .optim import build_optimizer
 
 
+def _read_npz(path: str) -> dict:
+    """Every array of an .npz; a truncated or foreign file is a one-line ValueError naming it."""
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            return {key: saved[key] for key in saved.files}
+    except (FileNotFoundError, IsADirectoryError):
+        raise
+    except Exception as e:                     # zipfile.BadZipFile, EOFError, ValueError from a cut-off member, ...
+        raise ValueError(f"{path}: not a readable training state, truncated or not written by twinface "
+                         f"({type(e).__name__}: {e})") from None
+
+
 def _strategy():
     """tf.distribute reads TF_CONFIG; without it this is the single-process (world size 1) case."""
     if "TF_CONFIG" in os.environ:
@@ -125,15 +137,17 @@ class TFTwin:
             np.savez(tmp, **arrays)
 
     def load_state(self, path: str) -> dict:
-        with np.load(path, allow_pickle=False) as saved:
-            for key, var in self._state_variables().items():
-                if key not in saved:
-                    raise ValueError(f"{path}: training state has no '{key}' (saved by another config?)")
-                if saved[key].shape != tuple(var.shape):
-                    raise ValueError(f"{path}: '{key}' ({var.path}) has shape {saved[key].shape}, "
-                                     f"expected {tuple(var.shape)}")
-                var.assign(saved[key])
-            return json.loads(str(saved["meta"]))
+        saved = _read_npz(path)
+        for key, var in self._state_variables().items():
+            if key not in saved:
+                raise ValueError(f"{path}: training state has no '{key}' (saved by another config?)")
+            if saved[key].shape != tuple(var.shape):
+                raise ValueError(f"{path}: '{key}' ({var.path}) has shape {saved[key].shape}, "
+                                 f"expected {tuple(var.shape)}")
+            var.assign(saved[key])
+        if "meta" not in saved:
+            raise ValueError(f"{path}: training state has no 'meta' entry")
+        return json.loads(str(saved["meta"]))
 
     def export_onnx(self, path: str) -> float:
         b = self.cfg.backbone
