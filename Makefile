@@ -21,7 +21,7 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 
 # One pytest process per room: each frees its models on exit (torch + TF + IResNet-200 ONNX graphs in one
 # process outgrow 24 GB), and a failing room does not hide the others. Each room's peak memory is printed.
-ROOMS := common/tests pytorch/tests tensorflow/tests weights_convert/tests bench/tests parity_tests
+ROOMS := common/tests pytorch/tests tensorflow/tests weights_convert/tests bench/tests parity_tests reliability/tests
 test: setup
 	@failed=""; peaks=$$(mktemp); for room in $(ROOMS); do \
 	  echo "== $$room"; \

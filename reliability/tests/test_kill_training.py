@@ -125,7 +125,7 @@ def test_kill_9_at_random_moments_loses_nothing_and_ends_bit_identical(tmp_path)
         mode = rng.choice(["timer", "timer", "mid-write", "before-rename"])
         if mode == "timer":
             proc = _start(config, run, fresh)
-            killed = _kill_after(proc, rng.uniform(0.2, 0.75 * duration))
+            killed = _kill_after(proc, rng.uniform(0.2, 0.5 * duration))
         else:                                  # one of the checkpoint writes still to come (2 per epoch; none left
             epochs_left = EPOCHS - (0 if fresh else _saved_step(run) // 4)    # when only the export remains)
             proc = _start(config, run, fresh, rng.randint(1, max(1, 2 * epochs_left)), mode)
