@@ -1,9 +1,9 @@
 """One backbone through both twins under whatever CPU kernels this process was started with; prints the parity
 rows as JSON:
 
-    TF_ENABLE_ONEDNN_OPTS=0 python parity_tests/cpu_kernel_rows.py ARCH
+    TF_ENABLE_ONEDNN_OPTS=0 python parity_tests/cpu_kernel_rows.py ARCH step|model
 
-test_cpu_kernels.py runs it once per backbone and kernel setting (TensorFlow's Eigen kernels, its oneDNN
+test_cpu_kernels.py runs it once per backbone, part and kernel setting (TensorFlow's Eigen kernels, its oneDNN
 kernels, oneDNN and ATen capped at AVX2), each in a fresh process: TensorFlow reads the switch once, at import.
 
 - step rows: TFTwin.train_step and TorchTwin.train_step, the real adapters (ArcFace, plain SGD, so the update
@@ -74,14 +74,22 @@ def step_rows(arch, images, labels):
     from twinface_convert.mapping import keras_to_torch
     tt, kt = _twins(arch)
     start = _params(tt.backbone)
+    # TF first, then its traced step is dropped: IResNet-200's step graph and the float64 copy below are GBs each
+    loss_tf = kt.train_step(images, labels, LR, LR)
+    after_tf = keras_to_torch(kt.backbone)
+    del kt
+    import keras
+    keras.backend.clear_session()
+    trim()
     # the exact step: the same modules in float64
     backbone, head = copy.deepcopy(tt.backbone).double().train(), copy.deepcopy(tt.head).double()
     y = torch.from_numpy(labels)
     tt.loss_fn(head(backbone(torch.from_numpy(to_model_input(images)).double()), y), y).backward()
     exact = {n: p.grad.numpy() for n, p in backbone.named_parameters() if p.requires_grad}
+    del backbone, head
+    trim()
     loss_torch = tt.train_step(images, labels, LR, LR)
-    loss_tf = kt.train_step(images, labels, LR, LR)
-    after_torch, after_tf = _params(tt.backbone), keras_to_torch(kt.backbone)
+    after_torch = _params(tt.backbone)
     scale = max(np.abs(g).max() for g in exact.values())
     err = {twin: max(np.abs((start[n] - after[n].astype(np.float64)) / LR - exact[n]).max() for n in exact) / scale
            for twin, after in (("torch", after_torch), ("TF", after_tf))}
@@ -177,16 +185,33 @@ def export_rows(arch):
              len(set(grouped) ^ set(onnx_grouped)) + abs(len(grouped) - len(onnx_grouped)), 0.0, False)]
 
 
-def main(arch):
+def main(arch, part):
+    """The rows of one part, "step" (the training step) or "model" (inference, gradients, export): two processes
+    per backbone, so that IResNet-200's traced training step and its data-like twins never share one."""
     rng = np.random.default_rng(100)
     images = rng.integers(0, 256, (BATCH, SIZE, SIZE, 3), dtype=np.uint8)
     labels = rng.integers(0, CLASSES, BATCH).astype(np.int64)
-    tm, km = _data_like_twins(arch)
-    rows = step_rows(arch, images, labels) + inference_rows(arch, tm, km, images) + gradient_row(arch, tm, km, images)
-    rows += export_rows(arch)
+    if part == "step":
+        rows = step_rows(arch, images, labels)
+    else:
+        tm, km = _data_like_twins(arch)
+        rows = inference_rows(arch, tm, km, images) + gradient_row(arch, tm, km, images)
+        del tm, km
+        import keras
+        keras.backend.clear_session()
+        trim()
+        rows += export_rows(arch)
     return {"kernels": kernels(), "rows": [{"what": what, "max_diff": float(diff), "tolerance": tol, "relative": rel}
                                            for what, diff, tol, rel in rows]}
 
 
+def trim():
+    """Hand freed heap back to the system (glibc keeps it otherwise, and the next model comes on top)."""
+    import ctypes
+    import gc
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1])))
+    print(json.dumps(main(*sys.argv[1:3])))

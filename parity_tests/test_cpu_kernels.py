@@ -23,14 +23,17 @@ SETTINGS = {
     "onednn-avx2": ({"TF_ENABLE_ONEDNN_OPTS": "1", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
                     "TF oneDNN, ISA <= AVX2", ["r18", "mbf"]),
 }
-CASES = [(setting, arch) for setting, (_, _, archs) in SETTINGS.items() for arch in archs]
+LARGE = ("r100", "r200")                              # `twinface parity --quick` leaves these out
+CASES = [pytest.param(setting, arch, part, id=f"{setting}-{arch}-{part}",
+                      marks=[pytest.mark.large] if arch in LARGE else [])
+         for setting, (_, _, archs) in SETTINGS.items() for arch in archs for part in ("step", "model")]
 
 
-@pytest.mark.parametrize("setting, arch", CASES, ids=[f"{s}-{a}" for s, a in CASES])
-def test_training_step_agrees_under_each_cpu_kernel_setting(setting, arch, parity):
+@pytest.mark.parametrize("setting, arch, part", CASES)
+def test_twins_agree_under_each_cpu_kernel_setting(setting, arch, part, parity):
     env, kernels, _ = SETTINGS[setting]
-    run = subprocess.run([sys.executable, SCRIPT, arch], env={**os.environ, **env}, capture_output=True, text=True,
-                         timeout=900)
+    run = subprocess.run([sys.executable, SCRIPT, arch, part], env={**os.environ, **env}, capture_output=True,
+                         text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["kernels"] == kernels               # the setting took effect: the path under test really ran
