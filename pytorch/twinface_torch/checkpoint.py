@@ -20,6 +20,9 @@ def load_file(path: str, map_location="cpu"):
         raise
     except Exception as e:                     # torch reports these as RuntimeError, EOFError, UnpicklingError, ...
         reason = (str(e).strip().splitlines() or [""])[0]
+        if "Weights only load failed" in str(e):
+            raise ValueError(f"{path}: refused to unpickle it with weights_only=True (it holds more than tensors and "
+                             f"plain containers): {reason}") from None
         raise ValueError(f"{path}: not a readable torch file, truncated or not written by torch.save "
                          f"({type(e).__name__}: {reason})") from None
 

@@ -128,14 +128,8 @@ def _named(tensors: dict, path: str, arch: str, description: str) -> Checkpoint:
 
 
 def _read_torch(path, arch):
-    import pickle
-
     from twinface_torch.checkpoint import read_state_dict
-    try:
-        tensors = read_state_dict(path)             # torch.load(weights_only=True): no arbitrary objects
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: refused to unpickle it with weights_only=True (it holds more than tensors and "
-                         f"plain containers): {str(e).splitlines()[0]}") from None
+    tensors = read_state_dict(path)                 # torch.load(weights_only=True): no arbitrary objects
     return _named(tensors, path, arch, "PyTorch checkpoint")
 
 
