@@ -64,8 +64,8 @@ def _twins(arch):
     return tt, kt
 
 
-def _params(module, dtype=np.float64):
-    return {n: p.detach().numpy().astype(dtype) for n, p in module.named_parameters() if p.requires_grad}
+def _params(module):
+    return {n: p.detach().numpy().astype(np.float64) for n, p in module.named_parameters() if p.requires_grad}
 
 
 def step_rows(arch, images, labels):
@@ -91,7 +91,7 @@ def step_rows(arch, images, labels):
     loss_torch = tt.train_step(images, labels, LR, LR)
     after_torch = _params(tt.backbone)
     scale = max(np.abs(g).max() for g in exact.values())
-    err = {twin: max(np.abs((start[n] - after[n].astype(np.float64)) / LR - exact[n]).max() for n in exact) / scale
+    err = {twin: max(np.abs((start[n] - after[n]) / LR - exact[n]).max() for n in exact) / scale
            for twin, after in (("torch", after_torch), ("TF", after_tf))}
     return [(f"{arch}: train_step loss, torch vs TF", abs(loss_torch - loss_tf) / abs(loss_torch), LOSS_TOL, True),
             (f"{arch}: train_step gradients, torch fp32 vs exact (fp64), / scale", err["torch"], STEP_TOL, True),
