@@ -26,6 +26,29 @@ def torch2onnx_like_arcface(model, path, input_name="data"):
     onnx.save(proto, path)
 
 
+def with_flatten_shape_computed_at_run_time(path, out):
+    """Rewrite each Reshape's constant target shape as Concat(Slice(Shape(x), 0, 1), [-1]): what tf2onnx leaves
+    of Keras' Flatten (reshape to (tf.shape(x)[0], -1)) on machines where it cannot fold the batch size away."""
+    proto = onnx.load(path)
+    graph = proto.graph
+    consts = {t.name for t in graph.initializer}
+    reshapes = [n for n in graph.node if n.op_type == "Reshape" and n.input[1] in consts]
+    for k, name in enumerate(["zero", "one", "minus_one"]):
+        graph.initializer.append(numpy_helper.from_array(np.array([k - (k == 2) * 3], np.int64), f"rt_{name}"))
+    for j, node in enumerate(reshapes):
+        plumbing = [helper.make_node("Shape", [node.input[0]], [f"rt_shape{j}"], name=f"rt_shape{j}"),
+                    helper.make_node("Slice", [f"rt_shape{j}", "rt_zero", "rt_one"], [f"rt_batch{j}"],
+                                     name=f"rt_slice{j}"),
+                    helper.make_node("Concat", [f"rt_batch{j}", "rt_minus_one"], [f"rt_target{j}"], axis=0,
+                                     name=f"rt_concat{j}")]
+        node.input[1] = f"rt_target{j}"
+        at = list(graph.node).index(node)
+        for offset, new in enumerate(plumbing):
+            graph.node.insert(at + offset, new)
+    onnx.save(proto, out)
+    return len(reshapes)
+
+
 def l2(x):
     x = np.asarray(x, np.float64)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
@@ -117,6 +140,14 @@ def test_tf2onnx_export_of_the_tf_twin_imports_through_dissolved_batchnorm_and_p
               and imported.state[n].ndim == 1]
     for name in slopes:                                               # PReLU slopes recovered exactly
         assert np.array_equal(imported.state[name], model.state_dict()[name].numpy()), name
+    # The flatten's shape as some machines' tf2onnx leaves it (Shape -> Slice -> Concat): shape plumbing, no layer
+    runtime = str(tmp_path / "tf2onnx_runtime_shape.onnx")
+    assert with_flatten_shape_computed_at_run_time(path, runtime) == 1
+    session = ort.InferenceSession(runtime, providers=["CPUExecutionProvider"])
+    assert np.abs(session.run(None, {"data": batch})[0] - keras_out).max() <= 1e-4
+    again = read_onnx(runtime)
+    assert again.state.keys() == imported.state.keys()
+    assert all(np.array_equal(again.state[k], imported.state[k]) for k in imported.state)
 
 
 def test_names_are_not_trusted(r18_export, tmp_path):

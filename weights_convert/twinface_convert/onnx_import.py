@@ -83,6 +83,14 @@ class Graph:
             for name in node.input:
                 self.consumers[name].append(node)
             self._fold(node)
+        # Tensors computed from tensor shapes alone (Shape -> Slice / Gather / Concat ...): a flatten's target
+        # shape when the exporter could not fold it to a constant. They carry no data, so they belong to no layer.
+        self.shape_values = set()
+        for node in self.nodes:
+            known = [i for i in node.input if i]
+            if node.op_type == "Shape" or known and all(i in self.const or i in self.shape_values for i in known) \
+                    and any(i in self.shape_values for i in known):
+                self.shape_values.update(node.output)
         inputs = [i.name for i in graph.input if i.name not in self.const]
         if len(inputs) != 1:
             raise ValueError(f"{source}: expected one image input, found {inputs}")
@@ -123,7 +131,8 @@ class Graph:
         return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
     def only_consumer(self, tensor):
-        consumers = self.consumers.get(tensor, [])
+        """The one node that reads `tensor`'s values (a Shape node reads only its shape), else None."""
+        consumers = [n for n in self.consumers.get(tensor, []) if n.op_type != "Shape"]
         return consumers[0] if len(consumers) == 1 and tensor not in self.outputs else None
 
     def constant_operand(self, node, data):
@@ -440,7 +449,8 @@ def walk(graph: Graph, backbone: Backbone) -> Imported:
     if extra:
         raise StructureError(f"{graph.source}: the graph has {len(extra)} more convolution / linear layers than "
                              f"{backbone}, first {extra[0].label} with weight shape {extra[0].weight.shape}")
-    unexplained = [n for n in graph.nodes if id(n) not in claimed and not all(o in graph.const for o in n.output)
+    unexplained = [n for n in graph.nodes if id(n) not in claimed
+                   and not all(o in graph.const or o in graph.shape_values for o in n.output)
                    and (n.op_type not in STRUCTURAL_OPS or n.op_type == "Add" and set(n.input) & set(graph.const))]
     if unexplained:
         node = unexplained[0]
