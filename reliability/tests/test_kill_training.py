@@ -106,7 +106,7 @@ def _same_backbone(a, b):
         assert torch.equal(expected[name], got[name]), name
 
 
-def test_kill_9_at_random_moments_loses_nothing_and_ends_bit_identical(tmp_path):
+def test_kill_9_at_random_moments_loses_nothing_and_ends_bit_identical(tmp_path, faults):
     data = tiny_dataset(tmp_path / "synth")
     config = str(tmp_path / "tiny.yaml")
     with open(config, "w") as f:
@@ -151,3 +151,4 @@ def test_kill_9_at_random_moments_loses_nothing_and_ends_bit_identical(tmp_path)
           f"{completed} killed runs completed bit-identical; seed {SEED}")
     assert during_writes >= 3
     assert not [n for n in os.listdir(run) if ".tmp" in n]
+    faults.record(f"kill -9 during torch training ({during_writes} in checkpoint writes)", kills, kills)
