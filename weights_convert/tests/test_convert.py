@@ -43,7 +43,11 @@ def test_round_trip_through_both_twins_and_onnx_is_bit_identical(r18_pth, tmp_pa
     os.makedirs(f"{d}/r18_savedmodel")
     run_cli(f"{d}/r18.weights.h5", f"{d}/r18_savedmodel", "--force")          # an empty directory may be replaced
     assert MARKER in os.listdir(f"{d}/r18_savedmodel")
-    run_cli(f"{d}/r18_savedmodel", f"{d}/r18.onnx")
+    with pytest.raises(ValueError, match=r"r18_savedmodel: a TensorFlow SavedModel runs its own graph code when "
+                                         r"loaded .* with --trust-savedmodel"):
+        run_cli(f"{d}/r18_savedmodel", f"{d}/r18.onnx")
+    assert not os.path.exists(f"{d}/r18.onnx")
+    run_cli(f"{d}/r18_savedmodel", f"{d}/r18.onnx", "--trust-savedmodel")
     run_cli(f"{d}/r18.onnx", f"{d}/back.pth")
     original, back = model.state_dict(), torch.load(f"{d}/back.pth", weights_only=True)
     assert list(back) == list(original)

@@ -136,7 +136,7 @@ def test_savedmodel_serves_nhwc_and_reads_back_bit_for_bit(mbf, mbf_state, tmp_p
     path = str(tmp_path / "mbf_savedmodel")
     formats.write(mbf_state, Backbone("mbf", 512, SIZE), path, "savedmodel")
     assert formats.source_format(path) == "savedmodel"
-    checkpoint = formats.read(path, "savedmodel")
+    checkpoint = formats.read(path, "savedmodel", trust_savedmodel=True)
     assert checkpoint.backbone == Backbone("mbf", 512, SIZE)
     assert all(np.array_equal(checkpoint.state[k], v) for k, v in mbf_state.items())
     serve = tf.saved_model.load(path).signatures["serving_default"]
@@ -149,7 +149,21 @@ def test_savedmodel_serves_nhwc_and_reads_back_bit_for_bit(mbf, mbf_state, tmp_p
     assert np.abs(served - reference).max() <= 1e-4 * np.abs(reference).max()
     with pytest.raises(ValueError, match=r"tensor 'layers\.0\.layers\.0\.weight' has shape \(128, 3, 3, 3\), "
                                          r"mbf_large .* expects \(256, 3, 3, 3\)"):
-        formats.read(path, "savedmodel", arch="mbf_large")
+        formats.read(path, "savedmodel", arch="mbf_large", trust_savedmodel=True)
+
+
+def test_a_savedmodel_is_never_loaded_without_trust(mbf_state, tmp_path, monkeypatch):
+    # Loading runs the SavedModel's graph; twinface's own marker asset can be forged, so it earns no trust.
+    import tensorflow as tf
+    path = str(tmp_path / "mbf_savedmodel")
+    formats.write(mbf_state, Backbone("mbf", 512, SIZE), path, "savedmodel")
+    loads = []
+    monkeypatch.setattr(tf.saved_model, "load", lambda *a, **k: loads.append(a))
+    with pytest.raises(ValueError, match=r"mbf_savedmodel: a TensorFlow SavedModel runs its own graph code"):
+        formats.read(path, "savedmodel")
+    with pytest.raises(ValueError, match=r"--trust-savedmodel"):
+        convert(path, str(tmp_path / "out.onnx"), log=lambda line: None)
+    assert loads == [] and not os.path.exists(tmp_path / "out.onnx")
 
 
 def test_safetensors_round_trips_through_the_hub(tmp_path, mbf):

@@ -46,12 +46,13 @@ class Report:
 
 
 def convert(src: str, dst: str, arch: str = None, keep_onnx: str = None, force: bool = False, images: str = None,
-            tolerance: float = TOLERANCE, log=print) -> Report:
+            tolerance: float = TOLERANCE, log=print, trust_savedmodel: bool = False) -> Report:
     """Convert the backbone weights in `src` to `dst` (formats: twinface_convert.formats.SUPPORTED) and verify.
 
     arch: backbone name (r18 ... mbf_large); inferred from the tensor shapes when None.
     keep_onnx: also keep the ONNX hub file there.   images: a folder of aligned face crops to verify on
     (default: random images).   Raises VerificationFailed past `tolerance`, leaving DST as it was.
+    trust_savedmodel: allow a SavedModel SRC, which runs its own graph when loaded (formats.read).
     """
     clock = _Clock()
     src_format, dst_format = formats.source_format(src), formats.target_format(dst)
@@ -69,7 +70,7 @@ def convert(src: str, dst: str, arch: str = None, keep_onnx: str = None, force: 
     if images and not os.path.isdir(images):
         raise FileNotFoundError(f"--images {images}: not a directory")
 
-    source = formats.read(src, src_format, arch)
+    source = formats.read(src, src_format, arch, trust_savedmodel=trust_savedmodel)
     backbone = source.backbone
     how = "as given by --arch" if arch else "inferred from the tensor shapes"
     log(f"read {src}: {source.description}, backbone {backbone}, {how}")

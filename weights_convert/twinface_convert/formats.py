@@ -116,7 +116,13 @@ def require_safetensors(path: str):
 
 
 # --- reading --------------------------------------------------------------------------------------------------
-def read(path: str, fmt: str, arch: str = None) -> Checkpoint:
+def read(path: str, fmt: str, arch: str = None, trust_savedmodel: bool = False) -> Checkpoint:
+    """The backbone weights in `path`. A SavedModel is read only with `trust_savedmodel`: loading one runs its
+    graph (resource initialisers, restore functions), and TF graph ops can read and write files, so a SavedModel
+    is a program from whoever wrote it. The assets/twinface.json it must carry proves nothing: it can be forged."""
+    if fmt == "savedmodel" and not trust_savedmodel:
+        raise ValueError(f"{path}: a TensorFlow SavedModel runs its own graph code when loaded (it can read and "
+                         f"write files); convert it only if you trust whoever wrote it, with --trust-savedmodel")
     return {"torch": _read_torch, "safetensors": _read_safetensors, "keras": _read_keras,
             "savedmodel": _read_savedmodel, "onnx": _read_onnx}[fmt](path, arch)
 
