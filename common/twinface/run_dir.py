@@ -54,6 +54,15 @@ def existing_outputs(out_dir: str, names) -> list:
     return [n for n in names if os.path.lexists(os.path.join(out_dir, n))]
 
 
+def tensorboard_events(tb_dir: str) -> list:
+    """A previous run's TensorBoard event files (relative to the run directory): a restart over them would
+    show two runs' curves as one."""
+    if not os.path.isdir(tb_dir):
+        return []
+    return [os.path.join(os.path.basename(tb_dir), n) for n in sorted(os.listdir(tb_dir))
+            if n.startswith("events.out.tfevents.")]
+
+
 def _flat(tree: dict, prefix: str = "") -> dict:
     flat = {}
     for key, value in tree.items():

@@ -94,6 +94,20 @@ def check_resume_matches_uninterrupted(make_twin, weights_of, state_step, data_d
     assert expected.keys() == got.keys()
     for name in expected:
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    # TensorBoard shows the resumed run as one curve: the killed run's steps 5-6 are replaced, not duplicated
+    (steps, losses), (full_steps, full_losses) = (tensorboard_scalars(tmp_path / run, "train/loss")
+                                                  for run in ("killed", "full"))
+    assert steps == full_steps == list(range(1, 9))
+    np.testing.assert_allclose(losses, full_losses, rtol=1e-5)
+
+
+def tensorboard_scalars(run_dir, tag):
+    """(steps, values) of one scalar as TensorBoard itself loads the run's event files (stale events purged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(os.path.join(os.fspath(run_dir), "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    scalars = events.Scalars(tag)
+    return [e.step for e in scalars], [e.value for e in scalars]
 
 
 def check_nan_guard(make_twin, poison, saved_backbone_finite, data_dir, tmp_path):

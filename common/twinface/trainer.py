@@ -104,7 +104,7 @@ class Trainer:
         self.state_path = os.path.join(self.out, twin.state_filename)
         self.summary_path = os.path.join(self.out, run_dir.SUMMARY_NAME)
         self.history, self.val_sets, self.results, self.evaluated_at = [], {}, {}, None
-        self.tb = None
+        self.tb, self.tb_dir = None, os.path.join(self.out, "tensorboard")
 
     # Files this run writes: a fresh start refuses to replace them without --overwrite.
     def _outputs(self):
@@ -132,12 +132,16 @@ class Trainer:
             self._announce(dataset)
             if self.is_main:
                 from .tb import TensorBoard
-                self.tb = TensorBoard(os.path.join(self.out, "tensorboard"))
+                self.tb = TensorBoard(self.tb_dir, purge_from=progress.step + 1 if self.resume else None)
                 self._measure_loader(dataset, sampler)
-            while progress.step < self.total_steps:
-                self._train_epoch(dataset, sampler, progress)
-                self._end_epoch(progress)
-            return self._finish(progress)
+            try:
+                while progress.step < self.total_steps:
+                    self._train_epoch(dataset, sampler, progress)
+                    self._end_epoch(progress)
+                return self._finish(progress)
+            finally:
+                if self.tb:
+                    self.tb.close()
 
     @contextlib.contextmanager
     def _claim_directory(self):
@@ -156,7 +160,7 @@ class Trainer:
             yield
 
     def _check_fresh(self):
-        found = run_dir.existing_outputs(self.out, self._outputs())
+        found = run_dir.existing_outputs(self.out, self._outputs()) + run_dir.tensorboard_events(self.tb_dir)
         if found and not self.overwrite:
             raise FileExistsError(f"{self.out} already holds a training run ({', '.join(found)}); pass --resume "
                                   f"to continue it or --overwrite to start it over")
@@ -370,7 +374,6 @@ class Trainer:
         diff = self.twin.export_onnx(onnx_path)
         summary = self._write_summary(progress, finished=True, onnx=onnx_path, onnx_max_abs_diff=diff)
         self._print_summary(summary)
-        self.tb.close()
         return summary
 
     def _summary(self, progress: Progress, finished: bool, **extra) -> dict:

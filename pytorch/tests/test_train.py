@@ -131,9 +131,11 @@ def test_training_into_a_previous_run_needs_overwrite(data, tmp_path):
     with pytest.raises(FileExistsError, match=f"{run} already holds a training run .*state.pt.*--overwrite"):
         run_tiny(_MustNotTrain, data, run, train={"epochs": 1})
     assert (run / "backbone.pth").read_bytes() == before
+    old_events = os.listdir(run / "tensorboard")
     with pytest.raises(KeyboardInterrupt):             # --overwrite starts over: the old state is gone at once
         run_tiny(TorchTwin, data, run, kill_after=0, overwrite=True, train={"epochs": 1})
     assert not (run / "state.pt").exists() and not (run / "summary.json").exists()
+    assert old_events and not set(old_events) & set(os.listdir(run / "tensorboard"))   # no mix of two runs' curves
 
 
 def test_resume_under_a_config_that_breaks_the_run_is_refused_naming_each_key(data, tmp_path):
