@@ -17,7 +17,7 @@ from .losses import get_loss
 from .optim import build_optimizer
 
 
-STATE_KEYS = ("backbone", "head", "optimizer", "rng", "meta")
+STATE_KEYS = ("backbone", "head", "optimizer", "rng", "meta")     # and "scaler" (fp16 loss scale) since #13
 
 
 class TorchTwin:
@@ -49,6 +49,12 @@ class TorchTwin:
                   {"params": list(self.head.parameters())}]
         self.optimizer = build_optimizer(o.type, groups, o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
                                          betas=tuple(o.betas), eps=o.eps)
+        t = cfg.train
+        # fp16 only: dynamic loss scaling with arcface_torch's settings (bf16 has fp32's range and needs none)
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=t.loss_scale,
+                                           growth_interval=t.loss_scale_growth_interval,
+                                           enabled=t.precision == "fp16")
+        self.overflow = False                     # the last step was skipped for a loss-scale overflow
         self.model = self.backbone
         if self.world_size > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(self.backbone)
@@ -83,20 +89,33 @@ class TorchTwin:
             emb = self.model(x)
         loss = self.loss_fn(self.head(emb.float(), y), y)
         self.optimizer.zero_grad(set_to_none=True)
-        value = loss.item()
+        value, self.overflow = loss.item(), False
         if math.isfinite(value):
-            loss.backward()
-            if not self.frozen and self.cfg.train.clip_grad_norm > 0:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)           # clipping and the finiteness check see true gradients
+            if self.scaler.is_enabled() and not all(torch.isfinite(p.grad).all() for group in
+                                                    self.optimizer.param_groups for p in group["params"]
+                                                    if p.grad is not None):
+                self.overflow = True                        # fp16 range exceeded: back off, skip the step
+            elif not self.frozen and self.cfg.train.clip_grad_norm > 0:
                 norm = torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), self.cfg.train.clip_grad_norm)
                 if not torch.isfinite(norm):
                     value = float("nan")
-        if not math.isfinite(value):
+        if not math.isfinite(value) or self.overflow:
             for buf, old in zip(self._buffers(), saved):
                 buf.copy_(old)
+            if self.overflow:
+                self.scaler.update()                        # halves the scale (unscale_ recorded the inf)
             self.optimizer.zero_grad(set_to_none=True)
             return value
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         return value
+
+    @property
+    def loss_scale(self):
+        """The fp16 loss scale now (None when not training in fp16)."""
+        return self.scaler.get_scale() if self.scaler.is_enabled() else None
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         self.backbone.eval()
@@ -110,7 +129,8 @@ class TorchTwin:
 
     def save_state(self, path: str, meta: dict):
         state = dict(zip(STATE_KEYS, (self.backbone.state_dict(), self.head.state_dict(),
-                                      self.optimizer.state_dict(), torch.get_rng_state(), meta)))
+                                      self.optimizer.state_dict(), torch.get_rng_state(), meta)),
+                     scaler=self.scaler.state_dict())
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
 
@@ -123,6 +143,7 @@ class TorchTwin:
         try:
             self.head.load_state_dict(state["head"])
             self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state.get("scaler", {}))
         except (RuntimeError, ValueError) as e:
             raise ValueError(f"{path}: the saved head or optimizer does not fit this config "
                              f"({str(e).strip().splitlines()[0]})") from None
