@@ -70,7 +70,7 @@ def test_onnxruntime_matches_torch_at_batch_1_and_5(exported):
 def test_export_restores_training_mode_and_fp16(tmp_path):
     model = get_model("mbf", fp16=True, input_size=SIZE).train()
     export_onnx(model, str(tmp_path / "mbf.onnx"), "mbf", input_size=SIZE)
-    assert model.training and model.fp16
+    assert model.training and model.precision == "fp16"
     graph = onnx.load(str(tmp_path / "mbf.onnx")).graph
     assert all(t.data_type == onnx.TensorProto.FLOAT for t in graph.initializer)
     assert not any(node.op_type == "Cast" for node in graph.node)     # an fp32 graph

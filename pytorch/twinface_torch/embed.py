@@ -41,8 +41,8 @@ def inference_function(model, fast: bool = True):
 
 
 def fast_path_applies(model) -> bool:
-    # Freezing needs eval mode (BatchNorm on running statistics); fp16 autocast and CUDA keep the module.
-    return not model.training and not getattr(model, "fp16", False) and next(model.parameters()).device.type == "cpu"
+    # Freezing needs eval mode (BatchNorm on running statistics); fp16/bf16 autocast and CUDA keep the module.
+    return not model.training and getattr(model, "precision", "fp32") == "fp32" and next(model.parameters()).device.type == "cpu"
 
 
 def weights_fingerprint(model) -> tuple:

@@ -17,10 +17,10 @@ def export_onnx(model, path, arch, input_size=112, opset=17, verify=True):
     The file appears only once complete (and verified when verify=True): written to a temporary file in
     the same directory, then moved into place (twinface.atomic).
     """
-    was_training, fp16 = model.training, getattr(model, "fp16", False)
+    was_training, precision = model.training, getattr(model, "precision", "fp32")
     model.eval()
-    if fp16:
-        model.fp16 = False    # the exported graph is fp32 whatever precision the model trains in
+    if precision != "fp32":
+        model.precision = "fp32"    # the exported graph is fp32 whatever precision the model trains in
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(0)
     sample = (torch.rand(3, 3, input_size, input_size, generator=generator) * 2 - 1).to(device)
@@ -37,8 +37,8 @@ def export_onnx(model, path, arch, input_size=112, opset=17, verify=True):
             max_abs_diff = verify_onnx(tmp_path, sample.cpu().numpy(), reference, path) if verify else float("nan")
     finally:
         model.train(was_training)
-        if fp16:
-            model.fp16 = True
+        if precision != "fp32":
+            model.precision = precision
     return max_abs_diff
 
 

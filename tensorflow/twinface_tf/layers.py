@@ -3,11 +3,26 @@
 Every weighted layer is named with its torch module path (`layer1.0.conv1`), which makes the weight mapping
 between the twins a pure function of (name, layer kind).
 """
+import contextlib
 import functools
 import math
 
 import keras
 import tensorflow as tf
+
+
+POLICIES = {"fp32": "float32", "fp16": "mixed_float16", "bf16": "mixed_bfloat16"}
+_stats_frozen = [False]     # True while a checkpointed block is recomputed in backprop
+
+
+@contextlib.contextmanager
+def frozen_batchnorm_stats():
+    """TorchBatchNorm layers called inside normalise with batch statistics but leave their moving ones alone."""
+    previous, _stats_frozen[0] = _stats_frozen[0], True
+    try:
+        yield
+    finally:
+        _stats_frozen[0] = previous
 
 
 @keras.saving.register_keras_serializable(package="twinface")
@@ -37,8 +52,9 @@ class TorchBatchNorm(keras.layers.BatchNormalization):
             mean, variance = tf.nn.moments(x, axes=self._reduction_axes)
             n = tf.cast(tf.size(x) // tf.shape(x)[self.axis], "float32")
             unbiased = variance * n / (n - 1.0)
-            self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
-            self.moving_variance.assign(self.moving_variance * self.momentum + unbiased * (1.0 - self.momentum))
+            if not _stats_frozen[0]:
+                self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+                self.moving_variance.assign(self.moving_variance * self.momentum + unbiased * (1.0 - self.momentum))
         else:
             mean, variance = self.moving_mean, self.moving_variance
         outputs = tf.nn.batch_normalization(x, mean, variance, offset=self.beta, scale=self.gamma,
@@ -164,9 +180,48 @@ def torch_linear_init(fan_in):
     return keras.initializers.RandomUniform(-bound, bound)
 
 
+def recomputed(segment):
+    """segment(x, training=True) through tf.recompute_grad: its activations are recomputed in backprop instead of
+    kept. The recomputation runs under frozen_batchnorm_stats, so the moving statistics are updated once."""
+    in_forward = []
+
+    def run(x):
+        with contextlib.nullcontext() if in_forward else frozen_batchnorm_stats():
+            return segment(x, training=True)
+
+    run_recomputed = tf.recompute_grad(run)
+
+    def call(x):
+        in_forward.append(True)    # the forward call happens now; the recomputation later, in backprop
+        try:
+            return run_recomputed(x)
+        finally:
+            in_forward.pop()
+    return call
+
+
 @keras.saving.register_keras_serializable(package="twinface")
 class FaceModel(keras.Model):
-    """Functional backbone that rejects a wrongly shaped input with a message naming the architecture."""
+    """Functional backbone that rejects a wrongly shaped input with a message naming the architecture.
+
+    After checkpoint_between(cuts), training calls recompute each stretch of the graph between consecutive cuts
+    in backprop (gradient checkpointing); the layers, their names and variables stay those of the one graph.
+    """
+
+    _segments = None
+
+    def checkpoint_between(self, cuts):
+        """`cuts`: KerasTensors of this graph in order; stretches between neighbours become recomputed units."""
+        stem = keras.Model(self.inputs[0], cuts[0])
+        middle = [recomputed(keras.Model(a, b)) for a, b in zip(cuts, cuts[1:])]
+        head = keras.Model(cuts[-1], self.outputs[0])
+        # a tuple of functions, not of models: Keras tracks no second copy of the (shared) layers' variables
+        self._segments = (functools.partial(stem, training=True), *middle, functools.partial(head, training=True))
+
+    def call(self, inputs, training=None, mask=None):
+        if not (training and self._segments):
+            return super().call(inputs, training=training, mask=mask)
+        return functools.reduce(lambda x, segment: segment(x), self._segments, inputs)
 
     def __call__(self, inputs, *args, **kwargs):
         expected = tuple(self.inputs[0].shape[1:])

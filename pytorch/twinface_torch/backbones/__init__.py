@@ -1,13 +1,19 @@
 """Backbones by short name (twinface.registry): r18 r34 r50 r100 r200 mbf mbf_large."""
+from twinface.precision import check_checkpointing
 from twinface.registry import backbone_spec
 from twinface_torch.backbones.iresnet import IResNet
 from twinface_torch.backbones.mobilefacenet import MobileFaceNet
 
 
-def get_model(name, num_features=512, dropout=0.0, fp16=False, input_size=112):
+def get_model(name, num_features=512, dropout=0.0, fp16=False, input_size=112, precision=None, checkpointing=False):
+    """precision "fp32" | "fp16" | "bf16" (None: arcface_torch's `fp16` flag) for the conv trunk; checkpointing
+    recomputes each IResNet block in backprop instead of keeping its activations (training only)."""
     spec = backbone_spec(name)
+    check_checkpointing(name, checkpointing)
     if spec.family == "iresnet":
-        return IResNet(spec.kwargs["layers"], dropout, num_features, fp16, input_size, arch=name)
+        return IResNet(spec.kwargs["layers"], dropout, num_features, fp16, input_size, arch=name,
+                       precision=precision, checkpointing=checkpointing)
     if dropout:
         raise ValueError(f"{name}: MobileFaceNet has no dropout layer, got dropout={dropout}")
-    return MobileFaceNet(fp16, num_features, spec.kwargs["blocks"], spec.kwargs["scale"], input_size, arch=name)
+    return MobileFaceNet(fp16, num_features, spec.kwargs["blocks"], spec.kwargs["scale"], input_size, arch=name,
+                         precision=precision)

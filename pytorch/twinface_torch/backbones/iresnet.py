@@ -3,8 +3,17 @@
 Module attribute names and nesting are arcface_torch's, so its `backbone.pth` loads with
 strict=True and no renaming; those names are also the canonical names of both twins.
 """
+import contextlib
+import functools
+
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from twinface.precision import resolve_precision
+
+REDUCED = {"fp16": torch.float16, "bf16": torch.bfloat16}
+BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def check_input_size(arch, input_size):
@@ -21,6 +30,40 @@ def check_input(x, arch, input_size):
                          f"got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"{arch}: expected a float tensor normalised as (x - 127.5) / 127.5, got {x.dtype}")
+
+
+def trunk_precision(x, precision):
+    """Autocast for the conv trunk in `precision`; "fp32" runs without it."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(x.device.type, dtype=REDUCED[precision])
+
+
+@contextlib.contextmanager
+def batchnorm_stats_kept(module):
+    """Let `module`'s BatchNorms update throwaway copies of their statistics, then put the real ones back.
+
+    A checkpointed block runs its forward twice (once more in backprop); the second run must not apply the
+    momentum update again. Copies, rather than track_running_stats=False, keep the tensors autograd saves the
+    same in both runs, which torch.utils.checkpoint verifies.
+    """
+    kept = [(m, [getattr(m, n) for n in BN_STATS]) for m in module.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m, stats in kept:
+        for name, stat in zip(BN_STATS, stats):
+            setattr(m, name, stat.clone())
+    try:
+        yield
+    finally:
+        for m, stats in kept:
+            for name, stat in zip(BN_STATS, stats):
+                setattr(m, name, stat)
+
+
+def recomputed(x, block):
+    """block(x) without keeping its activations: they are recomputed in backprop (BN statistics updated once)."""
+    return checkpoint(block, x, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), batchnorm_stats_kept(block)))
 
 
 def conv3x3(in_planes, out_planes, stride=1):
@@ -51,11 +94,13 @@ class IBasicBlock(nn.Module):
 
 
 class IResNet(nn.Module):
-    def __init__(self, layers, dropout=0.0, num_features=512, fp16=False, input_size=112, arch="iresnet"):
+    def __init__(self, layers, dropout=0.0, num_features=512, fp16=False, input_size=112, arch="iresnet",
+                 precision=None, checkpointing=False):
         super().__init__()
         check_input_size(arch, input_size)
         self.arch = arch
-        self.fp16 = fp16
+        self.precision = resolve_precision(arch, precision, fp16)
+        self.checkpointing = checkpointing
         self.input_size = input_size
         self.inplanes = 64
         self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=3, stride=1, padding=1, bias=False)
@@ -92,31 +137,33 @@ class IResNet(nn.Module):
     def forward(self, x):
         check_input(x, self.arch, self.input_size)
         # Mixed precision covers the conv trunk only; fc and features stay fp32, as arcface_torch.
-        with torch.autocast(x.device.type, dtype=torch.float16, enabled=self.fp16):
+        recompute = self.checkpointing and self.training and torch.is_grad_enabled()
+        with trunk_precision(x, self.precision):
             x = self.prelu(self.bn1(self.conv1(x)))
-            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+            for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+                x = functools.reduce(recomputed, stage, x) if recompute else stage(x)
             x = self.bn2(x)
             x = torch.flatten(x, 1)
             x = self.dropout(x)
-        x = self.fc(x.float() if self.fp16 else x)
+        x = self.fc(x if self.precision == "fp32" else x.float())
         return self.features(x)
 
 
-def iresnet18(num_features=512, dropout=0.0, fp16=False, input_size=112):
-    return IResNet((2, 2, 2, 2), dropout, num_features, fp16, input_size, arch="iresnet18")
+def iresnet18(num_features=512, dropout=0.0, fp16=False, input_size=112, **options):
+    return IResNet((2, 2, 2, 2), dropout, num_features, fp16, input_size, arch="iresnet18", **options)
 
 
-def iresnet34(num_features=512, dropout=0.0, fp16=False, input_size=112):
-    return IResNet((3, 4, 6, 3), dropout, num_features, fp16, input_size, arch="iresnet34")
+def iresnet34(num_features=512, dropout=0.0, fp16=False, input_size=112, **options):
+    return IResNet((3, 4, 6, 3), dropout, num_features, fp16, input_size, arch="iresnet34", **options)
 
 
-def iresnet50(num_features=512, dropout=0.0, fp16=False, input_size=112):
-    return IResNet((3, 4, 14, 3), dropout, num_features, fp16, input_size, arch="iresnet50")
+def iresnet50(num_features=512, dropout=0.0, fp16=False, input_size=112, **options):
+    return IResNet((3, 4, 14, 3), dropout, num_features, fp16, input_size, arch="iresnet50", **options)
 
 
-def iresnet100(num_features=512, dropout=0.0, fp16=False, input_size=112):
-    return IResNet((3, 13, 30, 3), dropout, num_features, fp16, input_size, arch="iresnet100")
+def iresnet100(num_features=512, dropout=0.0, fp16=False, input_size=112, **options):
+    return IResNet((3, 13, 30, 3), dropout, num_features, fp16, input_size, arch="iresnet100", **options)
 
 
-def iresnet200(num_features=512, dropout=0.0, fp16=False, input_size=112):
-    return IResNet((6, 26, 60, 6), dropout, num_features, fp16, input_size, arch="iresnet200")
+def iresnet200(num_features=512, dropout=0.0, fp16=False, input_size=112, **options):
+    return IResNet((6, 26, 60, 6), dropout, num_features, fp16, input_size, arch="iresnet200", **options)

@@ -6,7 +6,8 @@ Residual, `groups` is the width of the inner depthwise stage, not a divisor of t
 import torch
 from torch import nn
 
-from twinface_torch.backbones.iresnet import check_input, check_input_size
+from twinface.precision import resolve_precision
+from twinface_torch.backbones.iresnet import check_input, check_input_size, trunk_precision
 
 
 class ConvBlock(nn.Module):
@@ -79,11 +80,11 @@ class GDC(nn.Module):
 
 class MobileFaceNet(nn.Module):
     def __init__(self, fp16=False, num_features=512, blocks=(1, 4, 6, 2), scale=2, input_size=112,
-                 arch="mobilefacenet"):
+                 arch="mobilefacenet", precision=None):
         super().__init__()
         check_input_size(arch, input_size)
         self.arch = arch
-        self.fp16 = fp16
+        self.precision = resolve_precision(arch, precision, fp16)
         self.input_size = input_size
         width = 64 * scale
         self.layers = nn.ModuleList([ConvBlock(3, width, (3, 3), (2, 2), (1, 1))])
@@ -112,15 +113,15 @@ class MobileFaceNet(nn.Module):
     def forward(self, x):
         check_input(x, self.arch, self.input_size)
         # Mixed precision covers the trunk only; conv_sep and the GDC head run in fp32, as arcface_torch.
-        with torch.autocast(x.device.type, dtype=torch.float16, enabled=self.fp16):
+        with trunk_precision(x, self.precision):
             for layer in self.layers:
                 x = layer(x)
-        return self.features(self.conv_sep(x.float() if self.fp16 else x))
+        return self.features(self.conv_sep(x if self.precision == "fp32" else x.float()))
 
 
-def get_mbf(num_features=512, blocks=(1, 4, 6, 2), scale=2, fp16=False, input_size=112):
-    return MobileFaceNet(fp16, num_features, blocks, scale, input_size, arch="mbf")
+def get_mbf(num_features=512, blocks=(1, 4, 6, 2), scale=2, fp16=False, input_size=112, precision=None):
+    return MobileFaceNet(fp16, num_features, blocks, scale, input_size, arch="mbf", precision=precision)
 
 
-def get_mbf_large(num_features=512, blocks=(2, 8, 12, 4), scale=4, fp16=False, input_size=112):
-    return MobileFaceNet(fp16, num_features, blocks, scale, input_size, arch="mbf_large")
+def get_mbf_large(num_features=512, blocks=(2, 8, 12, 4), scale=4, fp16=False, input_size=112, precision=None):
+    return MobileFaceNet(fp16, num_features, blocks, scale, input_size, arch="mbf_large", precision=precision)

@@ -1,14 +1,22 @@
 """get_model(name): the short names of twinface.registry (r18 ... r200, mbf, mbf_large) as Keras models."""
+from twinface.precision import check_checkpointing
 from twinface.registry import backbone_spec
 from twinface_tf.backbones.iresnet import iresnet
 from twinface_tf.backbones.mobilefacenet import mobilefacenet
 
 
-def get_model(name, num_features=512, dropout=0.0, fp16=False, input_size=112):
-    """A fresh, randomly initialised backbone named `name` (unknown names raise with the known list)."""
+def get_model(name, num_features=512, dropout=0.0, fp16=False, input_size=112, precision=None, checkpointing=False):
+    """A fresh, randomly initialised backbone named `name` (unknown names raise with the known list).
+
+    precision "fp32" | "fp16" | "bf16" (None: arcface_torch's `fp16` flag) for the conv trunk; checkpointing
+    recomputes each IResNet block in backprop instead of keeping its activations (training only).
+    """
     spec = backbone_spec(name)
+    check_checkpointing(name, checkpointing)
     if spec.family == "iresnet":
-        return iresnet(spec.kwargs["layers"], num_features, dropout, fp16, input_size, name=name)
+        return iresnet(spec.kwargs["layers"], num_features, dropout, fp16, input_size, name=name,
+                       precision=precision, checkpointing=checkpointing)
     if dropout:
         raise ValueError(f"{name}: MobileFaceNet has no dropout layer, got dropout={dropout}")
-    return mobilefacenet(spec.kwargs["blocks"], spec.kwargs["scale"], num_features, fp16, input_size, name=name)
+    return mobilefacenet(spec.kwargs["blocks"], spec.kwargs["scale"], num_features, fp16, input_size, name=name,
+                         precision=precision)

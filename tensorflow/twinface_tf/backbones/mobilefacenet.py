@@ -7,7 +7,8 @@ import math
 
 import keras
 
-from twinface_tf.layers import FaceModel, TorchBatchNorm, conv, prelu
+from twinface.precision import resolve_precision
+from twinface_tf.layers import POLICIES, FaceModel, TorchBatchNorm, conv, prelu
 
 
 def kaiming_fan_out(fan_out):
@@ -41,15 +42,16 @@ def residual(x, num_block, groups, name, dtype):
 
 
 def mobilefacenet(blocks=(1, 4, 6, 2), scale=2, num_features=512, fp16=False, input_size=112,
-                  name="mobilefacenet"):
+                  name="mobilefacenet", precision=None):
     """Input [N, input_size, input_size, 3] float32, normalised (x - 127.5) / 127.5; output [N, num_features].
 
-    fp16 runs `layers.*` under "mixed_float16"; conv_sep and features stay float32, as arcface_torch.
+    precision "fp16" / "bf16" (or fp16=True) runs `layers.*` under "mixed_float16" / "mixed_bfloat16"; conv_sep
+    and features stay float32, as arcface_torch.
     """
     if input_size <= 0 or input_size % 16:
         raise ValueError(f"{name}: input_size must be a positive multiple of 16 (four stride-2 stages), "
                          f"got {input_size}")
-    trunk = "mixed_float16" if fp16 else "float32"
+    trunk = POLICIES[resolve_precision(name, precision, fp16)]
     wide, wider = 64 * scale, 128 * scale
     inputs = keras.Input((input_size, input_size, 3), name="data", dtype="float32")
     x = conv_block(inputs, wide, 3, "layers.0", trunk, stride=2, padding=1)
@@ -73,9 +75,9 @@ def mobilefacenet(blocks=(1, 4, 6, 2), scale=2, num_features=512, fp16=False, in
     return FaceModel(inputs, x, name=name)
 
 
-def get_mbf(num_features=512, blocks=(1, 4, 6, 2), scale=2, fp16=False, input_size=112):
-    return mobilefacenet(blocks, scale, num_features, fp16, input_size, name="mbf")
+def get_mbf(num_features=512, blocks=(1, 4, 6, 2), scale=2, fp16=False, input_size=112, precision=None):
+    return mobilefacenet(blocks, scale, num_features, fp16, input_size, name="mbf", precision=precision)
 
 
-def get_mbf_large(num_features=512, blocks=(2, 8, 12, 4), scale=4, fp16=False, input_size=112):
-    return mobilefacenet(blocks, scale, num_features, fp16, input_size, name="mbf_large")
+def get_mbf_large(num_features=512, blocks=(2, 8, 12, 4), scale=4, fp16=False, input_size=112, precision=None):
+    return mobilefacenet(blocks, scale, num_features, fp16, input_size, name="mbf_large", precision=precision)
