@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from . import registry
+from .precision import PRECISIONS
 from .atomic import atomic_path
 
 
@@ -152,7 +153,7 @@ CHOICES = {
     "optimizer.type": ["sgd", "adamw"],
     "schedule.type": ["polynomial", "cosine", "step"],
     "data.source": ["synthetic", "folder", "rec"],
-    "train.precision": ["fp32", "fp16", "bf16"],
+    "train.precision": list(PRECISIONS),
 }
 
 

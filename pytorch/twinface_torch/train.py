@@ -40,8 +40,9 @@ class TorchTwin:
         b = cfg.backbone
         # channels_last: oneDNN's NHWC convolutions train MobileFaceNet ~1.6x faster on CPU than NCHW (and
         # suit tensor cores on GPU); parameters keep their names and shapes, only the memory layout changes.
-        self.backbone = get_model(b.name, num_features=b.num_features, dropout=b.dropout, fp16=b.fp16,
-                                  input_size=b.input_size).to(self.device, memory_format=torch.channels_last)
+        self.backbone = get_model(b.name, num_features=b.num_features, dropout=b.dropout, input_size=b.input_size,
+                                  precision=cfg.train.precision, checkpointing=b.checkpointing
+                                  ).to(self.device, memory_format=torch.channels_last)
         self.head = get_head(cfg.head.type, b.num_features, num_classes, **cfg.head_params()).to(self.device)
         self.loss_fn = get_loss(cfg.loss.type, **({"gamma": cfg.loss.gamma} if cfg.loss.type == "focal" else {}))
         o = cfg.optimizer

@@ -53,8 +53,8 @@ class TFTwin:
         self.cfg = cfg
         keras.utils.set_random_seed(cfg.seed)                     # same config, same initial weights
         b = cfg.backbone
-        self.backbone = get_model(b.name, num_features=b.num_features, dropout=b.dropout, fp16=b.fp16,
-                                  input_size=b.input_size)
+        self.backbone = get_model(b.name, num_features=b.num_features, dropout=b.dropout, input_size=b.input_size,
+                                  precision=cfg.train.precision, checkpointing=b.checkpointing)
         self.head = get_head(cfg.head.type, b.num_features, num_classes, **cfg.head_params())
         self.head.build((None, b.num_features))
         self.loss_fn = get_loss(cfg.loss.type, **({"gamma": cfg.loss.gamma} if cfg.loss.type == "focal" else {}))
@@ -187,5 +187,11 @@ class TFTwin:
         return json.loads(str(saved["meta"]))
 
     def export_onnx(self, path: str) -> float:
+        """The fp32 graph whatever the training precision (as the torch twin exports): same variables, ONNX
+        models that every runtime takes (onnxruntime has no bf16 Conv on CPU)."""
         b = self.cfg.backbone
-        return export.export_onnx(self.backbone, path, b.name, input_size=b.input_size)
+        model = self.backbone
+        if self.cfg.train.precision != "fp32" or b.checkpointing:
+            model = get_model(b.name, num_features=b.num_features, input_size=b.input_size)
+            model.set_weights(self.backbone.get_weights())
+        return export.export_onnx(model, path, b.name, input_size=b.input_size)
