@@ -358,6 +358,9 @@ class InsightFaceRec:
             self._keys = self._header_image_keys(header.label[:2])
         else:
             self._keys = np.asarray(self.reader.keys, dtype=np.int64)
+        if not len(self._keys):             # an empty or lost .idx must not read as an empty data set
+            raise ValueError(f"{self.prefix}.rec: no image records ({self.reader.idx_path} lists "
+                             f"{self.reader.num_keys} records in all)")
 
     def _header_image_keys(self, label) -> np.ndarray:
         """Image keys 1..first-1 of header label [first identity key, end key], checked against the .idx before
