@@ -19,7 +19,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -506,18 +505,28 @@ def _in_process(argv, capsys, caplog):
     return code or 0, out, err, None
 
 
+# `twinface ARGV` that writes its peak RSS (VmHWM, kB) to PEAK_FILE on exit. Not getrusage: a child's ru_maxrss
+# starts at the size of the process it was forked from (this one, holding torch).
+_MEASURED_CLI = """
+import atexit, os, runpy, sys
+
+def peak():
+    with open("/proc/self/status") as status, open(os.environ["PEAK_FILE"], "w") as out:
+        out.write(next(line for line in status if line.startswith("VmHWM")).split()[1])
+
+atexit.register(peak)
+sys.argv[0] = "twinface"
+runpy.run_module("twinface.cli", run_name="__main__")
+"""
+
+
 def _own_process(argv, cwd):
-    """`python -m twinface.cli ARGV` in a child process; -> (status, stdout, stderr, peak RSS in MB)."""
-    env = {k: v for k, v in os.environ.items() if k != "TWINFACE_DEBUG"}
-    with open(os.path.join(cwd, "..", "stdout"), "w+") as out, open(os.path.join(cwd, "..", "stderr"), "w+") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "twinface.cli", *argv], stdout=out, stderr=err, cwd=cwd, env=env)
-        watchdog = threading.Timer(300, proc.kill)
-        watchdog.start()
-        _, status, usage = os.wait4(proc.pid, 0)
-        watchdog.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0), err.seek(0)
-        return proc.returncode, out.read(), err.read(), usage.ru_maxrss / 1024
+    """`twinface ARGV` in a child process; -> (status, stdout, stderr, peak RSS in MB)."""
+    peak_file = os.path.join(cwd, "..", "peak")
+    env = {**{k: v for k, v in os.environ.items() if k != "TWINFACE_DEBUG"}, "PEAK_FILE": peak_file}
+    run = subprocess.run([sys.executable, "-c", _MEASURED_CLI, *argv], capture_output=True, text=True, cwd=cwd,
+                         env=env, timeout=300)
+    return run.returncode, run.stdout, run.stderr, int(pathlib.Path(peak_file).read_text()) / 1024
 
 
 def _snapshot(*roots) -> dict:
