@@ -12,6 +12,7 @@ room's figures (reliability/conftest.py): injected, survived (reached its outcom
 import builtins
 import dataclasses
 import hashlib
+import io
 import os
 import pathlib
 import pickle
@@ -165,27 +166,16 @@ def nested(opcode: bytes, depth=10 ** 6) -> bytes:
     return b"\x80\x02" + b"(" * depth + opcode * depth + b"."
 
 
-def torch_payload(env, name, obj) -> str:
-    import torch
-    path = env.path(name)
-    torch.save(obj, path)
-    return path
-
-
 def pickled_state(env):
-    """A training state.pt whose meta also holds a payload that would create the sentinel."""
+    """A state.pt rewrite: the training state with a payload (that would create the sentinel) in its meta."""
     import torch
 
     def rewrite(data):
-        path = env.path("tmp-state.pt")
-        pathlib.Path(path).write_bytes(data)
-        state = torch.load(path, weights_only=True)
-        os.remove(path)
+        state = torch.load(io.BytesIO(data), weights_only=True)
         state["meta"]["note"] = code_payloads(env.sentinel)["os.system"]
-        torch.save(state, path)
-        data = pathlib.Path(path).read_bytes()
-        os.remove(path)
-        return data
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        return buffer.getvalue()
     return rewrite
 
 
@@ -272,11 +262,11 @@ PATHS = "unicode and space paths (must work)"
 SKIPS = "corrupt image in a good set (skip, count)"
 
 GARBLED_IMAGE = at(2, 32, b"\0" * 64)             # record 2's JPEG header zeroed: the record itself is sound
-IDX_LINE_2 = 1                                     # .idx line of key 2 (line 0 is key 1)
 
 
-def _idx_edit(fn):
-    return lambda lines: fn(list(lines))
+def key2_at(offset):
+    """An .idx edit: key 2 (the second line) listed at byte `offset`."""
+    return lambda lines: [lines[0], f"2\t{offset}", *lines[2:]]
 
 
 CASES = [
@@ -302,24 +292,24 @@ CASES = [
                                                               e.path("set/train.rec")),
          "label 1000000000, but the header (record 0) declares 6 identities"),
     Case(REC, "idx: offset past the end", lambda e: rec2folder(
-        e, e.rec(idx=lambda ls: [*ls[:1], "2\t99999999", *ls[2:]]), e.path("set/train.idx")),
+        e, e.rec(idx=key2_at(99999999)), e.path("set/train.idx")),
          "key 2 at byte offset 99999999, outside"),
     Case(REC, "idx: negative offset", lambda e: rec2folder(
-        e, e.rec(idx=lambda ls: [*ls[:1], "2\t-8", *ls[2:]]), e.path("set/train.idx")), "byte offset -8, outside"),
+        e, e.rec(idx=key2_at(-8)), e.path("set/train.idx")), "byte offset -8, outside"),
     Case(REC, "idx: missing key", lambda e: rec2folder(e, e.rec(idx=lambda ls: ls[:1] + ls[2:]),
                                                        e.path("set/train.idx")), "lists only 42 records"),
     Case(REC, "idx: non-numeric line", lambda e: rec2folder(
-        e, e.rec(idx=lambda ls: [*ls[:1], "2\tabc", *ls[2:]]), e.path("set/train.idx")),
+        e, e.rec(idx=key2_at("abc")), e.path("set/train.idx")),
          "expected 'key<TAB>offset' (two integers)"),
     Case(REC, "idx: key listed twice", lambda e: rec2folder(e, e.rec(idx=lambda ls: ls + ls[:1]),
                                                             e.path("set/train.idx")), "key 1 listed twice"),
     Case(REC, "idx: offset off by one", lambda e: rec2folder(
-        e, e.rec(idx=lambda ls: [*ls[:1], "2\t" + str(int(ls[1].split("\t")[1]) + 1), *ls[2:]]),
-        e.path("set/train.rec")), "bad magic"),
+        e, e.rec(idx=lambda ls: key2_at(int(ls[1].split("\t")[1]) + 1)(ls)),
+        e.path("set/train.idx")), "bad magic"),
     Case(REC, "train: bad chunk magic", lambda e: train_on(e, e.rec(at(2, 0, b"XXXX")), e.path("set/train.rec")),
          "bad magic"),
     Case(REC, "train: negative idx offset", lambda e: train_on(
-        e, e.rec(idx=lambda ls: [*ls[:1], "2\t-8", *ls[2:]]), e.path("set/train.idx")), "byte offset -8, outside"),
+        e, e.rec(idx=key2_at(-8)), e.path("set/train.idx")), "byte offset -8, outside"),
     Case(REC, "train: IRHeader label 1e9", lambda e: train_on(e, e.rec(at(2, 12, struct.pack("<f", 1e9))),
                                                               e.path("set/train.rec")), "label 1000000000"),
 
@@ -327,7 +317,7 @@ CASES = [
     Case(TRUNCATED, ".rec", lambda e: rec2folder(
         e, e.rec(patch=lambda rec, _: rec.__delitem__(slice(len(rec) // 2, None))), e.path("set/train.rec")), "outside"),
     Case(TRUNCATED, ".idx (cut mid-line)", lambda e: rec2folder(
-        e, e.rec(idx=lambda ls: "\n".join(ls)[:len("\n".join(ls)) // 2].split("\n")), e.path("set/train.rec")),
+        e, e.rec(idx=lambda ls: "\n".join(ls)[:len("\n".join(ls)) // 2].split("\n")), e.path("set/train.idx")),
          "bad magic"),
     Case(TRUNCATED, "verification .bin", lambda e: eval_bin(e, e.copy(os.path.join(e.shared.data, "val.bin"),
                                                                        "val.bin", cut=0.5)),
@@ -471,7 +461,8 @@ def _evil_pth(env, kind) -> str:
     if kind == "legacy":
         return env.write("evil.pth", pickle.dumps({"conv.weight": payload}, protocol=2))
     import torch
-    return torch_payload(env, "evil.pth", {"conv.weight": torch.zeros(2), "payload": payload})
+    torch.save({"conv.weight": torch.zeros(2), "payload": payload}, env.path("evil.pth"))
+    return env.path("evil.pth")
 
 
 def _external(env, where) -> str:
