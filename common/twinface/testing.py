@@ -131,7 +131,8 @@ def pool_onnx(path) -> str:
     from onnx import TensorProto, helper
     nodes = [helper.make_node("AveragePool", ["data"], ["p"], kernel_shape=[4, 4], strides=[4, 4]),
              helper.make_node("Flatten", ["p"], ["embedding"])]
-    graph = helper.make_graph(nodes, "pool", [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["N", 3, 16, 16])],
+    graph = helper.make_graph(nodes, "pool",
+                              [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["N", 3, 16, 16])],
                               [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 48])])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), os.fspath(path))
     return os.fspath(path)
