@@ -10,14 +10,12 @@ import sys
 import zipfile
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
 
 from twinface import cli, embedders
 from twinface.data.images import encode_image
 from twinface.eval.embeddings import load_embeddings
-from twinface.testing import tiny_dataset
+from twinface.testing import pool_onnx, tiny_dataset, with_external_weight
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -30,13 +28,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pool_model(tmp_path_factory):
     """data [N, 3, 16, 16] -> 4x4 average pooling -> 48-d 'embedding': colour layout, enough to score pairs."""
-    path = str(tmp_path_factory.mktemp("onnx") / "pool.onnx")
-    nodes = [helper.make_node("AveragePool", ["data"], ["p"], kernel_shape=[4, 4], strides=[4, 4]),
-             helper.make_node("Flatten", ["p"], ["embedding"])]
-    graph = helper.make_graph(nodes, "pool", [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["N", 3, 16, 16])],
-                              [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 48])])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    return path
+    return pool_onnx(tmp_path_factory.mktemp("onnx") / "pool.onnx")
 
 
 def test_data_conversions_round_trip(data, tmp_path, capsys):
@@ -106,19 +98,9 @@ def _loop(tmp_path, name):
 
 def _onnx_with_external_data_outside(pool_model, tmp_path):
     """The pool model times an initializer whose external data lies outside the model's folder."""
-    model = onnx.load(pool_model)
-    weight = helper.make_tensor("w", TensorProto.FLOAT, [1], [1.0])
-    weight.ClearField("float_data")
-    weight.data_location = TensorProto.EXTERNAL
-    entry = weight.external_data.add()
-    entry.key, entry.value = "location", "../outside.bin"
-    model.graph.initializer.append(weight)
-    model.graph.node.insert(0, helper.make_node("Mul", ["data", "w"], ["scaled"]))
-    model.graph.node[1].input[0] = "scaled"
     (tmp_path / "outside.bin").write_bytes(np.float32([1]).tobytes())
     (tmp_path / "m").mkdir()
-    onnx.save(model, str(tmp_path / "m" / "ext.onnx"))
-    return str(tmp_path / "m" / "ext.onnx")
+    return with_external_weight(pool_model, tmp_path / "m" / "ext.onnx", "../outside.bin")
 
 
 class Evil:

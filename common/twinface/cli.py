@@ -160,10 +160,9 @@ def _add_eval(sub):
 def _run_eval(args):
     import json
 
-    import numpy as np
-
     from .data.verification_bin import load_bin
     from .eval import bins as bins_mod
+    from .eval.embeddings import load_embeddings
     from .eval.verification import evaluate_embeddings, format_result
     results = {}
     if args.embeddings:
@@ -172,7 +171,7 @@ def _run_eval(args):
         with reading(args.bin[0]):
             _, issame = load_bin(args.bin[0])
         with reading(args.embeddings):
-            embeddings = np.load(args.embeddings, allow_pickle=False)
+            embeddings, _ = load_embeddings(args.embeddings)   # checks the header's size against the file first
         results[os.path.basename(args.bin[0])] = evaluate_embeddings(embeddings, None, issame)
     else:
         embed = _load_embedder(args)

@@ -383,7 +383,7 @@ def load(path: str, overrides=None) -> Config:
     """Read a YAML config; `overrides` are `section.key=value` strings applied on top."""
     try:
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            data = yaml.safe_load(f)                            # an empty file is no config: never the defaults
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except OSError as e:                                        # a directory, a symlink loop, no permission
@@ -391,7 +391,8 @@ def load(path: str, overrides=None) -> Config:
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(f"config file {path}: expected a mapping at the top level, got "
+                          f"{'an empty file' if data is None else type(data).__name__}")
     try:
         return from_dict(apply_overrides(data, overrides))
     except ConfigError as e:

@@ -156,3 +156,35 @@ def check_truncated_state_is_named(make_twin, state_file, data_dir, tmp_path):
     state.write_bytes(state.read_bytes()[:state.stat().st_size // 2])
     with pytest.raises(ValueError, match=re.escape(f"{state}: not a readable ")):
         run_tiny(make_twin, data_dir, run, resume=True, train={"epochs": 2})
+
+
+def pool_onnx(path) -> str:
+    """A framework-free ONNX 'embedder': data [N, 3, 16, 16] -> 4x4 average pooling -> 48-d vector (the colour
+    layout, enough to score pairs)."""
+    import onnx
+    from onnx import TensorProto, helper
+    nodes = [helper.make_node("AveragePool", ["data"], ["p"], kernel_shape=[4, 4], strides=[4, 4]),
+             helper.make_node("Flatten", ["p"], ["embedding"])]
+    graph = helper.make_graph(nodes, "pool",
+                              [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 48])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), os.fspath(path))
+    return os.fspath(path)
+
+
+def with_external_weight(model_path, out_path, location: str) -> str:
+    """The ONNX model at model_path times an initializer whose data the file places at `location` (external
+    data, relative to out_path's folder or absolute): a loader must refuse one that leads outside that folder."""
+    import onnx
+    from onnx import TensorProto, helper
+    model = onnx.load(os.fspath(model_path))
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [1], [1.0])
+    weight.ClearField("float_data")
+    weight.data_location = TensorProto.EXTERNAL
+    entry = weight.external_data.add()
+    entry.key, entry.value = "location", location
+    model.graph.initializer.append(weight)
+    model.graph.node.insert(0, helper.make_node("Mul", ["data", "w"], ["scaled"]))
+    model.graph.node[1].input[0] = "scaled"
+    onnx.save(model, os.fspath(out_path))
+    return os.fspath(out_path)

@@ -132,6 +132,7 @@ class Trainer:
             self._open_val_sets(bins)
             self._announce(dataset)
             if self.is_main:
+                config_mod.save_resolved(self.cfg, self.out)   # only now: a start that fails leaves the run as it was
                 from .tb import TensorBoard
                 self.tb = TensorBoard(self.tb_dir, purge_from=progress.step + 1 if self.resume else None)
                 self._measure_loader(dataset, sampler)
@@ -157,7 +158,6 @@ class Trainer:
             else:
                 self._check_fresh()
             atomic.clean_stale(self.out)           # what killed writers (of this run or others) left
-            config_mod.save_resolved(self.cfg, self.out)
             yield
 
     def _check_fresh(self):

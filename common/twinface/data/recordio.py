@@ -36,7 +36,7 @@ class RecordIOError(ValueError):
 
     def __init__(self, path, offset, problem):
         super().__init__(f"{path}: byte offset {offset}: {problem}")
-        self.path, self.offset = path, offset
+        self.path, self.offset, self.problem = path, offset, problem
 
 
 def pack_record(label, payload: bytes, id: int = 0, id2: int = 0) -> bytes:
@@ -173,7 +173,7 @@ class RecordReader:
         return len(self._index())
 
     def read_idx(self, key: int) -> bytes:
-        return self._read_chunks(self._handle(), self._offset_of(key))[0]
+        return self._record(self._handle(), key)
 
     def read_head(self, key: int, nbytes: int) -> bytes:
         """First nbytes of a record without reading the rest (labels of millions of images, fast)."""
@@ -187,7 +187,7 @@ class RecordReader:
                 data = f.read(min(nbytes, lrec & _LENGTH_MASK))
                 if len(data) == min(nbytes, lrec & _LENGTH_MASK):
                     return data
-        return self._read_chunks(f, offset)[0][:nbytes]  # split or damaged: the full path reports or joins it
+        return self._record(f, key)[:nbytes]  # split or damaged: the full path reports or joins it
 
     def __iter__(self):
         with open(self.rec_path, "rb") as f:
@@ -253,6 +253,16 @@ class RecordReader:
             raise ValueError(f"{self.idx_path}: line {line_no}: key {key} at byte offset {offset}, outside "
                              f"{self.rec_path} ({self._size} bytes)")
         return key, offset
+
+    def _record(self, f, key) -> bytes:
+        """Record `key` where the .idx places it; a damaged one is reported with that place (a wrong offset in
+        the .idx reads as a bad record)."""
+        offset = self._offset_of(key)
+        try:
+            return self._read_chunks(f, offset)[0]
+        except RecordIOError as e:
+            raise RecordIOError(self.rec_path, e.offset, f"{e.problem} (reading key {key}, which {self.idx_path} "
+                                f"places at byte {offset})") from None
 
     def _read_chunks(self, f, offset):
         """-> (record, offset of the next record); joins split chunks."""
@@ -358,6 +368,9 @@ class InsightFaceRec:
             self._keys = self._header_image_keys(header.label[:2])
         else:
             self._keys = np.asarray(self.reader.keys, dtype=np.int64)
+        if not len(self._keys):             # an empty or lost .idx must not read as an empty data set
+            raise ValueError(f"{self.prefix}.rec: no image records ({self.reader.idx_path} lists "
+                             f"{self.reader.num_keys} records in all)")
 
     def _header_image_keys(self, label) -> np.ndarray:
         """Image keys 1..first-1 of header label [first identity key, end key], checked against the .idx before
