@@ -37,12 +37,10 @@ def test_fp16_flag_is_an_alias(name):
     assert get_model(name, input_size=SIZE).precision == "fp32"
 
 
-def test_contradictions_and_unknown_values_are_refused():
+def test_get_model_refuses_bad_combinations():       # every message: common/tests/test_precision.py
     with pytest.raises(ValueError, match="r18: fp16=True contradicts precision='bf16'"):
         get_model("r18", input_size=SIZE, fp16=True, precision="bf16")
-    with pytest.raises(ValueError, match="mbf: precision must be one of fp32, fp16, bf16, got 'fp8'"):
-        get_model("mbf", input_size=SIZE, precision="fp8")
-    with pytest.raises(ValueError, match="mbf: gradient checkpointing .* IResNet only, not for mobilefacenet"):
+    with pytest.raises(ValueError, match="mbf: gradient checkpointing"):
         get_model("mbf", input_size=SIZE, checkpointing=True)
 
 
