@@ -156,3 +156,23 @@ def test_a_config_path_that_is_a_directory_or_a_symlink_loop_is_named(tmp_path):
     loop.symlink_to(loop)
     with pytest.raises(config.ConfigError, match=r"loop.yaml: Too many levels of symbolic links"):
         config.load(str(loop))
+
+
+def test_precision_takes_arcface_torch_fp16_as_an_alias_and_refuses_contradictions():
+    assert config.from_dict({}).train.precision == "fp32"
+    recipe = config.from_dict({"backbone": {"fp16": True}})                   # arcface_torch's recipes
+    assert recipe.train.precision == "fp16" and recipe.backbone.fp16
+    bf16 = config.from_dict({"train": {"precision": "bf16"}})
+    assert bf16.train.precision == "bf16" and not bf16.backbone.fp16
+    with pytest.raises(config.ConfigError, match=r"'backbone.fp16: true' and 'train.precision: bf16' disagree"):
+        config.from_dict({"backbone": {"fp16": True}, "train": {"precision": "bf16"}})
+    with pytest.raises(config.ConfigError, match=r"'train.precision': expected one of \['fp32', 'fp16', 'bf16'\]"):
+        config.from_dict({"train": {"precision": "fp8"}})
+    with pytest.raises(config.ConfigError, match=r"'train.loss_scale': expected a finite number >= 1, got 0.5"):
+        config.from_dict({"train": {"precision": "fp16", "loss_scale": 0.5}})
+
+
+def test_gradient_checkpointing_is_for_iresnets():
+    assert config.from_dict({"backbone": {"name": "r50", "checkpointing": True}}).backbone.checkpointing
+    with pytest.raises(config.ConfigError, match=r"'backbone.checkpointing': IResNets only, not 'mbf'"):
+        config.from_dict({"backbone": {"name": "mbf", "checkpointing": True}})

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from . import registry
+from .precision import PRECISIONS
 from .atomic import atomic_path
 
 
@@ -25,8 +26,9 @@ class BackboneConfig:
     name: str = "r50"
     num_features: int = 512
     dropout: float = 0.0
-    fp16: bool = False
+    fp16: bool = False                          # arcface_torch's switch: an alias of train.precision: fp16
     input_size: int = 112
+    checkpointing: bool = False                 # IResNet: recompute activations in backward (less memory)
 
 
 @dataclass
@@ -92,6 +94,9 @@ class TrainConfig:
     checkpoint_every: int = 1                   # epochs between full checkpoints
     max_bad_steps: int = 5                      # NaN/Inf losses tolerated (updates skipped) before the run stops
     clip_grad_norm: float = 5.0                 # backbone gradient norm clip, as arcface_torch (0 = off)
+    precision: str = "fp32"                     # fp32 | fp16 (dynamic loss scaling) | bf16; conv trunk only
+    loss_scale: float = 65536.0                 # fp16: initial loss scale (torch GradScaler's 2**16)
+    loss_scale_growth_interval: int = 100       # fp16: finite steps before the scale doubles (arcface_torch)
     resume: bool = False
 
 
@@ -148,6 +153,7 @@ CHOICES = {
     "optimizer.type": ["sgd", "adamw"],
     "schedule.type": ["polynomial", "cosine", "step"],
     "data.source": ["synthetic", "folder", "rec"],
+    "train.precision": list(PRECISIONS),
 }
 
 
@@ -266,6 +272,8 @@ RANGES = {
     "train.checkpoint_every": AT_LEAST_1,
     "train.max_bad_steps": NON_NEGATIVE,
     "train.clip_grad_norm": NON_NEGATIVE,       # 0 = off
+    "train.loss_scale": Range(1),               # below 1 the scaled loss loses fp16 range instead of gaining it
+    "train.loss_scale_growth_interval": AT_LEAST_1,
     "finetune.freeze_epochs": NON_NEGATIVE,
     "finetune.backbone_lr_scale": NON_NEGATIVE,
     "val.batch_size": AT_LEAST_1,
@@ -305,6 +313,20 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'backbone.input_size': expected a multiple of 16, got {cfg.backbone.input_size}")
     if len(cfg.optimizer.betas) != 2:
         raise ConfigError(f"config key 'optimizer.betas': expected 2 values [beta1, beta2], got {cfg.optimizer.betas}")
+    _resolve_precision(cfg)
+
+
+def _resolve_precision(cfg: Config) -> None:
+    """arcface_torch's recipes say `fp16: true`; here that reads as train.precision: fp16 (one source of truth
+    from then on: both keys agree after loading)."""
+    if cfg.backbone.fp16 and cfg.train.precision == "fp32":
+        cfg.train.precision = "fp16"
+    elif cfg.backbone.fp16 and cfg.train.precision != "fp16":
+        raise ConfigError(f"config keys 'backbone.fp16: true' and 'train.precision: {cfg.train.precision}' "
+                          f"disagree; backbone.fp16 is an alias of train.precision: fp16, set one of them")
+    cfg.backbone.fp16 = cfg.train.precision == "fp16"
+    if cfg.backbone.checkpointing and registry.backbone_spec(cfg.backbone.name).family != "iresnet":
+        raise ConfigError(f"config key 'backbone.checkpointing': IResNets only, not {cfg.backbone.name!r}")
 
 
 def from_dict(data: dict) -> Config:

@@ -110,19 +110,39 @@ def tensorboard_scalars(run_dir, tag):
     return [e.step for e in scalars], [e.value for e in scalars]
 
 
-def check_nan_guard(make_twin, poison, saved_backbone_finite, data_dir, tmp_path):
+def check_nan_guard(make_twin, poison, saved_backbone_finite, data_dir, tmp_path, precision="fp32"):
     """Plant a NaN from step 6 on: updates are skipped, the run stops after train.max_bad_steps with the last
-    good checkpoint named, and the backbone file on disk stays finite."""
+    good checkpoint named, and the backbone file on disk stays finite. Under fp16 too: a NaN loss is a
+    divergence, never mistaken for a loss-scale overflow."""
     import re
     from .trainer import TrainingDiverged
     try:
-        run_tiny(make_twin, data_dir, tmp_path / "run", poison_after=5, poison=poison, train={"max_bad_steps": 2})
+        run_tiny(make_twin, data_dir, tmp_path / "run", poison_after=5, poison=poison,
+                 train={"max_bad_steps": 2, "precision": precision})
         raise AssertionError("the run did not stop on non-finite losses")
     except TrainingDiverged as e:
         assert re.search(r"non-finite loss.*Last good checkpoint: .*state", str(e)), str(e)
     assert saved_backbone_finite(tmp_path / "run")
     log = (tmp_path / "run" / "train.log").read_text()
     assert log.count("non-finite loss nan") == 2 and "update skipped" in log
+
+
+def check_fp16_overflow_backs_off(make_twin, saved_scale, data_dir, tmp_path):
+    """fp16 with a loss scale this tiny model's gradients overflow at: each overflowing step is skipped and
+    halves the scale, finite steps are applied and after loss_scale_growth_interval of them the scale doubles;
+    the run finishes, the NaN guard never fires, and the checkpoint holds the scale reached (resume continues
+    from it). saved_scale(run_dir) -> the loss scale in the saved state."""
+    import re
+    run = tmp_path / "run"
+    summary, twin = run_tiny(make_twin, data_dir, run, train={"precision": "fp16", "loss_scale": 4096.0,
+                                                              "loss_scale_growth_interval": 2})
+    assert summary["finished"] and summary["precision"] == "fp16"
+    skipped = summary["skipped_steps"]
+    assert skipped["non_finite_loss"] == 0 and 1 <= skipped["loss_scale_overflow"] < summary["steps"], skipped
+    scales = [float(v) for v in re.findall(r"loss scale (\S+)", (run / "train.log").read_text())]
+    assert scales[0] == 2048.0                                   # the first step overflowed and backed off
+    assert any(b == 2 * a for a, b in zip(scales, scales[1:]))   # two finite steps in a row doubled it
+    assert saved_scale(run) == twin.loss_scale == scales[-1]
 
 
 def check_truncated_state_is_named(make_twin, state_file, data_dir, tmp_path):

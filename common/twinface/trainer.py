@@ -82,7 +82,8 @@ class Progress:
     """Where the run stands; a checkpoint stores it as its `meta`. The image and second counts cover every
     session of the run, so the closing img/s stays honest after a resume."""
     step: int = 0
-    bad_steps: int = 0
+    bad_steps: int = 0                  # non-finite losses (a real divergence; train.max_bad_steps stops the run)
+    overflow_steps: int = 0             # fp16 loss-scale overflows: skipped by design, the scale backs off
     train_images: int = 0
     train_seconds: float = 0.0
 
@@ -265,13 +266,17 @@ class Trainer:
             loss = self._train_step(images, labels, lr, frozen, progress)
             if not math.isfinite(loss):
                 self._guard(loss, labels, progress)
+            elif self.twin.overflow:
+                progress.overflow_steps += 1
             progress.step += 1
             n_window += len(images)
             if self.tb and math.isfinite(loss):
                 self.tb.scalar("train/loss", loss, progress.step)
                 self.tb.scalar("train/lr", lr, progress.step)
+                if self.twin.loss_scale is not None:
+                    self.tb.scalar("train/loss_scale", self.twin.loss_scale, progress.step)
             if self.is_main and (progress.step % self.cfg.train.log_every == 0 or progress.step == self.total_steps):
-                self._log_progress(progress.step, loss, lr, frozen, n_window / max(1e-9, time.time() - t_window))
+                self._log_progress(progress, loss, lr, frozen, n_window / max(1e-9, time.time() - t_window))
                 t_window, n_window = time.time(), 0
 
     def _train_step(self, images, labels, lr, frozen, progress: Progress) -> float:
@@ -298,11 +303,16 @@ class Trainer:
                 f"); stopped without writing the diverged weights. Last good checkpoint: {last}. "
                 f"Try a lower optimizer.lr, head.gradient=straight_through, or check the data.")
 
-    def _log_progress(self, step, loss, lr, frozen, rate):
+    def _log_progress(self, progress: Progress, loss, lr, frozen, rate):
+        step = progress.step
         eta = (self.total_steps - step) * self.cfg.train.batch_size / max(rate, 1e-9)
+        scale = self.twin.loss_scale
+        skipped = "".join(f" {n} {what}" for n, what in ((progress.overflow_steps, "overflow"),
+                                                         (progress.bad_steps, "non-finite")) if n)
         self.log.info(f"epoch {(step - 1) // self.steps_per_epoch + 1}/{self.cfg.train.epochs} step {step}/"
-                      f"{self.total_steps} loss {loss:.4f} lr {lr:.5f}{' (backbone frozen)' if frozen else ''} "
-                      f"{rate:.1f} img/s ETA {_fmt_time(eta)}")
+                      f"{self.total_steps} loss {loss:.4f} lr {lr:.5f}{' (backbone frozen)' if frozen else ''}"
+                      f"{f' loss scale {scale:g}' if scale is not None else ''}"
+                      f"{f' (skipped steps:{skipped})' if skipped else ''} {rate:.1f} img/s ETA {_fmt_time(eta)}")
 
     def _end_epoch(self, progress: Progress):
         """Checkpoint first, so a failing evaluation (or a kill during it) costs nothing; then evaluate."""
@@ -380,7 +390,9 @@ class Trainer:
         rate = round(progress.train_images / progress.train_seconds, 1) if progress.train_seconds else None
         return {"framework": self.twin.framework, "arch": self.cfg.backbone.name, "steps": progress.step,
                 "finished": finished, "wall_time_s": round(time.time() - self.t_start, 1),
-                "train_images_per_s": rate, "backbone": self.backbone_path, "state": self.state_path,
+                "train_images_per_s": rate, "precision": self.cfg.train.precision,
+                "skipped_steps": {"non_finite_loss": progress.bad_steps, "loss_scale_overflow": progress.overflow_steps},
+                "backbone": self.backbone_path, "state": self.state_path,
                 "tensorboard": os.path.join(self.out, "tensorboard"), "log": os.path.join(self.out, "train.log"),
                 **extra, "results": self.results, "history": self.history}
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from twinface.testing import (check_nan_guard, check_resume_matches_uninterrupted, check_training_outputs,
+from twinface.testing import (check_fp16_overflow_backs_off, check_nan_guard, check_resume_matches_uninterrupted, check_training_outputs,
                               check_truncated_state_is_named, run_tiny, tiny_dataset)
 from twinface_torch.backbones import get_model
 from twinface_torch.train import TorchTwin
@@ -46,19 +46,24 @@ def test_resume_after_a_kill_ends_like_an_uninterrupted_run(data, tmp_path):
         data, tmp_path)
 
 
-def test_nan_loss_skips_updates_and_stops_without_writing_nan_weights(data, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_nan_loss_skips_updates_and_stops_without_writing_nan_weights(data, tmp_path, precision):
     def poison(twin):
         with torch.no_grad():
             twin.head.weight[0, 0] = float("nan")
 
     def finite(run):
         return all(torch.isfinite(v.float()).all() for v in torch.load(run / "backbone.pth", weights_only=True).values())
-    check_nan_guard(TorchTwin, poison, finite, data, tmp_path)
+    check_nan_guard(TorchTwin, poison, finite, data, tmp_path, precision)
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(data, tmp_path):
     with pytest.raises(FileNotFoundError, match="no training state at .*state.pt"):
         run_tiny(TorchTwin, data, tmp_path / "empty", resume=True)
+
+
+def test_fp16_overflow_is_skipped_backs_off_and_the_run_goes_on(data, tmp_path):
+    check_fp16_overflow_backs_off(TorchTwin, lambda run: torch.load(run / "state.pt", weights_only=True)["scaler"]["scale"], data, tmp_path)
 
 
 def test_truncated_state_is_an_error_naming_the_file(data, tmp_path):

@@ -17,7 +17,7 @@ from .losses import get_loss
 from .optim import build_optimizer
 
 
-STATE_KEYS = ("backbone", "head", "optimizer", "rng", "meta")
+STATE_KEYS = ("backbone", "head", "optimizer", "rng", "meta")     # and "scaler" (fp16 loss scale) since #13
 
 
 class TorchTwin:
@@ -40,8 +40,9 @@ class TorchTwin:
         b = cfg.backbone
         # channels_last: oneDNN's NHWC convolutions train MobileFaceNet ~1.6x faster on CPU than NCHW (and
         # suit tensor cores on GPU); parameters keep their names and shapes, only the memory layout changes.
-        self.backbone = get_model(b.name, num_features=b.num_features, dropout=b.dropout, fp16=b.fp16,
-                                  input_size=b.input_size).to(self.device, memory_format=torch.channels_last)
+        self.backbone = get_model(b.name, num_features=b.num_features, dropout=b.dropout, input_size=b.input_size,
+                                  precision=cfg.train.precision, checkpointing=b.checkpointing
+                                  ).to(self.device, memory_format=torch.channels_last)
         self.head = get_head(cfg.head.type, b.num_features, num_classes, **cfg.head_params()).to(self.device)
         self.loss_fn = get_loss(cfg.loss.type, **({"gamma": cfg.loss.gamma} if cfg.loss.type == "focal" else {}))
         o = cfg.optimizer
@@ -49,6 +50,12 @@ class TorchTwin:
                   {"params": list(self.head.parameters())}]
         self.optimizer = build_optimizer(o.type, groups, o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
                                          betas=tuple(o.betas), eps=o.eps)
+        t = cfg.train
+        # fp16 only: dynamic loss scaling with arcface_torch's settings (bf16 has fp32's range and needs none)
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=t.loss_scale,
+                                           growth_interval=t.loss_scale_growth_interval,
+                                           enabled=t.precision == "fp16")
+        self.overflow = False                     # the last step was skipped for a loss-scale overflow
         self.model = self.backbone
         if self.world_size > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(self.backbone)
@@ -83,20 +90,33 @@ class TorchTwin:
             emb = self.model(x)
         loss = self.loss_fn(self.head(emb.float(), y), y)
         self.optimizer.zero_grad(set_to_none=True)
-        value = loss.item()
+        value, self.overflow = loss.item(), False
         if math.isfinite(value):
-            loss.backward()
-            if not self.frozen and self.cfg.train.clip_grad_norm > 0:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)           # clipping and the finiteness check see true gradients
+            if self.scaler.is_enabled() and not all(torch.isfinite(p.grad).all() for group in
+                                                    self.optimizer.param_groups for p in group["params"]
+                                                    if p.grad is not None):
+                self.overflow = True                        # fp16 range exceeded: back off, skip the step
+            elif not self.frozen and self.cfg.train.clip_grad_norm > 0:
                 norm = torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), self.cfg.train.clip_grad_norm)
                 if not torch.isfinite(norm):
                     value = float("nan")
-        if not math.isfinite(value):
+        if not math.isfinite(value) or self.overflow:
             for buf, old in zip(self._buffers(), saved):
                 buf.copy_(old)
+            if self.overflow:
+                self.scaler.update()                        # halves the scale (unscale_ recorded the inf)
             self.optimizer.zero_grad(set_to_none=True)
             return value
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         return value
+
+    @property
+    def loss_scale(self):
+        """The fp16 loss scale now (None when not training in fp16)."""
+        return self.scaler.get_scale() if self.scaler.is_enabled() else None
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         self.backbone.eval()
@@ -110,7 +130,8 @@ class TorchTwin:
 
     def save_state(self, path: str, meta: dict):
         state = dict(zip(STATE_KEYS, (self.backbone.state_dict(), self.head.state_dict(),
-                                      self.optimizer.state_dict(), torch.get_rng_state(), meta)))
+                                      self.optimizer.state_dict(), torch.get_rng_state(), meta)),
+                     scaler=self.scaler.state_dict())
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
 
@@ -123,6 +144,7 @@ class TorchTwin:
         try:
             self.head.load_state_dict(state["head"])
             self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state.get("scaler", {}))
         except (RuntimeError, ValueError) as e:
             raise ValueError(f"{path}: the saved head or optimizer does not fit this config "
                              f"({str(e).strip().splitlines()[0]})") from None

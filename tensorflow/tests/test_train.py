@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from twinface.testing import (check_nan_guard, check_resume_matches_uninterrupted, check_training_outputs,
+from twinface.testing import (check_fp16_overflow_backs_off, check_nan_guard, check_resume_matches_uninterrupted, check_training_outputs,
                               check_truncated_state_is_named, tiny_dataset)
 from twinface_tf.backbones import get_model
 from twinface_tf.train import TFTwin
@@ -43,7 +43,8 @@ def test_resume_after_a_kill_ends_like_an_uninterrupted_run(data, tmp_path):
     check_resume_matches_uninterrupted(TFTwin, _weights, _state_step, data, tmp_path)
 
 
-def test_nan_loss_skips_updates_and_stops_without_writing_nan_weights(data, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_nan_loss_skips_updates_and_stops_without_writing_nan_weights(data, tmp_path, precision):
     def poison(twin):
         weight = twin.head.weight.numpy()
         weight[0, 0] = np.nan
@@ -53,7 +54,11 @@ def test_nan_loss_skips_updates_and_stops_without_writing_nan_weights(data, tmp_
         model = get_model("mbf", num_features=32, input_size=32)
         model.load_weights(str(run / "backbone.weights.h5"))
         return all(np.isfinite(v.numpy()).all() for v in model.weights)
-    check_nan_guard(TFTwin, poison, finite, data, tmp_path)
+    check_nan_guard(TFTwin, poison, finite, data, tmp_path, precision)
+
+
+def test_fp16_overflow_is_skipped_backs_off_and_the_run_goes_on(data, tmp_path):
+    check_fp16_overflow_backs_off(TFTwin, lambda run: float(np.load(run / "state.npz")["loss_scale/0000"]), data, tmp_path)
 
 
 def test_truncated_state_is_an_error_naming_the_file(data, tmp_path):

@@ -53,8 +53,8 @@ class TFTwin:
         self.cfg = cfg
         keras.utils.set_random_seed(cfg.seed)                     # same config, same initial weights
         b = cfg.backbone
-        self.backbone = get_model(b.name, num_features=b.num_features, dropout=b.dropout, fp16=b.fp16,
-                                  input_size=b.input_size)
+        self.backbone = get_model(b.name, num_features=b.num_features, dropout=b.dropout, input_size=b.input_size,
+                                  precision=cfg.train.precision, checkpointing=b.checkpointing)
         self.head = get_head(cfg.head.type, b.num_features, num_classes, **cfg.head_params())
         self.head.build((None, b.num_features))
         self.loss_fn = get_loss(cfg.loss.type, **({"gamma": cfg.loss.gamma} if cfg.loss.type == "focal" else {}))
@@ -64,6 +64,15 @@ class TFTwin:
         self.opt_head = build_optimizer(o.type, self.head.trainable_variables, o.lr, **kw)
         self.frozen = False
         self._steps = {}
+        # fp16: dynamic loss scaling with torch.amp.GradScaler's rule (x0.5 on overflow, x2 after growth_interval
+        # finite steps), kept here because Keras' LossScaleOptimizer scales per optimizer and unscales inside
+        # apply, while this step shares one scale between backbone and head and clips the unscaled gradients.
+        t = cfg.train
+        self.fp16 = t.precision == "fp16"
+        self.scale = tf.Variable(t.loss_scale if self.fp16 else 1.0, dtype=tf.float32, trainable=False)
+        self.growth_tracker = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.growth_interval = t.loss_scale_growth_interval
+        self.overflow = False                     # the last step was skipped for a loss-scale overflow
 
     def load_backbone(self, path: str):
         checkpoint.load_into(self.backbone, path)
@@ -87,8 +96,16 @@ class TFTwin:
             with tf.GradientTape() as tape:
                 emb = self.backbone(x, training=not frozen)
                 loss = self.loss_fn(self.head(tf.cast(emb, tf.float32), y), y)
-            grads = tape.gradient(loss, head_vars if frozen else backbone_vars + head_vars)
+                scaled = loss * self.scale if self.fp16 else loss
+            grads = tape.gradient(scaled, head_vars if frozen else backbone_vars + head_vars)
             ok = tf.math.is_finite(loss)
+            overflow = tf.constant(False)
+            if self.fp16:                # as GradScaler.unscale_: multiply by the float32 reciprocal of the scale
+                inv = tf.cast(1.0 / tf.cast(self.scale, tf.float64), tf.float32)
+                grads = [g * inv for g in grads]
+                finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+                overflow = tf.logical_and(ok, tf.logical_not(finite))
+                ok = tf.logical_and(ok, finite)
             grads_head = grads[-len(head_vars):]
             grads_backbone = grads[:len(backbone_vars)] if not frozen else []
             if grads_backbone and clip > 0:
@@ -103,19 +120,38 @@ class TFTwin:
                 if grads_backbone:
                     self.opt_backbone.learning_rate.assign(lr_backbone)
                     self.opt_backbone.apply(grads_backbone, backbone_vars)
+                if self.fp16:
+                    self._grow_scale()
             else:
                 for v, old in zip(stats, saved):
                     v.assign(old)
-            return loss
+                if overflow:
+                    self.scale.assign(self.scale * 0.5)
+                    self.growth_tracker.assign(0)
+            # a skipped step that is no overflow (non-finite loss or gradient norm) reads as NaN, as in torch
+            return tf.where(tf.logical_or(ok, overflow), loss, float("nan")), overflow
 
         return step
+
+    def _grow_scale(self):
+        """GradScaler.update after a finite step: count it; every growth_interval-th one doubles the scale."""
+        self.growth_tracker.assign_add(1)
+        if self.growth_tracker >= self.growth_interval:
+            self.scale.assign(self.scale * 2.0)
+            self.growth_tracker.assign(0)
+
+    @property
+    def loss_scale(self):
+        """The fp16 loss scale now (None when not training in fp16)."""
+        return float(self.scale.numpy()) if self.fp16 else None
 
     def train_step(self, images: np.ndarray, labels: np.ndarray, lr_backbone: float, lr_head: float) -> float:
         if self.frozen not in self._steps:
             self._steps[self.frozen] = self._make_step(self.frozen)
         x = tf.constant(to_model_input(images, "NHWC"))
-        loss = self._steps[self.frozen](x, tf.constant(labels), tf.constant(lr_backbone, tf.float32),
-                                        tf.constant(lr_head, tf.float32))
+        loss, overflow = self._steps[self.frozen](x, tf.constant(labels), tf.constant(lr_backbone, tf.float32),
+                                                  tf.constant(lr_head, tf.float32))
+        self.overflow = bool(overflow)
         return float(loss)
 
     def embed(self, images: np.ndarray) -> np.ndarray:
@@ -126,7 +162,8 @@ class TFTwin:
 
     def _state_variables(self):
         groups = {"backbone": self.backbone.variables, "head": self.head.variables,
-                  "opt_backbone": self.opt_backbone.variables, "opt_head": self.opt_head.variables}
+                  "opt_backbone": self.opt_backbone.variables, "opt_head": self.opt_head.variables,
+                  **({"loss_scale": [self.scale, self.growth_tracker]} if self.fp16 else {})}
         # Keyed by position: Keras' auto-generated layer names (margin_head_2, ...) change between processes.
         return {f"{group}/{i:04d}": v for group, vs in groups.items() for i, v in enumerate(vs)}
 
@@ -150,5 +187,11 @@ class TFTwin:
         return json.loads(str(saved["meta"]))
 
     def export_onnx(self, path: str) -> float:
+        """The fp32 graph whatever the training precision (as the torch twin exports): same variables, ONNX
+        models that every runtime takes (onnxruntime has no bf16 Conv on CPU)."""
         b = self.cfg.backbone
-        return export.export_onnx(self.backbone, path, b.name, input_size=b.input_size)
+        model = self.backbone
+        if self.cfg.train.precision != "fp32" or b.checkpointing:
+            model = get_model(b.name, num_features=b.num_features, input_size=b.input_size)
+            model.set_weights(self.backbone.get_weights())
+        return export.export_onnx(model, path, b.name, input_size=b.input_size)
