@@ -1,5 +1,7 @@
 """`twinface bench`: the verb, registered in twinface.cli as (add_parser, run). Importing it loads no framework."""
-from .run import CPU_RUNTIMES, OPT_IN_RUNTIMES, TRAIN_RUNTIMES, Options
+from .run import CPU_RUNTIMES, MEMORY_RUNTIMES, OPT_IN_RUNTIMES, TRAIN_RUNTIMES, Options
+
+KNOWN_RUNTIMES = CPU_RUNTIMES + TRAIN_RUNTIMES + MEMORY_RUNTIMES
 
 
 def _csv(text):
@@ -16,8 +18,8 @@ def add_parser(subparsers):
     p.add_argument("--batches", type=lambda s: tuple(int(x) for x in _csv(s)), default=d.batches,
                    help="inference batch sizes (default 1,32)")
     p.add_argument("--runtimes", type=_csv, default=d.runtimes,
-                   help=f"rows to run (default all but {','.join(OPT_IN_RUNTIMES)}; torch-cuda rows join when torch sees a GPU): "
-                        f"{','.join(CPU_RUNTIMES + TRAIN_RUNTIMES)}")
+                   help=f"rows to run (default all but {','.join(OPT_IN_RUNTIMES + MEMORY_RUNTIMES)}; torch-cuda rows "
+                        f"join when torch sees a GPU): {','.join(KNOWN_RUNTIMES)}")
     p.add_argument("--input-size", type=int, default=d.input_size)
     p.add_argument("--num-features", type=int, default=d.num_features)
     p.add_argument("--train-batch", type=int, default=d.train_batch)
@@ -31,9 +33,9 @@ def add_parser(subparsers):
 
 
 def run(args):
-    unknown = [r for r in args.runtimes if r not in CPU_RUNTIMES + TRAIN_RUNTIMES]
+    unknown = [r for r in args.runtimes if r not in KNOWN_RUNTIMES]
     if unknown:
-        raise ValueError(f"--runtimes: unknown {unknown[0]!r}; known: {', '.join(CPU_RUNTIMES + TRAIN_RUNTIMES)}")
+        raise ValueError(f"--runtimes: unknown {unknown[0]!r}; known: {', '.join(KNOWN_RUNTIMES)}")
     from .run import run_bench
     opts = Options(models=args.models, batches=args.batches, runtimes=args.runtimes, input_size=args.input_size,
                    num_features=args.num_features, train_batch=args.train_batch, classes=args.classes,

@@ -11,15 +11,19 @@ LABELS = {
     "torch-compile": "torch.compile (inductor, freezing; largest batch only)",
     "torch-embed": "**torch embed_images (default)**",
     "torch-embed-omp-default": "torch embed_images, libgomp's default wait policy (spins)",
+    "torch-embed-bf16": "torch embed_images, bf16 trunk (autocast)",
     "tf-eager": "TF eager", "tf-function": "TF tf.function", "tf-xla": "TF tf.function(jit_compile) XLA",
     "tf-embed": "**TF embed_images (default)**",
     "tf-embed-eigen": "TF embed_images, Eigen kernels (TF_ENABLE_ONEDNN_OPTS=0)",
     "tf-embed-avx2": "TF embed_images, oneDNN capped at AVX2",
+    "tf-embed-bf16": "TF embed_images, bf16 trunk (mixed_bfloat16)",
     "ort-torch": "onnxruntime, torch export", "ort-tf": "onnxruntime, TF export (tf2onnx)",
     "torch-cuda-fp32": "torch CUDA fp32", "torch-cuda-bf16": "torch CUDA bf16 weights+inputs",
     "torch-cuda-fp16": "torch CUDA fp16 autocast", "torch-cuda-fp16-channels-last": "torch CUDA fp16 autocast channels_last",
     "torch-train": "torch TorchTwin.train_step", "tf-train": "TF TFTwin.train_step",
     "tf-train-eigen": "TF TFTwin.train_step, Eigen kernels", "tf-train-avx2": "TF TFTwin.train_step, oneDNN AVX2",
+    "torch-train-backbone": "torch backbone forward + backward only",
+    "torch-train-backbone-checkpointing": "torch backbone forward + backward, gradient checkpointing",
 }
 MODEL_NAMES = {"r50": "IResNet-50", "r18": "IResNet-18", "mbf": "MobileFaceNet"}
 

@@ -19,12 +19,16 @@ from .shared import DEFAULT_PATHS
 from .tasks import run_task
 
 CPU_RUNTIMES = ("torch-eager", "torch-channels-last", "torch-jit-freeze", "torch-jit-onednn", "torch-compile",
-                "torch-embed", "torch-embed-omp-default", "tf-eager", "tf-function", "tf-xla", "tf-embed",
-                "tf-embed-eigen", "tf-embed-avx2", "ort-torch", "ort-tf")
+                "torch-embed", "torch-embed-omp-default", "torch-embed-bf16", "tf-eager", "tf-function", "tf-xla",
+                "tf-embed", "tf-embed-eigen", "tf-embed-avx2", "tf-embed-bf16", "ort-torch", "ort-tf")
+# bf16 trunk: other numbers than the fp32 rows, so never a contender in the duel that judges the default paths
+REDUCED_PRECISION_RUNTIMES = ("torch-embed-bf16", "tf-embed-bf16")
 # --runtimes only: keeps `make bench` under 15 min
 OPT_IN_RUNTIMES = ("torch-embed-omp-default", "tf-embed-eigen", "tf-embed-avx2", "tf-train-eigen", "tf-train-avx2")
 CUDA_RUNTIMES = ("torch-cuda-fp32", "torch-cuda-bf16", "torch-cuda-fp16", "torch-cuda-fp16-channels-last")
 TRAIN_RUNTIMES = ("torch-train", "tf-train", "tf-train-eigen", "tf-train-avx2")
+# --runtimes only, IResNet only: the backbone's training step without / with gradient checkpointing, for peak RSS
+MEMORY_RUNTIMES = ("torch-train-backbone", "torch-train-backbone-checkpointing")
 TARGETS = {"default_path_vs_fastest": 0.9, "train_ratio_max": 1.25}
 # By default libgomp (torch's OpenMP) spins its threads between parallel regions: on cores that other thread pools
 # also want (TF's, onnxruntime's in the duel), a spinning thread starves the one it waits for (docs/bench.md). Children
@@ -113,7 +117,7 @@ def plan(opts: Options, work_dir: str, cuda: bool = False, model: str = None) ->
               **_model_spec(opts, work_dir, model)} for r in infer]
     specs += [{"task": "train", "runtime": r, "batch": opts.train_batch, "classes": opts.classes,
                "min_iters": opts.train_steps, "min_seconds": 0.0, "max_seconds": opts.train_max_seconds,
-               **_model_spec(opts, work_dir, model)} for r in opts.runtimes if r in TRAIN_RUNTIMES]
+               **_model_spec(opts, work_dir, model)} for r in opts.runtimes if r in TRAIN_RUNTIMES + MEMORY_RUNTIMES]
     return specs
 
 
@@ -131,7 +135,8 @@ def duel_spec(opts: Options, work_dir: str, model: str, rows: list):
     """The default paths and the fastest other CPU runtimes of this model's rows, at the largest batch."""
     large = max(opts.batches)
     measured = [r for r in rows if r["section"] == "inference" and r["model"] == model and r.get("batch") == large
-                and "error" not in r and r["runtime"] in CPU_RUNTIMES and r["runtime"] not in RUNTIME_ENV]
+                and "error" not in r and r["runtime"] in CPU_RUNTIMES and r["runtime"] not in RUNTIME_ENV
+                and r["runtime"] not in REDUCED_PRECISION_RUNTIMES]
     defaults = [r["runtime"] for r in measured if r["runtime"] in DEFAULT_PATHS]
     others = sorted((r for r in measured if r["runtime"] not in DEFAULT_PATHS), key=lambda r: -r["images_per_s"])
     if not defaults:

@@ -12,9 +12,10 @@ from twinface_tf.train import TFTwin
 from .shared import onnx_path, train_config, weights_path
 
 
-def load_model(spec):
+def load_model(spec, precision=None):
     """The Keras twin holding the torch twin's weights (same model, same numbers)."""
-    model = get_model(spec["model"], num_features=spec["num_features"], input_size=spec["input_size"])
+    model = get_model(spec["model"], num_features=spec["num_features"], input_size=spec["input_size"],
+                      precision=precision)
     path = weights_path(spec["work_dir"], spec["model"])
     with np.load(path) as saved:
         torch_to_keras({k: saved[k] for k in saved.files}, model, source=path)
@@ -31,7 +32,7 @@ def prepare(spec, images):
 
 def inference(runtime, spec):
     """(build, call) as torch_rows.inference; every call fetches the result to numpy, as a user would."""
-    model = load_model(spec)
+    model = load_model(spec, precision="bf16" if runtime.endswith("-bf16") else None)
     state = {}
 
     def build():

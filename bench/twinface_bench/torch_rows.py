@@ -41,7 +41,7 @@ def inference(runtime, spec):
     (uint8 in, embeddings out)."""
     if runtime.startswith("torch-cuda-"):                   # run.CUDA_RUNTIMES
         return _cuda(runtime, spec)
-    model = load_model(spec)
+    model = load_model(spec, precision="bf16" if runtime.endswith("-bf16") else None)
     channels_last = runtime != "torch-eager"
     state = {}
 
@@ -103,7 +103,26 @@ def cuda_peak_mb():
 
 
 def training(spec, images, labels):
-    """One call = one step of the real adapter (TorchTwin.train_step): what training gets, minus data loading."""
+    """One call = one step of the real adapter (TorchTwin.train_step): what training gets, minus data loading.
+    The torch-train-backbone rows (run.MEMORY_RUNTIMES) time the backbone alone instead."""
+    if spec["runtime"].startswith("torch-train-backbone"):
+        return _backbone_step(spec, images, checkpointing=spec["runtime"].endswith("-checkpointing"))
     twin = TorchTwin()
     twin.build(train_config(spec), spec["classes"])
     return lambda: twin.train_step(images, labels, 0.01, 0.01)
+
+
+def _backbone_step(spec, images, checkpointing):
+    """Forward and backward of the backbone alone (no head, no optimizer): its peak RSS with and without gradient
+    checkpointing is the memory checkpointing saves."""
+    torch.manual_seed(0)
+    model = get_model(spec["model"], num_features=spec["num_features"], input_size=spec["input_size"],
+                      checkpointing=checkpointing).train()
+    x = torch.from_numpy(to_model_input(images, "NCHW"))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss.item()
+    return step

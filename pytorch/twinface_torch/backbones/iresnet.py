@@ -137,6 +137,8 @@ class IResNet(nn.Module):
     def forward(self, x):
         check_input(x, self.arch, self.input_size)
         # Mixed precision covers the conv trunk only; fc and features stay fp32, as arcface_torch.
+        # Checkpointing per block, not per stage as arcface_torch: peak RSS of one r50 step at batch 64, 112x112,
+        # CPU, measured 5325 MB without, 4222 MB per stage, 3867 MB per block.
         recompute = self.checkpointing and self.training and torch.is_grad_enabled()
         with trunk_precision(x, self.precision):
             x = self.prelu(self.bn1(self.conv1(x)))
