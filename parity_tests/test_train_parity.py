@@ -44,9 +44,9 @@ def _curve(twins, cfg, dataset, sampler, lr_of):
     return [np.array(c) for c in losses]
 
 
-def _three_curves(curve_data, tmp_path, precision):
-    """Loss curves of torch, TF and torch with weights nudged by 1e-7 (about one fp32 ulp), same start, same
-    batches: r18 + CosFace, lr 0.01, batch 64, 20 steps."""
+def _three_curves(curve_data, tmp_path, precision, nudge=True):
+    """Loss curves of torch, TF and (nudge) torch with weights nudged by 1e-7 (about one fp32 ulp), same start,
+    same batches: r18 + CosFace, lr 0.01, batch 64, 20 steps."""
     import os
     import torch
     from twinface_convert.mapping import torch_to_keras
@@ -60,10 +60,12 @@ def _three_curves(curve_data, tmp_path, precision):
     assert sampler.steps_per_epoch() * cfg.train.epochs == STEPS
     lr_of = schedule.from_config(cfg, STEPS, sampler.steps_per_epoch())
     tt, kt, nudged = TorchTwin(), TFTwin(), TorchTwin()
-    for twin in (tt, kt, nudged):
+    for twin in (tt, kt, nudged)[:3 if nudge else 2]:
         twin.build(cfg, dataset.num_classes)
     torch_to_keras(tt.backbone.state_dict(), kt.backbone, source="torch backbone")
     torch_to_keras(tt.head.state_dict(), kt.head, source="torch head")
+    if not nudge:
+        return (*_curve((tt, kt), cfg, dataset, sampler, lr_of), None)
     nudged.backbone.load_state_dict(tt.backbone.state_dict())
     nudged.head.load_state_dict(tt.head.state_dict())
     g = torch.Generator().manual_seed(7)
@@ -100,16 +102,16 @@ BF16_CURVE_CAP = 5e-2
 def test_twenty_bf16_steps_give_the_same_loss_curve(curve_data, tmp_path, parity):
     """The bf16 curve: the conv trunk in bf16 (head, loss and the embedding BatchNorm in fp32). The twins round
     each bf16 op at possibly different points (fusion, accumulation order), so their loss differs from step 1 by
-    a few bf16 epsilons; the steps 1-3 tolerance is 4 x 2^-8 = 1.6e-2 relative. Over 20 steps the drift is
-    measured as for fp32 (a one-ulp nudge of torch's weights; in bf16 the trunk's own rounding dominates it)
-    and the TF curve may differ by 10x that drift, capped at BF16_CURVE_CAP = 5e-2 relative."""
-    t, k, n = _three_curves(curve_data, tmp_path, "bf16")
+    up to a few bf16 epsilons: steps 1-3 are held to 4 x 2^-8 = 1.6e-2 relative. Over 20 steps bf16 rounding
+    itself is the noise: torch against torch with weights nudged by 1e-7 drifted by 2.8e-2 (measured once,
+    2-core Xeon with AVX512-BF16/AMX), so the curve gets a fixed BF16_CURVE_CAP = 5e-2 relative rather than a
+    per-run measurement (a bf16 torch run on CPU costs ~6x fp32 in convolution backward). Measured: steps 1-3
+    1.1e-3, the curve 2.85e-2."""
+    t, k, _ = _three_curves(curve_data, tmp_path, "bf16", nudge=False)
     assert t[-4:].mean() < 0.8 * t[:4].mean()                  # it learns in bf16 too
     parity.check("r18 + cosface bf16, loss at steps 1-3, torch vs TF", t[:3], k[:3], BF16_START, relative=True)
-    drift = float(np.max(np.abs(t - n) / np.abs(t)))
-    parity.check(f"r18 + cosface bf16, loss curve over {STEPS} steps, torch vs TF (tol 10x the nudge drift "
-                 f"{drift:.1e}, cap {BF16_CURVE_CAP:g})", [float(np.max(np.abs(t - k) / np.abs(t)))], [0.0],
-                 min(max(10 * drift, BF16_START), BF16_CURVE_CAP))
+    parity.check(f"r18 + cosface bf16, loss curve over {STEPS} steps, torch vs TF",
+                 [float(np.max(np.abs(t - k) / np.abs(t)))], [0.0], BF16_CURVE_CAP)
 
 
 def curve_tolerance(drift):
