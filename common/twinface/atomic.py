@@ -85,7 +85,7 @@ class Outputs:
             for final, suffix in zip(self.finals, suffixes or [""] * len(self.finals)):
                 self.temps.append(_new_temp(final, suffix, directory))
                 if directory:
-                    with open(os.path.join(self.temps[-1], MARKER), "w") as f:
+                    with writing(final), open(os.path.join(self.temps[-1], MARKER), "w") as f:
                         json.dump({"writer": writer}, f)
         except BaseException:
             self.discard()

@@ -1,10 +1,14 @@
-"""kill -9 at seeded random moments of a tiny `twinface train`, checkpoint writes included; either twin.
+"""Helpers of the fault-injection room: tiny training runs of either twin, their checkpoints, and one table row
+per fault class (Row); and kill -9 at seeded random moments of a tiny `twinface train`, checkpoint writes
+included (KilledTraining).
 
 Each kill is followed by what a user would do: `--resume` when a checkpoint exists, else `--overwrite` (a start
 again). What must hold: every restart succeeds, a checkpoint the log announced is on disk and readable (no
 finished epoch lost), every run that reaches its end has a backbone bit-identical to an uninterrupted run's,
 and no temporary file outlives the runs.
 """
+import contextlib
+import hashlib
 import json
 import os
 import random
@@ -70,6 +74,80 @@ main(["train", "--framework", framework] + sys.argv[5:])
 """
 
 
+def tiny_run_config(tmp_path, epochs) -> str:
+    """The tiny config (twinface.testing) training `epochs` epochs on the tiny synthetic set, as a YAML file."""
+    path = str(tmp_path / f"tiny{epochs}.yaml")
+    data = tiny_dataset(tmp_path / "synth")
+    with open(path, "w") as f:
+        yaml.safe_dump(tiny_config(data, tmp_path / "unused", train={"epochs": epochs}).to_dict(), f)
+    return path
+
+
+def saved_step(framework, run) -> int:
+    """The step of the training state in `run` (0 when there is none); reading it proves it readable."""
+    path = os.path.join(run, FILES[framework][0])
+    if not os.path.exists(path):
+        return 0
+    if framework == "torch":
+        import torch
+        return torch.load(path, weights_only=True)["meta"]["step"]
+    with np.load(path, allow_pickle=False) as saved:
+        return json.loads(str(saved["meta"]))["step"]
+
+
+def backbone(framework, run) -> dict:
+    """{tensor name: array} of the backbone file in `run`, read by its framework's format."""
+    path = os.path.join(run, FILES[framework][1])
+    if framework == "torch":
+        import torch
+        return {k: v.numpy() for k, v in torch.load(path, weights_only=True).items()}
+    import h5py
+    arrays = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: arrays.update({name: obj[()]}) if isinstance(obj, h5py.Dataset) else None)
+    return arrays
+
+
+def assert_same_backbone(framework, expected_run, run):
+    expected, got = backbone(framework, expected_run), backbone(framework, run)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert expected[name].dtype == got[name].dtype and np.array_equal(expected[name], got[name]), name
+
+
+def sha256(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def temporaries(directory) -> list:
+    return [name for name in os.listdir(directory) if ".tmp" in name]
+
+
+class Row:
+    """One fault class's figures: `with row.fault(**case):` counts a fault injected, and a survivor when the block
+    passes. A failing case is reported as a subtest and the next one still runs, so the figures stay honest."""
+
+    def __init__(self, subtests):
+        self.subtests, self.injected, self.survived, self.lost = subtests, 0, 0, 0
+
+    @contextlib.contextmanager
+    def fault(self, **case):
+        with self.subtests.test(**case):
+            self.injected += 1
+            yield
+            self.survived += 1
+
+    def check_kept(self, found, previous, new):
+        """What a destination holds after the fault: the previous output or the complete new one, nothing else."""
+        self.lost += found not in (previous, new)
+        assert found in (previous, new)
+
+    def record(self, faults, fault):
+        faults.record(fault, self.injected, self.survived, self.lost)
+        assert self.survived == self.injected and self.lost == 0
+
+
 @dataclass
 class Tally:
     kills: int = 0
@@ -84,11 +162,8 @@ class KilledTraining:
 
     def __init__(self, framework, tmp_path, epochs):
         self.framework, self.epochs = framework, epochs
-        self.state_file, self.backbone_file = FILES[framework]
-        data = tiny_dataset(tmp_path / "synth")
-        self.config = str(tmp_path / "tiny.yaml")
-        with open(self.config, "w") as f:
-            yaml.safe_dump(tiny_config(data, tmp_path / "unused", train={"epochs": epochs}).to_dict(), f)
+        self.state_file = FILES[framework][0]
+        self.config = tiny_run_config(tmp_path, epochs)
         self.full, self.run = str(tmp_path / "full"), str(tmp_path / "killed")
 
     def start(self, run, fresh, kill_at_write=0, where=""):
@@ -100,15 +175,7 @@ class KilledTraining:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def saved_step(self):
-        """The step of the training state on disk (0 when there is none); reading it proves it readable."""
-        path = os.path.join(self.run, self.state_file)
-        if not os.path.exists(path):
-            return 0
-        if self.framework == "torch":
-            import torch
-            return torch.load(path, weights_only=True)["meta"]["step"]
-        with np.load(path, allow_pickle=False) as saved:
-            return json.loads(str(saved["meta"]))["step"]
+        return saved_step(self.framework, self.run)
 
     def log_size(self):
         log = os.path.join(self.run, "train.log")
@@ -120,24 +187,6 @@ class KilledTraining:
             f.seek(offset)
             pattern = rf"checkpoint: .*{re.escape(self.state_file)} \(step (\d+)\)"
             return max(map(int, re.findall(pattern, f.read())), default=0)
-
-    def backbone(self, run):
-        """{tensor name: array} of the backbone file in `run`."""
-        path = os.path.join(run, self.backbone_file)
-        if self.framework == "torch":
-            import torch
-            return {k: v.numpy() for k, v in torch.load(path, weights_only=True).items()}
-        import h5py
-        arrays = {}
-        with h5py.File(path, "r") as f:
-            f.visititems(lambda name, obj: arrays.update({name: obj[()]}) if isinstance(obj, h5py.Dataset) else None)
-        return arrays
-
-    def assert_same_backbone(self):
-        expected, got = self.backbone(self.full), self.backbone(self.run)
-        assert expected.keys() == got.keys()
-        for name in expected:
-            assert expected[name].dtype == got[name].dtype and np.array_equal(expected[name], got[name]), name
 
     def kill_repeatedly(self, kills, seed, modes=("timer", "timer", "mid-write", "before-rename")) -> Tally:
         """Deliver `kills` kill -9s, each at a moment drawn from `modes` (a timer, or inside a checkpoint write);
@@ -170,14 +219,14 @@ class KilledTraining:
             else:                                  # the run reached its end first: check it, then start over
                 if mode == "timer":
                     finish(proc)
-                self.assert_same_backbone()
+                assert_same_backbone(self.framework, self.full, self.run)
                 tally.completed += 1
                 fresh = True
         if not fresh:
             finish(self.start(self.run, fresh=False))
-            self.assert_same_backbone()
+            assert_same_backbone(self.framework, self.full, self.run)
             tally.completed += 1
-        assert not [name for name in os.listdir(self.run) if ".tmp" in name]
+        assert not temporaries(self.run)
         return tally
 
 

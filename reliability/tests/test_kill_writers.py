@@ -6,8 +6,6 @@ for a kill inside a swap, put back by the next writer's clean-up), byte for byte
 no temporary file behind. Each verb is one row of the room's table: kills injected, survived, data lost (a
 previous destination that was neither kept nor replaced by the complete new output).
 """
-import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +24,8 @@ from twinface.data.images import encode_image
 from twinface.data.recordio import InsightFaceRec
 from twinface_convert.convert import convert
 from twinface_torch.calibrate import trained_like
+
+from .killing import Row, sha256
 
 # Runs one writer, verb(*args, **kwargs), and kills itself (SIGKILL) at the chosen moment:
 #   swap:   before the kill_at-th filesystem rename/link/remove of the commit;
@@ -97,35 +97,6 @@ def _kill(verb, args, kill_in, kill_at, kwargs=None, **hook) -> bool:
     return run.returncode == -signal.SIGKILL
 
 
-class Row:
-    """One verb's figures: `with row.kill(**case):` counts a kill, and a survivor when the block passes. A
-    failing case is reported as a subtest and the next one still runs, so the figures stay honest."""
-
-    def __init__(self, subtests):
-        self.subtests, self.injected, self.survived, self.lost = subtests, 0, 0, 0
-
-    @contextlib.contextmanager
-    def kill(self, **case):
-        with self.subtests.test(**case):
-            self.injected += 1
-            yield
-            self.survived += 1
-
-    def check_kept(self, found, previous, new):
-        """The destination after a kill: the previous output or the complete new one, never anything else."""
-        self.lost += found not in (previous, new)
-        assert found in (previous, new)
-
-    def record(self, faults, fault):
-        faults.record(fault, self.injected, self.survived, self.lost)
-        assert self.survived == self.injected and self.lost == 0
-
-
-def _sha(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 # --- data rec2folder / folder2rec ---------------------------------------------------------------------------
 def _make_folder(root, counts):
     for label, count in enumerate(counts):
@@ -168,7 +139,7 @@ def test_rec2folder_killed(sets, subtests, faults):
     rec_to_folder(sets / "recs" / "new", sets / "expected_new", progress=False)
     new, row = _tree(sets / "expected_new"), Row(subtests)
     for kill_in, kill_at in [("write", 3), ("swap", 0), ("swap", 1), ("rmtree", 0)]:
-        with row.kill(kill_in=kill_in, kill_at=kill_at):
+        with row.fault(kill_in=kill_in, kill_at=kill_at):
             out = sets / f"out_{kill_in}_{kill_at}"
             out.mkdir()
             dst = out / "dst"
@@ -189,7 +160,7 @@ def test_folder2rec_killed(sets, subtests, faults):
     # --overwrite used to remove the old .idx before renaming the new pair in: a kill left the .rec without it.
     old, new, row = _pair(sets / "recs" / "old"), _pair(sets / "recs" / "new"), Row(subtests)
     for kill_in, kill_at in [("write", 3)] + [("swap", k) for k in range(6)]:
-        with row.kill(kill_in=kill_in, kill_at=kill_at):
+        with row.fault(kill_in=kill_in, kill_at=kill_at):
             out = sets / f"out_{kill_in}_{kill_at}"
             prefix = out / "train"
             folder_to_rec(sets / "old", prefix, progress=False)
@@ -223,18 +194,18 @@ def _killed_writer(row, tmp_path, name, moments, write, verb, args, kwargs=None)
     outputs = {which: tmp_path / which / name for which in ("old", "new")}
     for which, path in outputs.items():
         write(which, path)
-    previous, new = _sha(outputs["old"]), _sha(outputs["new"])
+    previous, new = sha256(outputs["old"]), sha256(outputs["new"])
     dst = tmp_path / "dst" / name
     dst.parent.mkdir()
     shutil.copyfile(outputs["old"], dst)
     for moment in moments:
-        with row.kill(**moment):
+        with row.fault(**moment):
             assert _kill(verb, args(dst), kwargs=kwargs, **moment)
-            row.check_kept(_sha(dst), previous, new)
-            assert _sha(dst) == (new if moment["kill_in"] == "after" else previous)
+            row.check_kept(sha256(dst), previous, new)
+            assert sha256(dst) == (new if moment["kill_in"] == "after" else previous)
             assert [f for f in os.listdir(dst.parent) if not f.startswith(".")] == [name]   # no lookalike output
     write("new", dst)
-    assert _sha(dst) == new and os.listdir(dst.parent) == [name]
+    assert sha256(dst) == new and os.listdir(dst.parent) == [name]
 
 
 def test_convert_killed(weights, tmp_path, subtests, faults):
@@ -250,10 +221,10 @@ def test_convert_killed(weights, tmp_path, subtests, faults):
     def write(which, dst):
         convert(str(weights / f"{which}.pth"), str(dst), force=True, log=lambda line: None)
 
-    source, row = _sha(weights / "new.pth"), Row(subtests)
+    source, row = sha256(weights / "new.pth"), Row(subtests)
     _killed_writer(row, tmp_path, "out.onnx", moments, write, "twinface_convert.convert:convert",
                    lambda dst: [weights / "new.pth", dst], {"force": True})
-    assert _sha(weights / "new.pth") == source
+    assert sha256(weights / "new.pth") == source
     row.record(faults, "kill -9 during convert")
 
 
@@ -269,8 +240,8 @@ def test_export_killed(weights, tmp_path, subtests, faults):
         return ["export", "--weights", str(weights / f"{which}.pth"), "--arch", "mbf", "--input-size", "32",
                 "--out", str(dst), "--force"]
 
-    source, row = _sha(weights / "new.pth"), Row(subtests)
+    source, row = sha256(weights / "new.pth"), Row(subtests)
     _killed_writer(row, tmp_path, "out.onnx", moments, lambda which, dst: twinface_main(argv(which, dst)),
                    "twinface.cli:main", lambda dst: [argv("new", dst)])
-    assert _sha(weights / "new.pth") == source
+    assert sha256(weights / "new.pth") == source
     row.record(faults, "kill -9 during export (torch)")
