@@ -9,6 +9,7 @@
   dead processes, and where a kill fell inside a swap it puts the previous output back (clean_stale).
 """
 import contextlib
+import errno
 import json
 import os
 import re
@@ -84,7 +85,7 @@ class Outputs:
             for final, suffix in zip(self.finals, suffixes or [""] * len(self.finals)):
                 self.temps.append(_new_temp(final, suffix, directory))
                 if directory:
-                    with open(os.path.join(self.temps[-1], MARKER), "w") as f:
+                    with writing(final), open(os.path.join(self.temps[-1], MARKER), "w") as f:
                         json.dump({"writer": writer}, f)
         except BaseException:
             self.discard()
@@ -132,6 +133,21 @@ def scratch_path(near: str, suffix: str = ""):
         yield tmp
     finally:
         _remove(tmp)
+
+
+_OUT_OF_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def writing(path):
+    """A full disk, a file-size limit or a quota fails a write() or a flush, and Python reports it without a
+    file name: name `path`, the output being written (its temporary's name would mean nothing to the user)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _OUT_OF_SPACE or e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, os.fspath(path)) from e
 
 
 def clean_stale(directory) -> None:

@@ -331,8 +331,8 @@ class Trainer:
         """save(path) through the twin; a failure (disk full, ...) names the file and keeps the previous one."""
         try:
             save(path)
-        except Exception as e:                 # torch reports a full disk as RuntimeError, Keras as OSError
-            raise CheckpointWriteError(f"{path}: writing failed ({type(e).__name__}: {e}); the previous "
+        except Exception as e:
+            raise CheckpointWriteError(f"{path}: writing failed ({_os_reason(e)}); the previous "
                                        f"version of the file, if any, is unchanged") from e
 
     # -- evaluation -------------------------------------------------------------------------------------
@@ -412,6 +412,18 @@ class Trainer:
                      f"VAL@FAR=1e-3 {r['val'] * 100:.2f}%")
         for key in ("backbone", "state", "onnx", "tensorboard", "log"):
             log.info(f"  {key}: {summary[key]}")
+
+
+def _os_reason(e: BaseException) -> str:
+    """The OS's words for a failed write, whichever framework wrapped them (torch in a RuntimeError, h5py in an
+    OSError whose text is its own): a full disk reads 'No space left on device' and a file-size limit 'File too
+    large' in both twins. Other errors as they are."""
+    cause = e
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno:
+            return f"[Errno {cause.errno}] {os.strerror(cause.errno)}"
+        cause = cause.__cause__ or cause.__context__
+    return f"{type(e).__name__}: {e}"
 
 
 def _dump_json(obj, path: str):

@@ -7,8 +7,14 @@ from .backbones import get_model
 
 
 def save_backbone(model, path: str) -> None:
-    with atomic_path(path) as tmp:
-        torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, path)
+
+
+def save_file(obj, path: str) -> None:
+    """torch.save, atomically, through a Python file: a failed write then carries the OS's reason ('No space left
+    on device', 'File too large'), where torch's own file writer says only 'unexpected pos'."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def load_file(path: str, map_location="cpu"):

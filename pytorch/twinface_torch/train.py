@@ -6,7 +6,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from twinface.atomic import atomic_path
 from twinface.data.transforms import to_model_input
 
 from . import checkpoint, data, export
@@ -132,8 +131,7 @@ class TorchTwin:
         state = dict(zip(STATE_KEYS, (self.backbone.state_dict(), self.head.state_dict(),
                                       self.optimizer.state_dict(), torch.get_rng_state(), meta)),
                      scaler=self.scaler.state_dict())
-        with atomic_path(path) as tmp:
-            torch.save(state, tmp)
+        checkpoint.save_file(state, path)
 
     def load_state(self, path: str) -> dict:
         state = checkpoint.load_file(path, self.device)

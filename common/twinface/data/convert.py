@@ -4,7 +4,7 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from twinface.atomic import Outputs, check_destination
+from twinface.atomic import Outputs, check_destination, writing
 from twinface.data.folder import scan_image_folder, write_image_folder
 from twinface.data.images import decode_image, encode_image, fit_square, usable_samples
 from twinface.data.recordio import InsightFaceRec, write_insightface_rec
@@ -57,7 +57,7 @@ def rec_to_folder(src_prefix, dst_root, progress=True, overwrite=False) -> dict:
                                                                              unit="img", disable=not progress)),
                              skipped)
     with Outputs([dst_root], "twinface data rec2folder", directory=True, overwrite=overwrite,
-                 inputs=[rec.reader.rec_path, rec.reader.idx_path]) as (tmp,):
+                 inputs=[rec.reader.rec_path, rec.reader.idx_path]) as (tmp,), writing(dst_root):
         count = write_image_folder(tmp, records)
     return {"num_images": count, "num_classes": rec.num_classes, "num_skipped": len(skipped), "skipped": skipped}
 

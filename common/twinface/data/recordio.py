@@ -6,6 +6,7 @@ dmlc's writer splits a record wherever the magic appears at a 4-byte aligned off
 The .idx file holds "key<TAB>byte offset" lines. A record payload starts with struct '<IfQQ'
 (flag, label, id, id2); when flag > 0, `flag` float32 labels follow, then the encoded image.
 """
+import contextlib
 import logging
 import numbers
 import os
@@ -16,7 +17,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from twinface.atomic import Outputs
+from twinface.atomic import Outputs, writing
 from twinface.data.images import decode_image
 
 log = logging.getLogger("twinface.data")
@@ -114,25 +115,30 @@ class RecordWriter:
         if len(record) > _LENGTH_MASK:
             raise ValueError(f"{self.rec_path}: key {key}: RecordIO records must be under 2**29 bytes")
         self._keys.add(key)
-        self._idx.write(f"{int(key)}\t{self._offset}\n")
+        with writing(self.idx_path):
+            self._idx.write(f"{int(key)}\t{self._offset}\n")
         for cflag, data in _chunks(bytes(record)):
             padding = -len(data) % 4
-            self._rec.write(_CHUNK_HEAD.pack(MAGIC, cflag << 29 | len(data)) + data + b"\0" * padding)
+            with writing(self.rec_path):
+                self._rec.write(_CHUNK_HEAD.pack(MAGIC, cflag << 29 | len(data)) + data + b"\0" * padding)
             self._offset += _CHUNK_HEAD.size + len(data) + padding
 
     def close(self) -> None:
         if self._rec.closed:
             return
-        self._rec.close()
-        self._idx.close()
         try:
+            with writing(self.rec_path):
+                self._rec.close()
+            with writing(self.idx_path):
+                self._idx.close()
             self._outputs.commit()
         finally:
-            self._outputs.discard()
+            self.abort()
 
     def abort(self) -> None:
-        self._rec.close()
-        self._idx.close()
+        for f in (self._rec, self._idx):
+            with contextlib.suppress(OSError):     # its flush fails again on a full disk; the file goes anyway
+                f.close()
         self._outputs.discard()
 
     def __enter__(self):
