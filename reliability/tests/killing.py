@@ -182,8 +182,12 @@ class KilledTraining:
         return os.path.getsize(log) if os.path.exists(log) else 0
 
     def announced_step(self, offset):
-        """The last checkpoint the log announced since `offset` (the start of this attempt at the run)."""
-        with open(os.path.join(self.run, "train.log")) as f:
+        """The last checkpoint the log announced since `offset` (the start of this attempt at the run); 0 when a
+        kill came before the run opened its log (during start-up)."""
+        log = os.path.join(self.run, "train.log")
+        if not os.path.exists(log):
+            return 0
+        with open(log) as f:
             f.seek(offset)
             pattern = rf"checkpoint: .*{re.escape(self.state_file)} \(step (\d+)\)"
             return max(map(int, re.findall(pattern, f.read())), default=0)
