@@ -3,7 +3,6 @@
 Module nesting follows arcface_torch so its checkpoints load with strict=True. In DepthWise and
 Residual, `groups` is the width of the inner depthwise stage, not a divisor of the block's width.
 """
-import torch
 from torch import nn
 
 from twinface.precision import resolve_precision
