@@ -6,8 +6,9 @@ single-process references); everything the test compares goes to <out>/worker<RA
   gradients for its embedding rows and its centres, the centres it sampled.
 - train: TFTwin steps on fixed images (contiguous halves); weights before and after every step. With
   `nan_at`, worker 1's loss is made NaN at that step (a flag added to the loss): the step guard is collective.
-- kill: TFTwin steps; worker 1 kills itself (SIGKILL) after the first, worker 0 steps on until its collective
-  fails, and records the message and how long that took.
+  Then each worker's head shard (shard<RANK>.npz) and rank 0's state (state.npz).
+- kill: TFTwin steps; worker `victim` kills itself (SIGKILL) after the first, the other steps on until its
+  collective fails, and records the message and how long that took.
 """
 import json
 import os
@@ -79,6 +80,11 @@ def train_job():
         poison.assign(np.nan if RANK == 1 and step == SPEC.get("nan_at") else 0.0)
         out[f"train/loss{step}"] = twin.train_step(images, labels, 0.1, 0.1)
         save_weights(f"train/{step}")
+    meta = {"step": SPEC["steps"]}
+    twin.save_shard(os.path.join(SPEC["out"], f"shard{RANK}.npz"), meta)
+    if RANK == 0:
+        twin.save_state(os.path.join(SPEC["out"], "state.npz"), meta)
+    twin.barrier()
 
 
 def kill_job():
@@ -86,7 +92,7 @@ def kill_job():
     images, labels = half(inputs["images"]), half(inputs["labels"])
     twin.train_step(images, labels, 0.1, 0.1)
     twin.barrier()
-    if RANK == 1:
+    if RANK == SPEC["victim"]:
         os.kill(os.getpid(), signal.SIGKILL)
     t0 = time.time()
     try:

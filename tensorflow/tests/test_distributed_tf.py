@@ -6,6 +6,7 @@ Worker r gets the contiguous half r of the global batch (rows 4r..4r+3). The wor
 once for tests 1-4 and once more for the kill."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -28,7 +29,10 @@ WORLD, BATCH, CLASSES, DIM = 2, 4, 200, 32
 CONFIG = {"seed": 0, "backbone": {"name": "mbf", "input_size": 32, "num_features": DIM},
           "head": {"type": "arcface"}, "train": {"batch_size": BATCH}}
 LR = 0.1
-STEP_TOL = 1e-5      # parity_tests/test_step_parity.py's floor: difference / size of the step's update
+# parity_tests/test_step_parity.py's STEP_CAP: difference / size of the step's update. Measured here: backbone
+# ~1e-6, class centres ~1.7e-5 (oneDNN blocks a 100-centre shard's matmul differently from a 200-centre one);
+# a wrong reduction (gradients averaged, not summed, or summed twice) is off by the whole update.
+STEP_TOL = 1e-3
 
 
 def _free_ports(n):
@@ -81,7 +85,7 @@ def run(tmp_path_factory):
     results, logs, seconds, inputs = _launch(tmp, ["pfc_1.0", "pfc_0.1", "train"], timeout=240, steps=2, nan_at=2)
     for r in range(WORLD):
         assert results[r] is not None, f"worker {r} wrote no results after {seconds:.0f}s:\n{logs[r][-3000:]}"
-    return results, dict(np.load(inputs))
+    return results, dict(np.load(inputs)), tmp
 
 
 def _centres():
@@ -105,7 +109,7 @@ def _rel(a, b):
 
 
 def test_partial_fc_over_two_workers_is_margin_head_cross_entropy(run):
-    results, inputs = run
+    results, inputs, _ = run
     loss, grad_emb, grad_centres = _margin_ce(inputs["emb"], inputs["labels"], _centres())
     for r in range(WORLD):
         assert _rel(results[r]["pfc_1.0/loss"], loss) < 1e-5      # the same global loss on every worker
@@ -116,7 +120,7 @@ def test_partial_fc_over_two_workers_is_margin_head_cross_entropy(run):
 
 
 def test_sampled_centres_are_common_selects_and_the_loss_is_single_process(run):
-    results, inputs = run
+    results, inputs, _ = run
     labels, centres = inputs["labels"], _centres()
     picked, columns, offset = [], np.full(len(labels), -1), 0
     for r in range(WORLD):
@@ -182,7 +186,7 @@ def _reference_step(start, images, labels):
 
 
 def test_two_workers_by_4_step_like_one_process_by_8(run):
-    results, inputs = run
+    results, inputs, _ = run
     count = sum(1 for k in results[0] if k.startswith("train/0/"))
     start = _weights(results[0], 0, count)
     np.testing.assert_array_equal(np.concatenate([start[-1], _weights(results[1], 0, count)[-1]]), _centres())
@@ -193,16 +197,18 @@ def test_two_workers_by_4_step_like_one_process_by_8(run):
     after = [_weights(results[r], 1, count) for r in range(WORLD)]
     update = max(np.abs(b - a).max() for a, b in zip(start[:-1], backbone))
     diff = max(np.abs(a - b).max() for a, b in zip(after[0][:-1], backbone)) / update
+    print(f"backbone after one step: {diff:.2e} of the update")
     assert diff < STEP_TOL, f"backbone after one step: {diff:.2e} of the update"
     got = np.concatenate([after[r][-1] for r in range(WORLD)])
     diff = np.abs(got - centres).max() / np.abs(centres - _centres()).max()
+    print(f"class centres after one step: {diff:.2e} of the update")
     assert diff < STEP_TOL, f"class centres after one step: {diff:.2e} of the update"
 
 
 def test_nan_on_one_worker_skips_the_step_on_both(run):
     """Worker 1's loss alone is NaN at step 2 (worker 0's is finite): both report it and leave every weight
     as it was, so the workers stay identical."""
-    results, _ = run
+    results, _, _ = run
     count = sum(1 for k in results[0] if k.startswith("train/0/"))
     backbone = count - 1
     for r in range(WORLD):
@@ -214,11 +220,47 @@ def test_nan_on_one_worker_skips_the_step_on_both(run):
             np.testing.assert_array_equal(a, b)
 
 
-def test_a_killed_worker_makes_the_other_exit_naming_it(tmp_path):
-    results, logs, seconds, _ = _launch(tmp_path, ["kill"], timeout=150)
-    assert results[1] is None
-    assert results[0] is not None, f"worker 0 did not finish in {seconds:.0f}s:\n{logs[0][-3000:]}"
-    message = str(results[0]["kill/message"])
-    assert "TF worker 0 of 2: worker 1 of the run stopped or is unreachable" in message, message
-    assert results[0]["kill/seconds"] < 120, results[0]["kill/seconds"]
-    print(f"worker 0 noticed the kill after {float(results[0]['kill/seconds']):.2f}s: {message}")
+def test_checkpoint_files_split_backbone_and_shards_and_refuse_another_world_size(run):
+    """Several workers: rank 0's state holds no head, each shard only its own centres and their optimizer
+    state; a 1-process run (all 200 centres in one shard) refuses a shard of 2 (100 centres), naming both."""
+    results, _, tmp = run
+    state, shard = np.load(tmp / "state.npz"), np.load(tmp / "shard1.npz")
+    assert {k.split("/")[0] for k in state.files} == {"backbone", "opt_backbone", "meta"}
+    assert {k.split("/")[0] for k in shard.files} == {"head", "opt_head", "meta"}
+    count = sum(1 for k in results[1] if k.startswith("train/0/"))
+    np.testing.assert_array_equal(shard["head/0000"], _weights(results[1], 2, count)[-1])
+    twin = TFTwin()
+    twin.build(config.from_dict({**CONFIG, "head": {"type": "arcface", "sample_rate": 0.5}}), CLASSES)
+    with pytest.raises(ValueError, match=re.escape(f"{tmp / 'shard1.npz'}: 'head/0000' (") + r"\S+weight\) " +
+                       re.escape("has shape (100, 32), expected (200, 32) for the head shard of rank 0 of 1")):
+        twin.load_shard(str(tmp / "shard1.npz"))
+    with pytest.raises(ValueError, match=re.escape(f"{tmp / 'state.npz'}: training state has no 'head/0000'")):
+        twin.load_state(str(tmp / "state.npz"))
+
+
+@pytest.mark.parametrize("victim", [1, 0])       # 0 also hosts TF's coordination service
+def test_a_killed_worker_makes_the_other_exit_naming_it(tmp_path, victim):
+    results, logs, seconds, _ = _launch(tmp_path, ["kill"], timeout=150, victim=victim)
+    survivor = 1 - victim
+    assert results[victim] is None
+    assert results[survivor] is not None, f"worker {survivor} did not finish in {seconds:.0f}s:\n" \
+                                          f"{logs[survivor][-3000:]}"
+    message = str(results[survivor]["kill/message"])
+    assert f"TF worker {survivor} of 2: worker {victim} of the run stopped or is unreachable" in message, message
+    assert results[survivor]["kill/seconds"] < 120, results[survivor]["kill/seconds"]
+    print(f"worker {survivor} noticed the kill after {float(results[survivor]['kill/seconds']):.2f}s: {message}")
+
+
+def test_a_busy_port_is_a_clear_error():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        address = f"127.0.0.1:{busy.getsockname()[1]}"
+        tf_config = {"cluster": {"worker": [address, f"127.0.0.1:{_free_ports(1)[0]}"]},
+                     "task": {"type": "worker", "index": 0}}
+        done = subprocess.run([sys.executable, "-c", "from twinface_tf.train import TFTwin; TFTwin()"],
+                              env={**os.environ, "TF_CONFIG": json.dumps(tf_config)}, capture_output=True,
+                              text=True, timeout=120)
+    assert done.returncode != 0
+    assert f"OSError: TF_CONFIG: worker 0 cannot serve {address} (is the port in use?)" in done.stderr, \
+        done.stderr[-3000:]

@@ -12,6 +12,7 @@ Collectives run inside strategy.run (replica context). Every function is the ide
 has one replica, so a single process is the world-size-1 case of the same code. Every worker must issue the
 same collectives in the same order (tf.function traces included), as with torch.distributed.
 """
+import contextlib
 import json
 import os
 import re
@@ -41,7 +42,12 @@ def strategy(world_size: int):
         return tf.distribute.get_strategy()
     options = tf.distribute.experimental.CommunicationOptions(
         implementation=tf.distribute.experimental.CommunicationImplementation.AUTO)      # RING on CPU, NCCL on GPU
-    s = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    try:
+        s = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    except tf.errors.UnknownError as e:                # TF's only words for a busy port
+        rank = world()[0]
+        address = json.loads(os.environ["TF_CONFIG"])["cluster"]["worker"][rank]
+        raise OSError(f"TF_CONFIG: worker {rank} cannot serve {address} (is the port in use?): {e}") from None
     if s.num_replicas_in_sync != world_size:
         raise ValueError(f"TF_CONFIG names {world_size} workers but the strategy has {s.num_replicas_in_sync} "
                          f"replicas: each worker process must see exactly one device (set CUDA_VISIBLE_DEVICES "
@@ -67,13 +73,26 @@ def _barrier(s):
     run(s, lambda: _context().all_reduce("sum", tf.ones([1])))
 
 
-def explain(error: tf.errors.OpError, rank: int, world_size: int) -> str:
-    """One line for a collective that failed because a peer went away, naming that worker."""
-    tasks = sorted(set(re.findall(r"task:(\d+)", str(error))) - {str(rank)})
-    who = f"worker {', '.join(tasks)}" if tasks else "another worker"
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return (f"TF worker {rank} of {world_size}: {who} of the run stopped or is unreachable, so the training "
-            f"cannot go on ({type(error).__name__}: {first})")
+# what a collective raises when a peer worker went away (connection reset, missed heartbeats)
+PEER_LOST = (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
+             tf.errors.DeadlineExceededError)
+
+
+@contextlib.contextmanager
+def peers_lost_explained(rank: int, world_size: int):
+    """A collective that failed because a peer went away becomes one line naming that worker."""
+    try:
+        yield
+    except PEER_LOST as e:
+        if world_size == 1:
+            raise
+        text = str(e)
+        tasks = sorted(set(re.findall(r"task:(\d+)", text)) - {str(rank)})
+        who = f"worker {', '.join(tasks)}" if tasks else "another worker"
+        reason = re.search(r"aborted by: (.*)", text)      # the collective's own words, e.g. connection reset
+        reason = reason.group(1).strip() if reason else text.strip().split("\n")[-1]
+        raise RuntimeError(f"TF worker {rank} of {world_size}: {who} of the run stopped or is unreachable, so "
+                           f"the training cannot go on ({type(e).__name__}: {reason})") from None
 
 
 def _context():

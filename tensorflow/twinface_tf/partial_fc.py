@@ -35,7 +35,7 @@ class PartialFC(keras.layers.Layer, MarginRule):
         def select(labels, step):
             return plan.select(labels, self.class_start, self.num_local, self.sample_rate, self.seed, int(step),
                                self.rank)
-        index, local = tf.numpy_function(select, [labels, self.step], [tf.int64, tf.int64], stateful=False)
+        index, local = tf.numpy_function(select, [labels, self.step], [tf.int64, tf.int64])
         self.step.assign_add(1)
         self.last_index.assign(index)                     # centres sampled at the last call (tests, the bench)
         return tf.ensure_shape(index, [None]), tf.ensure_shape(local, labels.shape)

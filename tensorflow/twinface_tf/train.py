@@ -17,10 +17,6 @@ from .losses import get_loss
 from .optim import build_optimizer
 from .partial_fc import PartialFC
 
-# what a collective raises when a peer worker went away (connection reset, missing heartbeats)
-PEER_LOST = (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
-             tf.errors.DeadlineExceededError)
-
 
 def _read_npz(path: str) -> dict:
     """Every array of an .npz; a truncated or foreign file is a one-line ValueError naming it."""
@@ -165,13 +161,9 @@ class TFTwin:
         if self.frozen not in self._steps:
             self._steps[self.frozen] = self._make_step(self.frozen)
         x = tf.constant(to_model_input(images, "NHWC"))
-        try:
+        with dist.peers_lost_explained(self.rank, self.world_size):
             loss, overflow = self._steps[self.frozen](x, tf.constant(labels), tf.constant(lr_backbone, tf.float32),
                                                       tf.constant(lr_head, tf.float32))
-        except PEER_LOST as e:
-            if self.world_size == 1:
-                raise
-            raise RuntimeError(dist.explain(e, self.rank, self.world_size)) from None
         self.overflow = bool(overflow)
         return float(loss)
 
@@ -234,7 +226,9 @@ class TFTwin:
         return self._load(path, shard=True)
 
     def barrier(self):
-        dist.barrier(self.strategy)
+        """Every worker waits here for the others (the trainer's checkpoint protocol)."""
+        with dist.peers_lost_explained(self.rank, self.world_size):
+            dist.barrier(self.strategy)
 
     def export_onnx(self, path: str) -> float:
         """The fp32 graph whatever the training precision (as the torch twin exports): same variables, ONNX
