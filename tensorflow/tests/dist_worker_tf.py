@@ -6,9 +6,10 @@ single-process references); everything the test compares goes to <out>/worker<RA
   gradients for its embedding rows and its centres, the centres it sampled.
 - train: TFTwin steps on fixed images (contiguous halves); weights before and after every step. With
   `nan_at`, worker 1's loss is made NaN at that step (a flag added to the loss): the step guard is collective.
-  Then each worker's head shard (shard<RANK>.npz) and rank 0's state (state.npz).
-- kill: TFTwin steps; worker `victim` kills itself (SIGKILL) after the first, the other steps on until its
-  collective fails, and records the message and how long that took.
+  Then each worker's head shard (shard<RANK>.npz) and rank 0's state (state.npz), one more step, and the
+  same step again after loading them back (a resume).
+- kill: worker `victim` kills itself (SIGKILL) after a first barrier; the other keeps entering barriers (a
+  collective, as in every step) until one fails, and records the message and how long that took.
 """
 import json
 import os
@@ -58,14 +59,6 @@ def pfc_job(rate):
                 f"pfc_{rate}/class_start": head.class_start})
 
 
-def build_twin():
-    twin.build(config.from_dict(SPEC["config"]), int(inputs["num_classes"]))
-    poison = tf.Variable(0.0)                 # worker 1's loss + NaN at step nan_at; + 0.0 changes nothing
-    call = type(twin.head).call
-    type(twin.head).call = lambda self, *args: call(self, *args) + poison
-    return poison
-
-
 def save_weights(key):
     """Backbone variables (BatchNorm statistics included) and the head shard, by position."""
     for i, v in enumerate(twin.backbone.variables + twin.head.variables):
@@ -73,31 +66,39 @@ def save_weights(key):
 
 
 def train_job():
-    poison = build_twin()
+    twin.build(config.from_dict(SPEC["config"]), int(inputs["num_classes"]))
+    poison = tf.Variable(0.0)                 # worker 1's loss + NaN at step nan_at; + 0.0 changes nothing
+    call = type(twin.head).call
+    type(twin.head).call = lambda self, *args: call(self, *args) + poison
     images, labels = half(inputs["images"]), half(inputs["labels"])
     save_weights("train/0")
     for step in range(1, SPEC["steps"] + 1):
         poison.assign(np.nan if RANK == 1 and step == SPEC.get("nan_at") else 0.0)
-        out[f"train/loss{step}"] = twin.train_step(images, labels, 0.1, 0.1)
+        out[f"train/loss{step}"] = twin.train_step(images, labels, SPEC["lr"], SPEC["lr"])
         save_weights(f"train/{step}")
     meta = {"step": SPEC["steps"]}
-    twin.save_shard(os.path.join(SPEC["out"], f"shard{RANK}.npz"), meta)
+    state, shard = (os.path.join(SPEC["out"], name) for name in ("state.npz", f"shard{RANK}.npz"))
+    twin.save_shard(shard, meta)
     if RANK == 0:
-        twin.save_state(os.path.join(SPEC["out"], "state.npz"), meta)
-    twin.barrier()
+        twin.save_state(state, meta)
+    twin.barrier()                            # rank 0's state is written before anyone reads it
+    poison.assign(0.0)
+    out["train/loss_next"] = twin.train_step(images, labels, SPEC["lr"], SPEC["lr"])
+    save_weights("train/next")
+    twin.load_state(state)                    # back to the checkpoint: the same step again
+    twin.load_shard(shard)
+    out["train/loss_resumed"] = twin.train_step(images, labels, SPEC["lr"], SPEC["lr"])
+    save_weights("train/resumed")
 
 
 def kill_job():
-    build_twin()
-    images, labels = half(inputs["images"]), half(inputs["labels"])
-    twin.train_step(images, labels, 0.1, 0.1)
-    twin.barrier()
+    twin.barrier()                            # both alive and connected
     if RANK == SPEC["victim"]:
         os.kill(os.getpid(), signal.SIGKILL)
     t0 = time.time()
     try:
-        for _ in range(1000):
-            twin.train_step(images, labels, 0.1, 0.1)
+        for _ in range(100000):
+            twin.barrier()
     except RuntimeError as e:
         out.update({"kill/message": str(e), "kill/seconds": time.time() - t0})
 

@@ -54,7 +54,7 @@ def _launch(tmp_path, jobs, timeout, **spec):
              images=rng.integers(0, 256, (WORLD * BATCH, 32, 32, 3), dtype=np.uint8))
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps({"ports": _free_ports(WORLD), "inputs": str(inputs), "out": str(tmp_path),
-                                     "jobs": jobs, "config": CONFIG, **spec}))
+                                     "jobs": jobs, "config": CONFIG, "lr": LR, **spec}))
     env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
     logs = [open(tmp_path / f"worker{r}.log", "w") for r in range(WORLD)]
     t0 = time.time()
@@ -236,6 +236,20 @@ def test_checkpoint_files_split_backbone_and_shards_and_refuse_another_world_siz
         twin.load_shard(str(tmp / "shard1.npz"))
     with pytest.raises(ValueError, match=re.escape(f"{tmp / 'state.npz'}: training state has no 'head/0000'")):
         twin.load_state(str(tmp / "state.npz"))
+
+
+def test_resuming_from_state_and_shards_is_bit_faithful(run):
+    """The step after a checkpoint, taken once straight on and once after loading the checkpoint back."""
+    results, _, _ = run
+    count = sum(1 for k in results[0] if k.startswith("train/0/"))
+    for r in range(WORLD):
+        assert results[r]["train/loss_next"] == results[r]["train/loss_resumed"]
+        changed = False
+        for a, b, before in zip(_weights(results[r], "next", count), _weights(results[r], "resumed", count),
+                                _weights(results[r], 2, count)):
+            np.testing.assert_array_equal(a, b)
+            changed |= not np.array_equal(a, before, equal_nan=True)
+        assert changed                         # the step did train
 
 
 @pytest.mark.parametrize("victim", [1, 0])       # 0 also hosts TF's coordination service
