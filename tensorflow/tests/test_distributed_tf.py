@@ -278,3 +278,22 @@ def test_a_busy_port_is_a_clear_error():
     assert done.returncode != 0
     assert f"OSError: TF_CONFIG: worker 0 cannot serve {address} (is the port in use?)" in done.stderr, \
         done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("tf_config, expected", [
+    ({}, (0, 1)),
+    ({"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 0}}, (0, 1)),
+    ({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}, (1, 2)),
+    ({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 2}},
+     "TF_CONFIG: task must be {'type': 'worker', 'index': 0..1} (one of cluster.worker), got"),
+    ({"cluster": {"worker": ["a:1", "b:2"], "chief": ["c:3"]}, "task": {"type": "worker", "index": 1}},
+     "TF_CONFIG: the cluster may name only 'worker' tasks (worker 0 is the chief), got ['chief']"),
+])
+def test_rank_and_world_size_come_from_tf_config(monkeypatch, tf_config, expected):
+    from twinface_tf import distributed as dist
+    monkeypatch.setenv("TF_CONFIG", json.dumps(tf_config))
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            dist.world()
+    else:
+        assert dist.world() == expected

@@ -23,7 +23,12 @@ import tensorflow as tf
 def world() -> tuple:
     """(rank, world_size) from TF_CONFIG: this worker's task index and the number of workers; (0, 1) without."""
     config = json.loads(os.environ.get("TF_CONFIG") or "{}")
-    workers = config.get("cluster", {}).get("worker", [])
+    cluster = config.get("cluster", {})
+    workers = cluster.get("worker", [])
+    others = sorted(set(cluster) - {"worker"})
+    if others:
+        raise ValueError(f"TF_CONFIG: the cluster may name only 'worker' tasks (worker 0 is the chief), "
+                         f"got {others}")
     if len(workers) <= 1:
         return 0, 1
     task = config.get("task", {})
