@@ -41,7 +41,7 @@ class TFTwin:
     backbone_filename = "backbone.weights.h5"
     state_filename = "state.npz"
 
-    def __init__(self):
+    def __init__(self, timeout_s: float = 1800.0):
         self.strategy = _strategy()
         resolver = getattr(self.strategy, "cluster_resolver", None)
         self.rank = int(resolver.task_id) if resolver is not None and resolver.task_id is not None else 0
@@ -185,6 +185,9 @@ class TFTwin:
         if "meta" not in saved:
             raise ValueError(f"{path}: training state has no 'meta' entry")
         return json.loads(str(saved["meta"]))
+
+    def barrier(self):
+        """One process until multi-worker training lands: nothing to wait for."""
 
     def export_onnx(self, path: str) -> float:
         """The fp32 graph whatever the training precision (as the torch twin exports): same variables, ONNX
