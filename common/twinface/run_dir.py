@@ -17,8 +17,9 @@ SUMMARY_NAME = "summary.json"
 
 # Keys a resumed run may change: they alter neither the weights a step computes nor the data order.
 # train.epochs moves the end (and the lr schedule of the steps still to come), as asked for.
-RESUME_SAFE = ("output", "train.epochs", "train.log_every", "train.checkpoint_every", "train.max_bad_steps",
-               "train.resume", "train.distributed_timeout_s", "val.", "data.num_workers", "data.memory_cache_gb")
+RESUME_SAFE = ("output", "train.epochs", "train.max_steps", "train.log_every", "train.checkpoint_every",
+               "train.max_bad_steps", "train.resume", "train.distributed_timeout_s", "val.", "data.num_workers",
+               "data.memory_cache_gb")
 
 
 class RunLocked(RuntimeError):

@@ -133,6 +133,8 @@ class Trainer:
             self.steps_per_epoch = sampler.steps_per_epoch()
             self.total_steps = self.steps_per_epoch * self.cfg.train.epochs
             self.lr_of = schedule.from_config(self.cfg, self.total_steps, self.steps_per_epoch)
+            # train.max_steps ends the run early (smoke runs of a recipe); the schedule stays the full run's
+            self.last_step = min(self.total_steps, self.cfg.train.max_steps or self.total_steps)
             self.twin.build(self.cfg, dataset.num_classes)
             progress = self._restore() if self.resume else self._start_weights(dataset.num_classes)
             finished = self._finished_summary(progress)
@@ -146,7 +148,7 @@ class Trainer:
                 self.tb = TensorBoard(self.tb_dir, purge_from=progress.step + 1 if self.resume else None)
                 self._measure_loader(dataset, sampler)
             try:
-                while progress.step < self.total_steps:
+                while progress.step < self.last_step:
                     self._train_epoch(dataset, sampler, progress)
                     self._end_epoch(progress)
                 return self._finish(progress)
@@ -236,9 +238,9 @@ class Trainer:
     def _finished_summary(self, progress: Progress):
         """A resumed run that already reached its end keeps its outputs as they are."""
         saved = self._saved_summary()
-        if progress.step < self.total_steps or not saved.get("finished") or saved.get("steps") != progress.step:
+        if progress.step < self.last_step or not saved.get("finished") or saved.get("steps") != progress.step:
             return None
-        self.log.info(f"{self.out}: the run is finished (step {progress.step} of {self.total_steps}); nothing "
+        self.log.info(f"{self.out}: the run is finished (step {progress.step} of {self.last_step}); nothing "
                       f"changed. Raise train.epochs to train on.")
         return saved
 
@@ -287,9 +289,11 @@ class Trainer:
                 self.tb.scalar("train/lr", lr, progress.step)
                 if self.twin.loss_scale is not None:
                     self.tb.scalar("train/loss_scale", self.twin.loss_scale, progress.step)
-            if self.is_main and (progress.step % self.cfg.train.log_every == 0 or progress.step == self.total_steps):
+            if self.is_main and (progress.step % self.cfg.train.log_every == 0 or progress.step == self.last_step):
                 self._log_progress(progress, loss, lr, frozen, n_window / max(1e-9, time.time() - t_window))
                 t_window, n_window = time.time(), 0
+            if progress.step == self.last_step:
+                break
 
     def _train_step(self, images, labels, lr, frozen, progress: Progress) -> float:
         """Finetuning: the backbone frozen (lr 0) for freeze_epochs, then at lr x backbone_lr_scale."""
@@ -317,12 +321,12 @@ class Trainer:
 
     def _log_progress(self, progress: Progress, loss, lr, frozen, rate):
         step = progress.step
-        eta = (self.total_steps - step) * self.cfg.train.batch_size / max(rate, 1e-9)
+        eta = (self.last_step - step) * self.cfg.train.batch_size / max(rate, 1e-9)
         scale = self.twin.loss_scale
         skipped = "".join(f" {n} {what}" for n, what in ((progress.overflow_steps, "overflow"),
                                                          (progress.bad_steps, "non-finite")) if n)
         self.log.info(f"epoch {(step - 1) // self.steps_per_epoch + 1}/{self.cfg.train.epochs} step {step}/"
-                      f"{self.total_steps} loss {loss:.4f} lr {lr:.5f}{' (backbone frozen)' if frozen else ''}"
+                      f"{self.last_step} loss {loss:.4f} lr {lr:.5f}{' (backbone frozen)' if frozen else ''}"
                       f"{f' loss scale {scale:g}' if scale is not None else ''}"
                       f"{f' (skipped steps:{skipped})' if skipped else ''} {rate:.1f} img/s ETA {_fmt_time(eta)}")
 
@@ -331,7 +335,7 @@ class Trainer:
         if self.is_main:
             self._write(self.twin.save_backbone, self.backbone_path)
         if (progress.step // self.steps_per_epoch) % self.cfg.train.checkpoint_every == 0 \
-                or progress.step == self.total_steps:
+                or progress.step == self.last_step:
             self._checkpoint(progress)
         if not self.is_main:
             return
