@@ -4,6 +4,7 @@ Every comparison is a row of `twinface parity`'s table (the same `parity` fixtur
 processes has a hard timeout: a hang is a failure, not a stuck suite.
 """
 import os
+import signal
 import subprocess
 import sys
 
@@ -25,27 +26,32 @@ def pytest_terminal_summary(terminalreporter):
     parity_summary(terminalreporter)
 
 
-def _run(cmd, env, timeout, expect_ok):
+def run(cmd, env=None, timeout=TIMEOUT_S, expect_ok=True):
+    """Run `cmd` in a session of its own: at the timeout the whole tree goes (a launcher's workers included)."""
+    proc = subprocess.Popen(cmd, env=env, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=HERE)
-    except subprocess.TimeoutExpired as e:
-        raise AssertionError(f"{' '.join(cmd)} hung: still running after {timeout} s\n{e.stdout}\n{e.stderr}")
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{' '.join(cmd)} hung: still running after {timeout} s\n{out[-3000:]}\n{err[-3000:]}")
+    done = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     if expect_ok:
-        assert done.returncode == 0, f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-4000:]}\n" \
-                                     f"{done.stderr[-6000:]}"
+        assert done.returncode == 0, f"{' '.join(cmd)} failed ({done.returncode}):\n{out[-4000:]}\n{err[-6000:]}"
     return done
 
 
 def torchrun(script_args, nproc=2, timeout=TIMEOUT_S, expect_ok=True):
     """torchrun --standalone over `nproc` CPU processes of HERE/<script_args>."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *script_args]
-    return _run(cmd, worker_env(nproc, {LAUNCHED: "1"}), timeout, expect_ok)
+    return run(cmd, worker_env(nproc, {LAUNCHED: "1"}), timeout, expect_ok)
 
 
 def alone(script_args, timeout=TIMEOUT_S, expect_ok=True):
     """The same script as one plain process (world size 1)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TF_CONFIG")}
-    return _run([sys.executable, *script_args], env, timeout, expect_ok)
+    return run([sys.executable, *script_args], env, timeout, expect_ok)
 
 
 def tf_workers(script_args, nproc=2, timeout=TIMEOUT_S):
