@@ -8,8 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from conftest import alone, torchrun
-from torch_worker import ARCFACE, CLASSES, D, HEAD_CLASSES, embeddings, global_batch
+from .processes import alone, torchrun
+from .torch_worker import ARCFACE, CLASSES, D, HEAD_CLASSES, embeddings, global_batch
 from twinface import partial_fc as plan
 from twinface.testing import STEP_CAP
 from twinface_torch.heads import MarginHead
@@ -97,7 +97,7 @@ def test_two_ranks_of_b_equal_one_process_of_2b(tmp_path, parity):
 
 
 def _start_state():
-    from torch_worker import step_config
+    from .torch_worker import step_config
     from twinface_torch.train import TorchTwin
     twin = TorchTwin()
     twin.build(step_config(1), CLASSES)
