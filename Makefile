@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.twinface-installed
 CONFIG ?= configs/default.yaml
+NPROC ?= 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONUNBUFFERED := 1
 
@@ -21,7 +22,8 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 
 # One pytest process per room: each frees its models on exit (torch + TF + IResNet-200 ONNX graphs in one
 # process outgrow 24 GB), and a failing room does not hide the others. Each room's peak memory is printed.
-ROOMS := common/tests pytorch/tests tensorflow/tests weights_convert/tests bench/tests parity_tests reliability/tests
+ROOMS := common/tests pytorch/tests tensorflow/tests weights_convert/tests bench/tests parity_tests distributed_tests \
+	reliability/tests
 test: setup
 	@failed=""; peaks=$$(mktemp); for room in $(ROOMS); do \
 	  echo "== $$room"; \
@@ -34,10 +36,10 @@ parity: setup
 	$(BIN)/twinface parity
 
 train-torch: setup
-	$(BIN)/twinface train --framework torch --config $(CONFIG)
+	$(BIN)/twinface train --framework torch --config $(CONFIG) --nproc $(NPROC)
 
 train-tf: setup
-	$(BIN)/twinface train --framework tf --config $(CONFIG)
+	$(BIN)/twinface train --framework tf --config $(CONFIG) --nproc $(NPROC)
 
 bench: setup
 	$(BIN)/twinface bench

@@ -21,32 +21,9 @@ os.environ.setdefault("TF2ONNX_CATCH_ERRORS", "FALSE")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-ROWS = []
+from twinface.testing import PARITY_ROWS, Parity, parity_summary  # noqa: E402
+
 CHILD = "TWINFACE_PARITY_PARENT"          # set in a large check's own process: the pid of the room's process
-
-
-def _np(x):
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    elif hasattr(x, "numpy"):
-        x = x.numpy()
-    return np.asarray(x, dtype=np.float64)
-
-
-class Parity:
-    def check(self, what: str, a, b, tol: float, relative: bool = False):
-        """Record max|a - b| (divided by max|a| when `relative`) against `tol`, and assert it."""
-        a, b = _np(a), _np(b)
-        assert a.shape == b.shape, f"{what}: shapes differ {a.shape} vs {b.shape}"
-        assert np.isfinite(a).all() and np.isfinite(b).all(), f"{what}: non-finite values"
-        diff = float(np.max(np.abs(a - b))) if a.size else 0.0
-        if relative:
-            diff /= max(float(np.max(np.abs(a))), 1e-12)
-        ok = diff <= tol
-        ROWS.append({"what": what, "max_diff": diff, "tolerance": tol, "relative": relative,
-                     "result": "pass" if ok else "FAIL"})
-        assert ok, f"{what}: max {'relative ' if relative else ''}diff {diff:.3g} > tolerance {tol:g}"
-        return diff
 
 
 @pytest.fixture(scope="session")
@@ -82,28 +59,13 @@ def pytest_pyfunc_call(pyfuncitem):
                                cwd=str(pyfuncitem.config.rootpath), env=env, capture_output=True, text=True)
         if os.path.exists(rows):
             with open(rows) as f:
-                ROWS.extend(json.load(f)["rows"])
+                PARITY_ROWS.extend(json.load(f)["rows"])
     assert child.returncode == 0, f"{pyfuncitem.nodeid} failed in its own process:\n{child.stdout[-6000:]}"
     return True
 
 
 def pytest_terminal_summary(terminalreporter):
-    if not ROWS:
-        return
-    tr = terminalreporter
-    width = max(len(r["what"]) for r in ROWS)
-    tr.section("twinface parity")
-    tr.write_line(f"{'what':<{width}}  {'max diff':>10}  {'tolerance':>10}  result")
-    for r in ROWS:
-        tol = f"{r['tolerance']:.0e}{' rel' if r['relative'] else ''}"
-        tr.write_line(f"{r['what']:<{width}}  {r['max_diff']:>10.2e}  {tol:>10}  {r['result']}")
-    failed = sum(r["result"] != "pass" for r in ROWS)
-    tr.write_line(f"{len(ROWS) - failed} of {len(ROWS)} rows pass")
-    path = os.environ.get("TWINFACE_PARITY_JSON")
-    if path:
-        with open(path, "w") as f:
-            json.dump({"rows": ROWS, "failed": failed}, f, indent=2)
-        tr.write_line(f"JSON: {path}")
+    parity_summary(terminalreporter)
 
 
 # --- building twins with the same weights -------------------------------------------------------------

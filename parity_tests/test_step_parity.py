@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from twinface import config
+from twinface.testing import STEP_CAP
 
 LR = {"sgd": 0.1, "adamw": 1e-3}
-STEP_CAP = 1e-3        # TF vs torch, / update scale, whatever torch's own error
 TORCH_CAP = 2e-3       # torch fp32 vs float64, / update scale
 
 

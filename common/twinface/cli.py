@@ -332,11 +332,14 @@ def _add_parity(sub):
     p.add_argument("--quick", action="store_true", help="skip the large backbones (r100, r200)")
 
 
+PARITY_ROOMS = ("parity_tests", "distributed_tests")       # one table: cross-framework and scale-out proofs
+
+
 def parity_command(quick: bool) -> list:
-    """pytest over the parity room; --quick deselects the checks marked `large` (IResNet-100/200)."""
+    """pytest over the parity rooms; --quick deselects the checks marked `large` (IResNet-100/200)."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(["-m", "not large"] if quick else []),
-            os.path.join(root, "parity_tests")]
+            *(os.path.join(root, room) for room in PARITY_ROOMS)]
 
 
 def _run_parity(args):
@@ -355,18 +358,27 @@ def _add_train(sub):
     p.add_argument("--output", help="run directory (default: the config's output, suffixed by the framework)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last full checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start over in a directory that holds a previous run")
+    p.add_argument("--nproc", type=POSITIVE_INT, default=1,
+                   help="processes on this machine (torchrun for torch, MultiWorkerMirroredStrategy workers for tf); "
+                        "train.batch_size is per process")
 
 
 def _run_train(args):
     from . import config as config_mod
+    from . import launch
     from .trainer import Trainer
-    cfg = config_mod.load(args.config, args.set)
+    cfg = config_mod.load(args.config, args.set)         # a bad config fails here, before any process starts
+    if args.nproc > 1 and not launch.launched():
+        argv = ["train", "--framework", args.framework, "--config", args.config,
+                *[a for s in args.set for a in ("--set", s)], *(["--output", args.output] if args.output else []),
+                *(["--resume"] if args.resume else []), *(["--overwrite"] if args.overwrite else [])]
+        raise SystemExit(launch.launch(args.framework, args.nproc, argv))
     cfg.output = args.output or f"{cfg.output}_{args.framework}"
     if args.framework == "torch":
         from twinface_torch.train import TorchTwin as Twin
     else:
         from twinface_tf.train import TFTwin as Twin
-    Trainer(cfg, Twin(), resume=args.resume, overwrite=args.overwrite).run()
+    Trainer(cfg, Twin(timeout_s=cfg.train.distributed_timeout_s), resume=args.resume, overwrite=args.overwrite).run()
 
 
 def _add_convert(sub):

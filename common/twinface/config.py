@@ -90,6 +90,7 @@ class DataConfig:
 class TrainConfig:
     batch_size: int = 128
     epochs: int = 20
+    max_steps: int = 0                          # stop after this many steps (0 = train all epochs): smoke runs
     log_every: int = 20                         # steps between progress lines
     checkpoint_every: int = 1                   # epochs between full checkpoints
     max_bad_steps: int = 5                      # NaN/Inf losses tolerated (updates skipped) before the run stops
@@ -98,6 +99,7 @@ class TrainConfig:
     loss_scale: float = 65536.0                 # fp16: initial loss scale (torch GradScaler's 2**16)
     loss_scale_growth_interval: int = 100       # fp16: finite steps before the scale doubles (arcface_torch)
     resume: bool = False
+    distributed_timeout_s: float = 1800.0       # several processes: a collective waiting this long fails the run
 
 
 @dataclass
@@ -271,6 +273,8 @@ RANGES = {
     "train.log_every": AT_LEAST_1,
     "train.checkpoint_every": AT_LEAST_1,
     "train.max_bad_steps": NON_NEGATIVE,
+    "train.distributed_timeout_s": POSITIVE,
+    "train.max_steps": NON_NEGATIVE,
     "train.clip_grad_norm": NON_NEGATIVE,       # 0 = off
     "train.loss_scale": Range(1),               # below 1 the scaled loss loses fp16 range instead of gaining it
     "train.loss_scale_growth_interval": AT_LEAST_1,

@@ -3,7 +3,9 @@
 The trainer calls these before it writes anything, so a refused start leaves the directory as it was.
 """
 import fcntl
+import glob
 import os
+import re
 
 import yaml
 
@@ -15,8 +17,9 @@ SUMMARY_NAME = "summary.json"
 
 # Keys a resumed run may change: they alter neither the weights a step computes nor the data order.
 # train.epochs moves the end (and the lr schedule of the steps still to come), as asked for.
-RESUME_SAFE = ("output", "train.epochs", "train.log_every", "train.checkpoint_every", "train.max_bad_steps",
-               "train.resume", "val.", "data.num_workers", "data.memory_cache_gb")
+RESUME_SAFE = ("output", "train.epochs", "train.max_steps", "train.log_every", "train.checkpoint_every",
+               "train.max_bad_steps", "train.resume", "train.distributed_timeout_s", "val.", "data.num_workers",
+               "data.memory_cache_gb")
 
 
 class RunLocked(RuntimeError):
@@ -92,3 +95,36 @@ def config_changes(out_dir: str, cfg: config_mod.Config):
             change = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
             (safe if key.startswith(RESUME_SAFE) else breaking).append(change)
     return breaking, safe
+
+
+# -- several ranks: one head shard file per rank and checkpoint ------------------------------------------------
+# Ranks write their shards (state.rank1.step00000120.pt) first; rank 0's state file, written once all shards are
+# on disk, names the step and so commits the checkpoint. Older shards go only after that, so a kill at any moment
+# leaves a state file whose shards all exist.
+
+def shard_path(state_path: str, rank: int, step: int) -> str:
+    stem, ext = os.path.splitext(state_path)
+    return f"{stem}.rank{rank}.step{step:08d}{ext}"
+
+
+def shard_files(state_path: str, rank: int = None) -> list:
+    """Shard files next to `state_path` (of one rank, or of all), as names relative to its directory."""
+    stem, ext = os.path.splitext(state_path)
+    pattern = re.compile(re.escape(os.path.basename(stem)) + r"\.rank(\d+)\.step\d{8}" + re.escape(ext) + "$")
+    return sorted(os.path.basename(p) for p in glob.glob(f"{glob.escape(stem)}.rank*.step*{ext}")
+                  if (m := pattern.match(os.path.basename(p))) and (rank is None or int(m.group(1)) == rank))
+
+
+def remove_older_shards(state_path: str, rank: int, step: int):
+    keep = os.path.basename(shard_path(state_path, rank, step))
+    for name in shard_files(state_path, rank):
+        if name != keep:
+            os.remove(os.path.join(os.path.dirname(state_path), name))
+
+
+def check_world_size(path: str, meta: dict, world_size: int):
+    saved = meta.get("world_size", 1)
+    if saved != world_size:
+        raise ValueError(f"{path}: the run was trained over {saved} process(es), this resume has {world_size}; the "
+                         f"head's class centres are sharded by the process count, so resume with {saved} "
+                         f"(--nproc {saved})")

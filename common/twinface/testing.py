@@ -1,6 +1,9 @@
 """Small, fast building blocks for tests of either twin: a tiny synthetic set and a config that trains in seconds."""
 import copy
+import json
 import os
+
+import numpy as np
 
 from . import config
 from .data import synth
@@ -188,3 +191,56 @@ def with_external_weight(model_path, out_path, location: str) -> str:
     model.graph.node[1].input[0] = "scaled"
     onnx.save(model, os.fspath(out_path))
     return os.fspath(out_path)
+
+
+# -- the parity table: parity_tests and distributed_tests add rows to one table (`twinface parity` runs both) -------
+PARITY_ROWS = []
+STEP_CAP = 1e-3        # a training step's weights, twin vs twin (or N ranks vs 1): difference / update, at most
+
+
+def _np(x):
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    elif hasattr(x, "numpy"):
+        x = x.numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+class Parity:
+    def check(self, what: str, a, b, tol: float, relative: bool = False):
+        """Record max|a - b| (divided by max|a| when `relative`) against `tol`, and assert it."""
+        a, b = _np(a), _np(b)
+        assert a.shape == b.shape, f"{what}: shapes differ {a.shape} vs {b.shape}"
+        assert np.isfinite(a).all() and np.isfinite(b).all(), f"{what}: non-finite values"
+        diff = float(np.max(np.abs(a - b))) if a.size else 0.0
+        if relative:
+            diff /= max(float(np.max(np.abs(a))), 1e-12)
+        ok = diff <= tol
+        PARITY_ROWS.append({"what": what, "max_diff": diff, "tolerance": tol, "relative": relative,
+                            "result": "pass" if ok else "FAIL"})
+        assert ok, f"{what}: max {'relative ' if relative else ''}diff {diff:.3g} > tolerance {tol:g}"
+        return diff
+
+
+_summarised = []
+
+
+def parity_summary(tr):
+    """Print the table once (each room's conftest calls this) and write it as JSON to TWINFACE_PARITY_JSON."""
+    if not PARITY_ROWS or _summarised:
+        return
+    _summarised.append(True)
+    rows = PARITY_ROWS
+    width = max(len(r["what"]) for r in rows)
+    tr.section("twinface parity")
+    tr.write_line(f"{'what':<{width}}  {'max diff':>10}  {'tolerance':>10}  result")
+    for r in rows:
+        tol = f"{r['tolerance']:.0e}{' rel' if r['relative'] else ''}"
+        tr.write_line(f"{r['what']:<{width}}  {r['max_diff']:>10.2e}  {tol:>10}  {r['result']}")
+    failed = sum(r["result"] != "pass" for r in rows)
+    tr.write_line(f"{len(rows) - failed} of {len(rows)} rows pass")
+    path = os.environ.get("TWINFACE_PARITY_JSON")
+    if path:
+        with open(path, "w") as f:
+            json.dump({"rows": rows, "failed": failed}, f, indent=2)
+        tr.write_line(f"JSON: {path}")

@@ -13,7 +13,12 @@ verification sets, checkpoint cadence, resume and the closing summary. A twin ad
     train_step(images, labels, lr_backbone, lr_head) -> float loss; applies no update when the loss is not finite
     embed(images uint8 NHWC) -> float32 [N, D]        (eval mode)
     save_backbone(path), save_state(path, meta), load_state(path) -> meta      (atomic writes)
+    save_shard(path, meta), load_shard(path) -> meta     this rank's head shard (several ranks only)
+    barrier()                                            wait for every rank (a no-op in one process)
     export_onnx(path) -> max abs diff vs onnxruntime
+
+Several processes (torchrun, or TF_CONFIG workers) run this same loop, each on its shard of every batch: rank 0
+alone logs, evaluates and writes the backbone, every rank writes its head shard (docs/distributed.md).
 """
 import contextlib
 import dataclasses
@@ -118,12 +123,18 @@ class Trainer:
         first, then evaluate), export and summarise."""
         self.t_start = time.time()
         with self._claim_directory():
+            if not self.is_main:
+                self.twin.barrier()                # rank 0 first: it checks the directory and makes the data
             dataset, bins = self._open_data()
+            if self.is_main:
+                self.twin.barrier()
             sampler = EpochSampler(len(dataset), self.cfg.train.batch_size, seed=self.cfg.seed, rank=self.twin.rank,
                                    world_size=self.twin.world_size, flip=self.cfg.data.flip)
             self.steps_per_epoch = sampler.steps_per_epoch()
             self.total_steps = self.steps_per_epoch * self.cfg.train.epochs
             self.lr_of = schedule.from_config(self.cfg, self.total_steps, self.steps_per_epoch)
+            # train.max_steps ends the run early (smoke runs of a recipe); the schedule stays the full run's
+            self.last_step = min(self.total_steps, self.cfg.train.max_steps or self.total_steps)
             self.twin.build(self.cfg, dataset.num_classes)
             progress = self._restore() if self.resume else self._start_weights(dataset.num_classes)
             finished = self._finished_summary(progress)
@@ -137,7 +148,7 @@ class Trainer:
                 self.tb = TensorBoard(self.tb_dir, purge_from=progress.step + 1 if self.resume else None)
                 self._measure_loader(dataset, sampler)
             try:
-                while progress.step < self.total_steps:
+                while progress.step < self.last_step:
                     self._train_epoch(dataset, sampler, progress)
                     self._end_epoch(progress)
                 return self._finish(progress)
@@ -161,7 +172,8 @@ class Trainer:
             yield
 
     def _check_fresh(self):
-        found = run_dir.existing_outputs(self.out, self._outputs()) + run_dir.tensorboard_events(self.tb_dir)
+        found = (run_dir.existing_outputs(self.out, self._outputs()) + run_dir.tensorboard_events(self.tb_dir)
+                 + run_dir.shard_files(self.state_path))
         if found and not self.overwrite:
             raise FileExistsError(f"{self.out} already holds a training run ({', '.join(found)}); pass --resume "
                                   f"to continue it or --overwrite to start it over")
@@ -209,6 +221,8 @@ class Trainer:
 
     def _restore(self) -> Progress:
         progress = Progress.from_meta(self.twin.load_state(self.state_path))
+        if self.twin.world_size > 1:
+            self.twin.load_shard(run_dir.shard_path(self.state_path, self.twin.rank, progress.step))
         self.history = [h for h in self._saved_summary().get("history", []) if h["step"] <= progress.step]
         self.log.info(f"resumed from {self.state_path} at step {progress.step} "
                       f"(epoch {progress.step // self.steps_per_epoch})")
@@ -224,9 +238,9 @@ class Trainer:
     def _finished_summary(self, progress: Progress):
         """A resumed run that already reached its end keeps its outputs as they are."""
         saved = self._saved_summary()
-        if progress.step < self.total_steps or not saved.get("finished") or saved.get("steps") != progress.step:
+        if progress.step < self.last_step or not saved.get("finished") or saved.get("steps") != progress.step:
             return None
-        self.log.info(f"{self.out}: the run is finished (step {progress.step} of {self.total_steps}); nothing "
+        self.log.info(f"{self.out}: the run is finished (step {progress.step} of {self.last_step}); nothing "
                       f"changed. Raise train.epochs to train on.")
         return saved
 
@@ -275,9 +289,11 @@ class Trainer:
                 self.tb.scalar("train/lr", lr, progress.step)
                 if self.twin.loss_scale is not None:
                     self.tb.scalar("train/loss_scale", self.twin.loss_scale, progress.step)
-            if self.is_main and (progress.step % self.cfg.train.log_every == 0 or progress.step == self.total_steps):
+            if self.is_main and (progress.step % self.cfg.train.log_every == 0 or progress.step == self.last_step):
                 self._log_progress(progress, loss, lr, frozen, n_window / max(1e-9, time.time() - t_window))
                 t_window, n_window = time.time(), 0
+            if progress.step == self.last_step:
+                break
 
     def _train_step(self, images, labels, lr, frozen, progress: Progress) -> float:
         """Finetuning: the backbone frozen (lr 0) for freeze_epochs, then at lr x backbone_lr_scale."""
@@ -305,27 +321,43 @@ class Trainer:
 
     def _log_progress(self, progress: Progress, loss, lr, frozen, rate):
         step = progress.step
-        eta = (self.total_steps - step) * self.cfg.train.batch_size / max(rate, 1e-9)
+        eta = (self.last_step - step) * self.cfg.train.batch_size / max(rate, 1e-9)
         scale = self.twin.loss_scale
         skipped = "".join(f" {n} {what}" for n, what in ((progress.overflow_steps, "overflow"),
                                                          (progress.bad_steps, "non-finite")) if n)
         self.log.info(f"epoch {(step - 1) // self.steps_per_epoch + 1}/{self.cfg.train.epochs} step {step}/"
-                      f"{self.total_steps} loss {loss:.4f} lr {lr:.5f}{' (backbone frozen)' if frozen else ''}"
+                      f"{self.last_step} loss {loss:.4f} lr {lr:.5f}{' (backbone frozen)' if frozen else ''}"
                       f"{f' loss scale {scale:g}' if scale is not None else ''}"
                       f"{f' (skipped steps:{skipped})' if skipped else ''} {rate:.1f} img/s ETA {_fmt_time(eta)}")
 
     def _end_epoch(self, progress: Progress):
         """Checkpoint first, so a failing evaluation (or a kill during it) costs nothing; then evaluate."""
+        if self.is_main:
+            self._write(self.twin.save_backbone, self.backbone_path)
+        if (progress.step // self.steps_per_epoch) % self.cfg.train.checkpoint_every == 0 \
+                or progress.step == self.last_step:
+            self._checkpoint(progress)
         if not self.is_main:
             return
-        self._write(self.twin.save_backbone, self.backbone_path)
-        if (progress.step // self.steps_per_epoch) % self.cfg.train.checkpoint_every == 0 \
-                or progress.step == self.total_steps:
-            self._write(lambda path: self.twin.save_state(path, dataclasses.asdict(progress)), self.state_path)
-            self.log.info(f"checkpoint: {self.state_path} (step {progress.step})")
         self._evaluate(progress.step)
         self._write_summary(progress, finished=False)
         self.tb.flush()
+
+    def _checkpoint(self, progress: Progress):
+        """The training state; over several ranks their head shards first, then rank 0's state file (which commits
+        the step), then the older shards go (run_dir: a kill at any point leaves a complete checkpoint)."""
+        meta = {**dataclasses.asdict(progress), "world_size": self.twin.world_size}
+        several = self.twin.world_size > 1
+        if several:
+            shard = run_dir.shard_path(self.state_path, self.twin.rank, progress.step)
+            self._write(lambda path: self.twin.save_shard(path, meta), shard)
+            self.twin.barrier()
+        if self.is_main:
+            self._write(lambda path: self.twin.save_state(path, meta), self.state_path)
+            self.log.info(f"checkpoint: {self.state_path} (step {progress.step})")
+        if several:
+            self.twin.barrier()
+            run_dir.remove_older_shards(self.state_path, self.twin.rank, progress.step)
 
     def _write(self, save, path: str):
         """save(path) through the twin; a failure (disk full, ...) names the file and keeps the previous one."""

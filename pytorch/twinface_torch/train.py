@@ -1,19 +1,20 @@
 """The torch twin's adapter for the shared training loop (twinface.trainer)."""
 import math
-import os
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from twinface import partial_fc as pfc_plan
+from twinface import run_dir
 from twinface.data.transforms import to_model_input
 
-from . import checkpoint, data, export
+from . import checkpoint, data, distributed as dist, export
 from .backbones import get_model
 from .embed import embed_images
 from .heads import get_head
 from .losses import get_loss
 from .optim import build_optimizer
+from .partial_fc import PartialFC
 
 
 STATE_KEYS = ("backbone", "head", "optimizer", "rng", "meta")     # and "scaler" (fp16 loss scale) since #13
@@ -24,14 +25,11 @@ class TorchTwin:
     backbone_filename = "backbone.pth"
     state_filename = "state.pt"
 
-    def __init__(self):
-        # torchrun sets these; a plain process is the world-size-1 case of the same code.
-        self.rank = int(os.environ.get("RANK", 0))
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
-        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
-            else torch.device("cpu")
-        if self.world_size > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+    def __init__(self, timeout_s: float = 1800.0):
+        # torchrun sets the environment; a plain process is the world-size-1 case of the same code.
+        self.rank, self.world_size, local_rank = dist.world()
+        self.device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        dist.init(self.world_size, self.device, timeout_s)
 
     def build(self, cfg, num_classes: int):
         self.cfg = cfg
@@ -42,8 +40,15 @@ class TorchTwin:
         self.backbone = get_model(b.name, num_features=b.num_features, dropout=b.dropout, input_size=b.input_size,
                                   precision=cfg.train.precision, checkpointing=b.checkpointing
                                   ).to(self.device, memory_format=torch.channels_last)
-        self.head = get_head(cfg.head.type, b.num_features, num_classes, **cfg.head_params()).to(self.device)
-        self.loss_fn = get_loss(cfg.loss.type, **({"gamma": cfg.loss.gamma} if cfg.loss.type == "focal" else {}))
+        pfc_plan.check_supported(cfg, self.world_size)
+        if pfc_plan.needed(cfg, self.world_size):
+            self.head = PartialFC(b.num_features, num_classes, cfg.head.sample_rate, self.rank, self.world_size,
+                                  cfg.seed, **cfg.head_params()).to(self.device)
+            self.criterion = self.head                     # the loss of the global batch, on every rank
+        else:
+            self.head = get_head(cfg.head.type, b.num_features, num_classes, **cfg.head_params()).to(self.device)
+            self.loss_fn = get_loss(cfg.loss.type, **({"gamma": cfg.loss.gamma} if cfg.loss.type == "focal" else {}))
+            self.criterion = lambda emb, labels: self.loss_fn(self.head(emb, labels), labels)
         o = cfg.optimizer
         groups = [{"params": [p for p in self.backbone.parameters() if p.requires_grad]},
                   {"params": list(self.head.parameters())}]
@@ -57,7 +62,11 @@ class TorchTwin:
         self.overflow = False                     # the last step was skipped for a loss-scale overflow
         self.model = self.backbone
         if self.world_size > 1:
-            self.model = torch.nn.parallel.DistributedDataParallel(self.backbone)
+            # BN statistics are averaged after each step (distributed.average_buffers), not broadcast from rank 0
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.backbone, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                forward_sync_buffers=False)
+            self.model.register_comm_hook(None, dist.sum_gradients_hook)
         self.frozen = False
         self.backbone.train()
 
@@ -87,30 +96,42 @@ class TorchTwin:
         else:
             self.backbone.train()
             emb = self.model(x)
-        loss = self.loss_fn(self.head(emb.float(), y), y)
+        loss = self.criterion(emb.float(), y)
         self.optimizer.zero_grad(set_to_none=True)
         value, self.overflow = loss.item(), False
-        if math.isfinite(value):
+        # Every decision to skip is taken by all ranks together: DDP's gradient all-reduce needs every rank.
+        if not dist.all_agree(math.isfinite(value), self.device):
+            value = float("nan")
+        else:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)           # clipping and the finiteness check see true gradients
-            if self.scaler.is_enabled() and not all(torch.isfinite(p.grad).all() for group in
-                                                    self.optimizer.param_groups for p in group["params"]
-                                                    if p.grad is not None):
+            finite = not self.scaler.is_enabled() or all(torch.isfinite(p.grad).all() for group in
+                                                         self.optimizer.param_groups for p in group["params"]
+                                                         if p.grad is not None)
+            if not dist.all_agree(finite, self.device):
                 self.overflow = True                        # fp16 range exceeded: back off, skip the step
             elif not self.frozen and self.cfg.train.clip_grad_norm > 0:
                 norm = torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), self.cfg.train.clip_grad_norm)
-                if not torch.isfinite(norm):
+                if not dist.all_agree(bool(torch.isfinite(norm)), self.device):
                     value = float("nan")
         if not math.isfinite(value) or self.overflow:
             for buf, old in zip(self._buffers(), saved):
                 buf.copy_(old)
             if self.overflow:
-                self.scaler.update()                        # halves the scale (unscale_ recorded the inf)
+                self._back_off()
             self.optimizer.zero_grad(set_to_none=True)
             return value
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        dist.average_buffers(self.backbone)
         return value
+
+    def _back_off(self):
+        """GradScaler.update after an inf: halve the scale, restart its growth count. Set explicitly, because with
+        sharded heads the inf may have shown on another rank only, and every rank must keep the same scale."""
+        saved = self.scaler.state_dict()
+        self.scaler.update()                                # consumes this step's inf checks
+        self.scaler.load_state_dict({**saved, "scale": saved["scale"] * saved["backoff_factor"], "_growth_tracker": 0})
 
     @property
     def loss_scale(self):
@@ -128,8 +149,15 @@ class TorchTwin:
         checkpoint.save_backbone(self.backbone, path)
 
     def save_state(self, path: str, meta: dict):
-        state = dict(zip(STATE_KEYS, (self.backbone.state_dict(), self.head.state_dict(),
-                                      self.optimizer.state_dict(), torch.get_rng_state(), meta)),
+        """The run's state; over several ranks without the head and its optimizer state (each rank's shard file
+        holds those: save_shard)."""
+        optimizer = self.optimizer.state_dict()
+        head = self.head.state_dict()
+        if self.world_size > 1:
+            head_ids = set(optimizer["param_groups"][1]["params"])
+            optimizer = {**optimizer, "state": {i: v for i, v in optimizer["state"].items() if i not in head_ids}}
+            head = {}
+        state = dict(zip(STATE_KEYS, (self.backbone.state_dict(), head, optimizer, torch.get_rng_state(), meta)),
                      scaler=self.scaler.state_dict())
         checkpoint.save_file(state, path)
 
@@ -138,16 +166,44 @@ class TorchTwin:
         missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
         if missing:
             raise ValueError(f"{path}: not a twinface training state (no '{missing[0]}' entry)")
+        run_dir.check_world_size(path, state["meta"], self.world_size)
         checkpoint.load_into(self.backbone, state["backbone"], path)
         try:
-            self.head.load_state_dict(state["head"])
+            if self.world_size == 1:
+                self.head.load_state_dict(state["head"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scaler.load_state_dict(state.get("scaler", {}))
         except (RuntimeError, ValueError) as e:
             raise ValueError(f"{path}: the saved head or optimizer does not fit this config "
                              f"({str(e).strip().splitlines()[0]})") from None
         torch.set_rng_state(state["rng"].cpu())
+        if isinstance(self.head, PartialFC):
+            self.head.step = state["meta"]["step"]          # the negatives drawn next are those of that step
         return state["meta"]
+
+    def save_shard(self, path: str, meta: dict):
+        """This rank's head shard and its optimizer state (several ranks only)."""
+        moments = [self.optimizer.state.get(p, {}) for p in self.head.parameters()]
+        checkpoint.save_file({"head": self.head.state_dict(), "head_optimizer": moments, "meta": meta}, path)
+
+    def load_shard(self, path: str) -> dict:
+        shard = checkpoint.load_file(path, self.device)
+        if not isinstance(shard, dict) or not {"head", "head_optimizer", "meta"} <= set(shard):
+            raise ValueError(f"{path}: not a twinface head shard (expected 'head', 'head_optimizer', 'meta')")
+        for name, tensor in self.head.state_dict().items():
+            saved = shard["head"].get(name)
+            if saved is None or saved.shape != tensor.shape:
+                raise ValueError(f"{path}: head shard '{name}' has shape "
+                                 f"{None if saved is None else tuple(saved.shape)}, rank {self.rank} of "
+                                 f"{self.world_size} holds {tuple(tensor.shape)}")
+        self.head.load_state_dict(shard["head"])
+        for p, moments in zip(self.head.parameters(), shard["head_optimizer"]):
+            if moments:
+                self.optimizer.state[p] = moments
+        return shard["meta"]
+
+    def barrier(self):
+        dist.barrier()
 
     def export_onnx(self, path: str) -> float:
         b = self.cfg.backbone

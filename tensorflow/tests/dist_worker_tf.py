@@ -1,6 +1,6 @@
-"""One worker of a 2-worker TF run for test_distributed_tf.py: `python dist_worker_tf.py SPEC.json RANK`.
+"""One worker of a 2-worker TF run for test_distributed_tf.py: `TF_CONFIG=... python dist_worker_tf.py SPEC.json`.
 
-TF_CONFIG comes from the spec's ports. Inputs come from the spec's inputs .npz (the test owns them and the
+Inputs come from the spec's inputs .npz (the test owns them and the
 single-process references); everything the test compares goes to <out>/worker<RANK>.npz. Jobs, in order:
 - pfc_<rate>: PartialFC alone on fixed embeddings (this worker's contiguous half of the global batch): loss,
   gradients for its embedding rows and its centres, the centres it sampled.
@@ -19,18 +19,15 @@ import time
 
 import numpy as np
 
-SPEC, RANK = json.load(open(sys.argv[1])), int(sys.argv[2])
-os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in SPEC["ports"]]},
-                                      "task": {"type": "worker", "index": RANK}})
+import tensorflow as tf
 
-import tensorflow as tf  # noqa: E402  (after TF_CONFIG)
+from twinface import config
+from twinface_tf import distributed as dist, partial_fc
+from twinface_tf.train import TFTwin
 
-from twinface import config  # noqa: E402
-from twinface_tf import distributed as dist, partial_fc  # noqa: E402
-from twinface_tf.train import TFTwin  # noqa: E402
-
-WORLD = len(SPEC["ports"])
-twin = TFTwin()                       # the strategy first: collectives are configured at program start
+SPEC = json.load(open(sys.argv[1]))
+RANK, WORLD = dist.world()                # from the TF_CONFIG the test sets
+twin = TFTwin(timeout_s=SPEC["timeout_s"])  # the strategy first: collectives are configured at program start
 inputs = np.load(SPEC["inputs"])
 out = {}
 

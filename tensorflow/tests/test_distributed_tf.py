@@ -17,6 +17,7 @@ import pytest
 import tensorflow as tf
 
 from twinface import config, partial_fc as plan
+from twinface.launch import free_ports, tf_config, worker_env
 from twinface.data.transforms import to_model_input
 from twinface_tf.heads import MarginHead
 from twinface_tf.losses import cross_entropy
@@ -35,16 +36,6 @@ LR = 0.1
 STEP_TOL = 1e-3
 
 
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _launch(tmp_path, jobs, timeout, **spec):
     """Both workers to the end (or `timeout` s); returns {rank: npz dict or None}, their logs, and the seconds."""
     rng = np.random.default_rng(7)
@@ -53,13 +44,13 @@ def _launch(tmp_path, jobs, timeout, **spec):
              labels=rng.integers(0, CLASSES, WORLD * BATCH).astype(np.int64), num_classes=CLASSES,
              images=rng.integers(0, 256, (WORLD * BATCH, 32, 32, 3), dtype=np.uint8))
     spec_path = tmp_path / "spec.json"
-    spec_path.write_text(json.dumps({"ports": _free_ports(WORLD), "inputs": str(inputs), "out": str(tmp_path),
-                                     "jobs": jobs, "config": CONFIG, "lr": LR, **spec}))
-    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    spec_path.write_text(json.dumps({"inputs": str(inputs), "out": str(tmp_path), "jobs": jobs, "config": CONFIG,
+                                     "lr": LR, "timeout_s": 600, **spec}))
+    ports = free_ports(WORLD)
     logs = [open(tmp_path / f"worker{r}.log", "w") for r in range(WORLD)]
     t0 = time.time()
-    procs = [subprocess.Popen([sys.executable, WORKER, str(spec_path), str(r)], stdout=logs[r],
-                              stderr=subprocess.STDOUT, env=env) for r in range(WORLD)]
+    procs = [subprocess.Popen([sys.executable, WORKER, str(spec_path)], stdout=logs[r], stderr=subprocess.STDOUT,
+                              env=worker_env(WORLD, {"TF_CONFIG": tf_config(ports, r)})) for r in range(WORLD)]
     try:
         for p in procs:
             p.wait(timeout=max(1.0, timeout - (time.time() - t0)))
@@ -270,17 +261,17 @@ def test_a_busy_port_is_a_clear_error():
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         address = f"127.0.0.1:{busy.getsockname()[1]}"
-        tf_config = {"cluster": {"worker": [address, f"127.0.0.1:{_free_ports(1)[0]}"]},
-                     "task": {"type": "worker", "index": 0}}
+        workers = {"cluster": {"worker": [address, f"127.0.0.1:{free_ports(1)[0]}"]},
+                   "task": {"type": "worker", "index": 0}}
         done = subprocess.run([sys.executable, "-c", "from twinface_tf.train import TFTwin; TFTwin()"],
-                              env={**os.environ, "TF_CONFIG": json.dumps(tf_config)}, capture_output=True,
+                              env={**os.environ, "TF_CONFIG": json.dumps(workers)}, capture_output=True,
                               text=True, timeout=120)
     assert done.returncode != 0
     assert f"OSError: TF_CONFIG: worker 0 cannot serve {address} (is the port in use?)" in done.stderr, \
         done.stderr[-3000:]
 
 
-@pytest.mark.parametrize("tf_config, expected", [
+@pytest.mark.parametrize("workers, expected", [
     ({}, (0, 1)),
     ({"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 0}}, (0, 1)),
     ({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}, (1, 2)),
@@ -289,9 +280,9 @@ def test_a_busy_port_is_a_clear_error():
     ({"cluster": {"worker": ["a:1", "b:2"], "chief": ["c:3"]}, "task": {"type": "worker", "index": 1}},
      "TF_CONFIG: the cluster may name only 'worker' tasks (worker 0 is the chief), got ['chief']"),
 ])
-def test_rank_and_world_size_come_from_tf_config(monkeypatch, tf_config, expected):
+def test_rank_and_world_size_come_from_tf_config(monkeypatch, workers, expected):
     from twinface_tf import distributed as dist
-    monkeypatch.setenv("TF_CONFIG", json.dumps(tf_config))
+    monkeypatch.setenv("TF_CONFIG", json.dumps(workers))
     if isinstance(expected, str):
         with pytest.raises(ValueError, match=re.escape(expected)):
             dist.world()

@@ -38,15 +38,17 @@ def world() -> tuple:
     return int(task["index"]), len(workers)
 
 
-def strategy(world_size: int):
+def strategy(world_size: int, timeout_s: float):
     """MultiWorkerMirroredStrategy over TF_CONFIG's workers; the default (no-op) strategy for one process.
-    A worker that dies is noticed by its peers' next collective (connection reset), and one that hangs by the
-    coordination service's heartbeat (about 10 s), so no collective timeout is set: rank 0 evaluating while the
-    others wait in the next step must not count as a failure."""
+    A worker that dies is noticed by its peers' next collective (connection reset, well under a second here), and
+    one that hangs or whose host vanishes by the coordination service's missed heartbeats (about 10 s);
+    `timeout_s` bounds any collective beyond that (it must outlast rank 0's evaluation and checkpoints, which
+    the others wait through)."""
     if world_size == 1:
         return tf.distribute.get_strategy()
     options = tf.distribute.experimental.CommunicationOptions(
-        implementation=tf.distribute.experimental.CommunicationImplementation.AUTO)      # RING on CPU, NCCL on GPU
+        implementation=tf.distribute.experimental.CommunicationImplementation.AUTO,     # RING on CPU, NCCL on GPU
+        timeout_seconds=timeout_s)
     try:
         s = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     except tf.errors.UnknownError as e:                # TF's only words for a busy port

@@ -35,11 +35,11 @@ class TFTwin:
     backbone_filename = "backbone.weights.h5"
     state_filename = "state.npz"
 
-    def __init__(self):
+    def __init__(self, timeout_s: float = 1800.0):
         # TF_CONFIG naming several workers: MultiWorkerMirroredStrategy, one replica per worker process (it must
-        # be created before any other TensorFlow operation runs)
+        # be created before any other TensorFlow operation runs); timeout_s bounds every collective
         self.rank, self.world_size = dist.world()
-        self.strategy = dist.strategy(self.world_size)
+        self.strategy = dist.strategy(self.world_size, timeout_s)
 
     def build(self, cfg, num_classes: int):
         plan.check_supported(cfg, self.world_size)
