@@ -73,7 +73,7 @@ def train_job():
         poison.assign(np.nan if RANK == 1 and step == SPEC.get("nan_at") else 0.0)
         out[f"train/loss{step}"] = twin.train_step(images, labels, SPEC["lr"], SPEC["lr"])
         save_weights(f"train/{step}")
-    meta = {"step": SPEC["steps"]}
+    meta = {"step": SPEC["steps"], "world_size": WORLD}        # as the trainer writes it
     state, shard = (os.path.join(SPEC["out"], name) for name in ("state.npz", f"shard{RANK}.npz"))
     twin.save_shard(shard, meta)
     if RANK == 0:

@@ -213,7 +213,8 @@ def test_nan_on_one_worker_skips_the_step_on_both(run):
 
 def test_checkpoint_files_split_backbone_and_shards_and_refuse_another_world_size(run):
     """Several workers: rank 0's state holds no head, each shard only its own centres and their optimizer
-    state; a 1-process run (all 200 centres in one shard) refuses a shard of 2 (100 centres), naming both."""
+    state; a 1-process run (all 200 centres in one shard) refuses a shard of 2 (100 centres) and the state of
+    2 processes, naming both sizes."""
     results, _, tmp = run
     state, shard = np.load(tmp / "state.npz"), np.load(tmp / "shard1.npz")
     assert {k.split("/")[0] for k in state.files} == {"backbone", "opt_backbone", "meta"}
@@ -225,7 +226,8 @@ def test_checkpoint_files_split_backbone_and_shards_and_refuse_another_world_siz
     with pytest.raises(ValueError, match=re.escape(f"{tmp / 'shard1.npz'}: 'head/0000' (") + r"\S+weight\) " +
                        re.escape("has shape (100, 32), expected (200, 32) for the head shard of rank 0 of 1")):
         twin.load_shard(str(tmp / "shard1.npz"))
-    with pytest.raises(ValueError, match=re.escape(f"{tmp / 'state.npz'}: training state has no 'head/0000'")):
+    with pytest.raises(ValueError, match=re.escape(f"{tmp / 'state.npz'}: the run was trained over 2 process(es), "
+                                                   f"this resume has 1")):
         twin.load_state(str(tmp / "state.npz"))
 
 

@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from twinface import partial_fc as plan
+from twinface import partial_fc as plan, run_dir
 from twinface.atomic import atomic_path
 from twinface.data.transforms import to_model_input
 
@@ -195,6 +195,11 @@ class TFTwin:
     def _load(self, path: str, shard: bool) -> dict:
         saved = _read_npz(path)
         what = f"head shard of rank {self.rank} of {self.world_size}" if shard else "training state"
+        if "meta" not in saved:
+            raise ValueError(f"{path}: {what} has no 'meta' entry")
+        meta = json.loads(str(saved["meta"]))
+        if not shard:
+            run_dir.check_world_size(path, meta, self.world_size)
         variables = self._variables(shard)
         for key, var in variables.items():
             if key not in saved:
@@ -203,11 +208,8 @@ class TFTwin:
                 raise ValueError(f"{path}: '{key}' ({var.path}) has shape {saved[key].shape}, expected "
                                  f"{tuple(var.shape)} for the {what} (saved with another world size or "
                                  f"number of classes?)")
-        if "meta" not in saved:
-            raise ValueError(f"{path}: {what} has no 'meta' entry")
         for key, var in variables.items():
             var.assign(saved[key])
-        meta = json.loads(str(saved["meta"]))
         if isinstance(self.head, PartialFC):         # the negatives' draw continues where the run stopped
             self.head.step.assign(int(meta.get("step", 0)))
         return meta
