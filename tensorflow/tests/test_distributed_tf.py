@@ -106,6 +106,8 @@ def test_partial_fc_over_two_workers_is_margin_head_cross_entropy(run):
         assert _rel(results[r]["pfc_1.0/loss"], loss) < 1e-5      # the same global loss on every worker
     got_emb = np.concatenate([results[r]["pfc_1.0/grad_emb"] for r in range(WORLD)])
     got_centres = np.concatenate([results[r]["pfc_1.0/grad_weight"] for r in range(WORLD)])
+    print(f"PFC 1.0 over 2 workers vs MarginHead + CE: loss {_rel(results[0]['pfc_1.0/loss'], loss):.1e}, "
+          f"d/d embeddings {_rel(got_emb, grad_emb):.1e}, d/d centres {_rel(got_centres, grad_centres):.1e}")
     assert _rel(got_emb, grad_emb) < 1e-4, _rel(got_emb, grad_emb)
     assert _rel(got_centres, grad_centres) < 1e-4, _rel(got_centres, grad_centres)
 
@@ -130,6 +132,9 @@ def test_sampled_centres_are_common_selects_and_the_loss_is_single_process(run):
     assert _rel(got_emb, grad_emb) < 1e-4
     got_picked = np.concatenate([results[r]["pfc_0.1/grad_weight"][results[r]["pfc_0.1/index"]]
                                  for r in range(WORLD)])
+    print(f"PFC 0.1 over 2 workers vs 1 process on the picked centres: loss "
+          f"{_rel(results[0]['pfc_0.1/loss'], loss):.1e}, d/d embeddings {_rel(got_emb, grad_emb):.1e}, "
+          f"d/d picked centres {_rel(got_picked, grad_picked):.1e}")
     assert _rel(got_picked, grad_picked) < 1e-4
     for r in range(WORLD):                     # centres left out of the draw get no gradient
         unpicked = np.delete(results[r]["pfc_0.1/grad_weight"], results[r]["pfc_0.1/index"], axis=0)
@@ -183,6 +188,7 @@ def test_two_workers_by_4_step_like_one_process_by_8(run):
     np.testing.assert_array_equal(np.concatenate([start[-1], _weights(results[1], 0, count)[-1]]), _centres())
     start = start[:-1] + [_centres()]                          # the whole head, both shards
     loss, backbone, centres = _reference_step(start, inputs["images"], inputs["labels"])
+    print(f"2 workers x 4 vs 1 process x 8: loss {_rel(results[0]['train/loss1'], loss):.1e}")
     for r in range(WORLD):
         assert _rel(results[r]["train/loss1"], loss) < 1e-5
     after = [_weights(results[r], 1, count) for r in range(WORLD)]
