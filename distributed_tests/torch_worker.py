@@ -19,24 +19,7 @@ from twinface_torch import distributed as dist
 from twinface_torch.partial_fc import PartialFC
 from twinface_torch.train import TorchTwin
 
-D, CLASSES, GLOBAL_BATCH = 32, 10, 8
-HEAD_CLASSES = 40           # the head checks: enough centres that sampling draws negatives too
-ARCFACE = {"s": 64.0, "m1": 1.0, "m2": 0.5, "m3": 0.0}
-
-
-def global_batch(size=32, classes=CLASSES):
-    rng = np.random.default_rng(7)
-    return (rng.integers(0, 256, (GLOBAL_BATCH, size, size, 3), dtype=np.uint8),
-            rng.integers(0, classes, GLOBAL_BATCH).astype(np.int64))
-
-
-def embeddings():
-    return np.random.default_rng(8).standard_normal((GLOBAL_BATCH, D)).astype(np.float32)
-
-
-def mine(x, rank, world):
-    n = len(x) // world
-    return x[rank * n:(rank + 1) * n]
+from inputs import ARCFACE, CLASSES, D, HEAD_CLASSES, embeddings, global_batch, mine, step_config
 
 
 def head(sample_rate, out):
@@ -49,12 +32,6 @@ def head(sample_rate, out):
     loss.backward()
     np.savez(os.path.join(out, f"rank{rank}.npz"), loss=loss.item(), emb_grad=emb.grad.numpy(),
              weight_grad=pfc.weight.grad.numpy(), index=pfc.last_index, class_start=pfc.class_start)
-
-
-def step_config(world):
-    return config.from_dict({"seed": 0, "backbone": {"name": "mbf", "input_size": 32, "num_features": D},
-                             "head": {"type": "arcface"}, "optimizer": {"lr": 0.1},
-                             "train": {"batch_size": GLOBAL_BATCH // world}})
 
 
 def step(out, ghost=1):

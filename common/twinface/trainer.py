@@ -151,7 +151,9 @@ class Trainer:
                 while progress.step < self.last_step:
                     self._train_epoch(dataset, sampler, progress)
                     self._end_epoch(progress)
-                return self._finish(progress)
+                summary = self._finish(progress)
+                self.twin.barrier()            # the others wait for rank 0's export: nobody leaves a collective early
+                return summary
             finally:
                 if self.tb:
                     self.tb.close()

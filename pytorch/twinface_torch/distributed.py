@@ -1,6 +1,7 @@
 """torch.distributed as the training loop uses it: the process group torchrun describes, and the three
 collectives Partial FC differentiates through. Every function is the identity when no group is running, so a
 single process is the world-size-1 case of the same code."""
+import atexit
 import datetime
 import os
 
@@ -22,6 +23,8 @@ def init(world_size: int, device: torch.device, timeout_s: float):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=timeout_s))
+        # an undestroyed group aborts the interpreter's exit ("terminate called without an active exception")
+        atexit.register(dist.destroy_process_group)
 
 
 def running() -> bool:
