@@ -51,11 +51,12 @@ def worker_env(nproc: int, extra: dict) -> dict:
     return env
 
 
-def run_tf_workers(nproc: int, argv: list, grace_s: float = 10.0) -> int:
-    """Start the workers; when one exits with an error stop the others, and return that error's exit code."""
+def run_tf_workers(nproc: int, command: list, grace_s: float = 10.0) -> int:
+    """Start `command` as the workers; when one exits with an error stop the others, and return that error's
+    exit code."""
     ports = free_ports(nproc)
-    procs = [subprocess.Popen([sys.executable, "-m", "twinface.cli", *argv],
-                              env=worker_env(nproc, {"TF_CONFIG": tf_config(ports, i)})) for i in range(nproc)]
+    procs = [subprocess.Popen(command, env=worker_env(nproc, {"TF_CONFIG": tf_config(ports, i)}))
+             for i in range(nproc)]
     try:
         while True:
             codes = [p.poll() for p in procs]
@@ -91,4 +92,4 @@ def launch(framework: str, nproc: int, argv: list) -> int:
     """Run `twinface <argv>` as `nproc` processes of `framework`'s engine; the exit code of the job."""
     if framework == "torch":
         return subprocess.call(torchrun_command(nproc, argv), env=worker_env(nproc, {}))
-    return run_tf_workers(nproc, argv)
+    return run_tf_workers(nproc, [sys.executable, "-m", "twinface.cli", *argv])

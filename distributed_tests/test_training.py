@@ -1,4 +1,5 @@
-"""The whole loop over 2 torch processes: `twinface train --nproc 2` end to end, resume, guard rails, a dead rank."""
+"""The whole loop over 2 processes: `twinface train --nproc 2` end to end in both twins, resume; and in torch the
+guard rails across ranks, a dead rank, the shipped recipes. (The TF twin's own are in tensorflow/tests.)"""
 import json
 import os
 import sys
@@ -30,42 +31,61 @@ def twinface(*args, expect_ok=True):
     return run([sys.executable, "-m", "twinface.cli", *args], expect_ok=expect_ok)
 
 
-def _backbone(run):
-    return torch.load(os.path.join(run, "backbone.pth"), weights_only=True)
+FILES = {"torch": ("backbone.pth", "state.pt", ".weights.h5"), "tf": ("backbone.weights.h5", "state.npz", ".pth")}
 
 
-def test_two_processes_train_resume_and_hand_over(tmp_path, data_dir):
+def _arrays(path) -> dict:
+    """Every tensor of a backbone file or head shard, as numpy, by name."""
+    path = str(path)
+    if path.endswith(".h5"):
+        import h5py
+        found = {}
+        with h5py.File(path, "r") as f:
+            f.visititems(lambda name, obj: found.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+        return found
+    if path.endswith(".npz"):
+        with np.load(path) as saved:
+            return {k: saved[k] for k in saved.files if k != "meta"}
+    saved = torch.load(path, weights_only=True)
+    saved = saved.get("head", saved)
+    return {k: v.numpy() for k, v in saved.items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("framework", ["torch", "tf"])
+def test_two_processes_train_resume_and_hand_over(framework, tmp_path, data_dir):
     """`twinface train --nproc 2`: data, training, evaluation, sharded checkpoints, export; a resumed run equals
     the uninterrupted one bit for bit; a resume over another process count is refused naming both; the backbone
     evaluates and converts like any other."""
+    backbone, state, other = FILES[framework]
     full = _config_file(tmp_path, data_dir, "full")
-    twinface("train", "--framework", "torch", "--config", full, "--nproc", "2", "--output", str(tmp_path / "a"))
+    train = ["train", "--framework", framework, "--config", full]
+    twinface(*train, "--nproc", "2", "--output", str(tmp_path / "a"))
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summary["finished"] and summary["steps"] == 4 and "onnx_max_abs_diff" in summary
     assert summary["results"]["val"]["acc_mean"] > 0
-    state = str(tmp_path / "a" / "state.pt")
-    assert run_dir.shard_files(state) == [os.path.basename(run_dir.shard_path(state, r, 4)) for r in (0, 1)]
+    states = [str(tmp_path / run / state) for run in "ab"]
+    assert run_dir.shard_files(states[0]) == [os.path.basename(run_dir.shard_path(states[0], r, 4)) for r in (0, 1)]
 
-    half = ["--framework", "torch", "--config", full, "--nproc", "2", "--output", str(tmp_path / "b")]
-    twinface("train", *half, "--set", "train.max_steps=2")            # stops after epoch 1 of 2, lr as in "a"
-    twinface("train", *half, "--resume")
-    a, b = _backbone(tmp_path / "a"), _backbone(tmp_path / "b")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    twinface(*train, "--nproc", "2", "--output", str(tmp_path / "b"), "--set", "train.max_steps=2")   # epoch 1 of 2
+    twinface(*train, "--nproc", "2", "--output", str(tmp_path / "b"), "--resume")
+    assert _same(_arrays(tmp_path / "a" / backbone), _arrays(tmp_path / "b" / backbone))
     for r in (0, 1):
-        sa, sb = (torch.load(run_dir.shard_path(str(tmp_path / x / "state.pt"), r, 4), weights_only=True)
-                  for x in "ab")
-        assert torch.equal(sa["head"]["weight"], sb["head"]["weight"])
+        assert _same(*(_arrays(run_dir.shard_path(s, r, 4)) for s in states))
 
-    refused = twinface("train", "--framework", "torch", "--config", full, "--output", str(tmp_path / "b"),
-                       "--resume", "--set", "train.epochs=3", expect_ok=False)
+    refused = twinface(*train, "--output", str(tmp_path / "b"), "--resume", "--set", "train.epochs=3",
+                       expect_ok=False)
     assert refused.returncode != 0
     assert "trained over 2 process(es), this resume has 1" in refused.stderr
 
-    out = twinface("eval", "--weights", str(tmp_path / "a" / "backbone.pth"), "--arch", "mbf", "--num-features", "32",
+    out = twinface("eval", "--weights", str(tmp_path / "a" / backbone), "--arch", "mbf", "--num-features", "32",
                    "--input-size", "32", "--bin", os.path.join(data_dir, "val.bin"))
     assert f"Accuracy-Flip: {summary['results']['val']['acc_mean']:.5f}" in out.stdout     # the run's own score
-    twinface("convert", str(tmp_path / "a" / "backbone.pth"), str(tmp_path / "a.weights.h5"), "--arch", "mbf")
-    assert (tmp_path / "a.weights.h5").stat().st_size > 0
+    twinface("convert", str(tmp_path / "a" / backbone), str(tmp_path / f"a{other}"), "--arch", "mbf")
+    assert (tmp_path / f"a{other}").stat().st_size > 0
 
 
 def _worker_config(tmp_path, data_dir, **train):
@@ -75,7 +95,7 @@ def _worker_config(tmp_path, data_dir, **train):
     return str(path), tmp_path / "run"
 
 
-def test_a_nan_on_one_rank_is_skipped_by_all_and_counted_once(tmp_path, data_dir, parity):
+def test_a_nan_on_one_rank_is_skipped_by_all_and_counted_once(tmp_path, data_dir):
     cfg, run = _worker_config(tmp_path, data_dir)
     torchrun(["torch_worker.py", "train", cfg, "nan"])
     summary = json.loads((run / "summary.json").read_text())
