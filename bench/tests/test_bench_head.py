@@ -1,0 +1,66 @@
+"""The Partial FC head section end to end on tiny settings: real processes (world 2 under torchrun), every row
+measured, memory per rank falling with world and sample_rate as the sharding says, the three files written."""
+import json
+
+import pytest
+
+from twinface_bench import head
+from twinface_bench.cli import add_parser
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("head")
+    opts = head.HeadOptions(classes=(1000,), embedding=32, batch=8, steps=1, timeout_s=120.0, out=str(out))
+    return head.run_head(opts, log=lambda line: None), out
+
+
+def _rows(result):
+    return {(r["world"], r["classes"], r["sample_rate"]): r for r in result[0]["rows"]}
+
+
+def test_every_setting_measured(result):
+    rows = _rows(result)
+    assert sorted(rows) == sorted((w, c, s) for w in (1, 2) for c in (1000,) for s in (1.0, 0.1))
+    for key, r in rows.items():
+        assert "error" not in r, (key, r.get("error"))
+        assert len(r["ranks"]) == r["world"] and r["step_ms"] > 0 and r["peak_rss_mb"] > 0
+        assert r["total_mb"] == pytest.approx(sum(r[k] for k in head.MEMORY_KEYS[:-1]))
+
+
+def test_memory_falls_with_world_and_sample_rate(result):
+    rows = _rows(result)
+    mb = 32 * 4 / 2 ** 20                                                   # one fp32 centre of 32
+    one, two = rows[(1, 1000, 1.0)], rows[(2, 1000, 1.0)]
+    assert one["centres"] == 1000 and two["centres"] == 500
+    for key in ("weight_mb", "grad_mb", "momentum_mb"):
+        assert one[key] == pytest.approx(1000 * mb) and two[key] == pytest.approx(one[key] / 2)
+    for world in (1, 2):
+        full, sampled = rows[(world, 1000, 1.0)], rows[(world, 1000, 0.1)]
+        # sampling shrinks the logits, not the shard each rank holds (and optimises)
+        assert sampled["weight_mb"] == full["weight_mb"]
+        assert sampled["sampled"] == full["centres"] // 10 and full["sampled"] == full["centres"]
+        assert full["logits_mb"] == pytest.approx(8 * world * full["centres"] * 4 / 2 ** 20)
+        assert sampled["logits_mb"] == pytest.approx(full["logits_mb"] / 10)
+
+
+def test_files_written(result):
+    res, out = result
+    assert json.loads((out / "head.json").read_text())["rows"] == res["rows"]
+    table = (out / "head.md").read_text()
+    assert table.count("| torch |") == 4 and "ERROR" not in table
+    assert (out / "head.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_failed_setting_is_an_error_row_naming_it():
+    spec = head.settings(head.HeadOptions(classes=(0,), worlds=(1,), sample_rates=(1.0,)))[0]
+    row = head.measure(spec)
+    assert row["classes"] == 0 and row["world"] == 1 and "exit code" in row["error"]
+
+
+def test_cli_flag_is_opt_in():
+    import argparse
+    parser = add_parser(argparse.ArgumentParser().add_subparsers())
+    assert parser.parse_args([]).head is False
+    args = parser.parse_args(["--head", "--head-batch", "16", "--head-classes", "10,20"])
+    assert args.head and args.head_batch == 16 and args.head_classes == (10, 20)

@@ -1,0 +1,169 @@
+"""`twinface bench --head`: the Partial FC head at scale. Per setting (classes x sample_rate x world), every rank
+runs in a process of its own (world 2: torchrun, gloo on CPU) and reports its step time and the head's memory;
+here they become one row per setting, then head.json, head.md and head.png.
+"""
+import dataclasses
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from twinface.launch import torchrun_command, worker_env
+
+from .report import _fmt
+from .run import CHILD_ENV, machine
+
+WORKERS = {"torch": "twinface_bench.head_torch"}
+MEMORY_KEYS = ("weight_mb", "grad_mb", "momentum_mb", "logits_mb", "total_mb")
+
+
+@dataclasses.dataclass
+class HeadOptions:
+    classes: tuple = (10_000, 100_000, 1_000_000)
+    sample_rates: tuple = (1.0, 0.1)
+    worlds: tuple = (1, 2)
+    frameworks: tuple = ("torch",)
+    embedding: int = 512
+    batch: int = 128                      # per rank
+    warmup: int = 1
+    steps: int = 3                        # timed, after the warm-up
+    seed: int = 0
+    timeout_s: float = 900.0              # per setting, every rank together
+    out: str = "bench/results"
+
+
+def settings(opts: HeadOptions) -> list:
+    """Smallest head first: a setting that runs out of memory comes last and costs the others nothing."""
+    return [{"framework": f, "world": w, "classes": c, "sample_rate": r, "embedding": opts.embedding,
+             "batch": opts.batch, "warmup": opts.warmup, "steps": opts.steps, "seed": opts.seed,
+             "timeout_s": opts.timeout_s}
+            for c in sorted(opts.classes) for f in opts.frameworks for w in opts.worlds for r in opts.sample_rates]
+
+
+def command(spec: dict, out_dir: str) -> list:
+    argv = [json.dumps(spec), out_dir]
+    module = WORKERS[spec["framework"]]
+    if spec["world"] == 1:
+        return [sys.executable, "-m", module, *argv]
+    return torchrun_command(spec["world"], argv, module=module)
+
+
+def measure(spec: dict) -> dict:
+    """One setting: its ranks' processes, in a session of their own so that a timeout stops all of them
+    (the launcher's workers included); the row, or an error row naming the setting."""
+    with tempfile.TemporaryDirectory(prefix="twinface-head-") as out_dir:
+        env = {**CHILD_ENV, **worker_env(spec["world"], {})}        # the cores shared out over the ranks
+        proc = subprocess.Popen(command(spec, out_dir), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        try:
+            output = proc.communicate(timeout=spec["timeout_s"])[0]
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            return _error(spec, f"timed out after {spec['timeout_s']:.0f} s")
+        ranks = []
+        for rank in range(spec["world"]):
+            path = os.path.join(out_dir, f"rank{rank}.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    ranks.append(json.load(f))
+    if proc.returncode != 0 or len(ranks) != spec["world"]:
+        tail = [line for line in output.strip().splitlines() if line.strip()][-3:]
+        return _error(spec, f"exit code {proc.returncode}, {len(ranks)} of {spec['world']} ranks reported: "
+                            f"{' | '.join(tail) or 'no output'}")
+    return {**_setting(spec), "ranks": ranks,
+            **{k: max(r[k] for r in ranks) for k in ("centres", "sampled", "step_ms", *MEMORY_KEYS, "peak_rss_mb")}}
+
+
+def _setting(spec):
+    return {k: spec[k] for k in ("framework", "world", "classes", "sample_rate")}
+
+
+def _error(spec, message):
+    return {**_setting(spec), "error": message}
+
+
+def run_head(opts: HeadOptions, log=print) -> dict:
+    """Every setting, then head.{json,md,png} under opts.out."""
+    started, t_start, load_start = datetime.datetime.now().astimezone(), time.perf_counter(), os.getloadavg()
+    rows = []
+    specs = settings(opts)
+    for i, spec in enumerate(specs, 1):
+        rows.append(measure(spec))
+        log(f"[head {i}/{len(specs)}, {(time.perf_counter() - t_start) / 60:.1f} min] {row_line(rows[-1])}")
+    result = {"started": started.isoformat(timespec="seconds"), "seconds": time.perf_counter() - t_start,
+              "machine": machine(load_start), "options": dataclasses.asdict(opts), "rows": rows}
+    os.makedirs(opts.out, exist_ok=True)
+    with open(os.path.join(opts.out, "head.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(opts.out, "head.md"), "w") as f:
+        f.write(markdown(result))
+    chart(result, os.path.join(opts.out, "head.png"))
+    return result
+
+
+def row_line(row) -> str:
+    what = f"{row['framework']} world {row['world']}, {row['classes']:,} classes, sample_rate {row['sample_rate']}"
+    if "error" in row:
+        return f"{what}: ERROR {row['error']}"
+    return (f"{what}: {row['step_ms']:.1f} ms/step, head {row['total_mb']:.1f} MB per rank, "
+            f"peak RSS {row['peak_rss_mb']:.0f} MB")
+
+
+def markdown(result) -> str:
+    m, o = result["machine"], result["options"]
+    lines = [
+        f"Run {result['started']}, {result['seconds'] / 60:.1f} min. Machine: {m['cpu']}, {m['cores']} cores, "
+        f"{m['memory_gib']} GiB; load average {'/'.join(f'{x:.2f}' for x in m['load_start'])} at the start, "
+        f"{'/'.join(f'{x:.2f}' for x in m['load_end'])} at the end.",
+        f"Partial FC head alone (ArcFace margin), embeddings {o['embedding']}-d, batch {o['batch']} per rank, fp32, "
+        f"SGD momentum 0.9 weight decay 5e-4; step = forward + backward + optimizer step, median of {o['steps']} "
+        f"after {o['warmup']} warm-up, the slower rank's. Memory per rank (the largest rank's): centres, their "
+        "gradient, the momentum buffer, and the logits [global batch, sampled centres]. World 2 = two processes "
+        "(torchrun, gloo) sharing the cores.",
+        "",
+        "| framework | world | classes | sample_rate | centres / rank | sampled / rank | step ms | weight MB "
+        "| grad MB | momentum MB | logits MB | head MB / rank | peak RSS MB |",
+        "|" + "---|" * 13,
+    ]
+    for r in result["rows"]:
+        cells = [r["framework"], r["world"], f"{r['classes']:,}", r["sample_rate"]]
+        if "error" in r:
+            lines.append(f"| {' | '.join(map(str, cells))} | ERROR: {r['error']} |")
+            continue
+        cells += [f"{r['centres']:,}", f"{r['sampled']:,}", _fmt(r["step_ms"])]
+        cells += [_fmt(r[k]) for k in MEMORY_KEYS] + [_fmt(r["peak_rss_mb"], 0)]
+        lines.append(f"| {' | '.join(map(str, cells))} |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(result, path):
+    """Against classes: the head's state per rank (falls with world), its logits (fall with world x
+    sample_rate) and the step time; one line per framework, world and sample_rate."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ok = [r for r in result["rows"] if "error" not in r]
+    panels = (("weight + grad + momentum, MB per rank", lambda r: r["weight_mb"] + r["grad_mb"] + r["momentum_mb"]),
+              ("logits, MB per rank", lambda r: r["logits_mb"]), ("step, ms", lambda r: r["step_ms"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(13, 4))
+    lines = sorted({(r["framework"], r["world"], r["sample_rate"]) for r in ok}, key=lambda k: (k[0], k[1], -k[2]))
+    for ax, (title, value) in zip(axes, panels):
+        for framework, world, rate in lines:
+            mine = sorted((r for r in ok if (r["framework"], r["world"], r["sample_rate"]) == (framework, world, rate)),
+                          key=lambda r: r["classes"])
+            ax.plot([r["classes"] for r in mine], [value(r) for r in mine], marker="o",
+                    linestyle="-" if rate >= 1.0 else "--", label=f"{framework}, world {world}, sample_rate {rate}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("classes")
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
