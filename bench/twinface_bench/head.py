@@ -142,22 +142,24 @@ def markdown(result) -> str:
 
 
 def chart(result, path):
-    """Against classes: the head's state per rank (falls with world), its logits (fall with world x
-    sample_rate) and the step time; one line per framework, world and sample_rate."""
+    """Against classes: the head's memory per rank (its state falls with world), its logits (fall with
+    sample_rate; with the batch per rank fixed they do not fall with world: the shard halves as the global batch
+    doubles) and the step time; one line per framework, world (marker) and sample_rate (line style)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     ok = [r for r in result["rows"] if "error" not in r]
-    panels = (("weight + grad + momentum, MB per rank", lambda r: r["weight_mb"] + r["grad_mb"] + r["momentum_mb"]),
-              ("logits, MB per rank", lambda r: r["logits_mb"]), ("step, ms", lambda r: r["step_ms"]))
+    panels = (("head (weight + grad + momentum + logits), MB per rank", "total_mb"),
+              ("logits [global batch, sampled centres], MB per rank", "logits_mb"), ("step, ms (slower rank)", "step_ms"))
     fig, axes = plt.subplots(1, len(panels), figsize=(13, 4))
     lines = sorted({(r["framework"], r["world"], r["sample_rate"]) for r in ok}, key=lambda k: (k[0], k[1], -k[2]))
-    for ax, (title, value) in zip(axes, panels):
+    for ax, (title, key) in zip(axes, panels):
         for framework, world, rate in lines:
             mine = sorted((r for r in ok if (r["framework"], r["world"], r["sample_rate"]) == (framework, world, rate)),
                           key=lambda r: r["classes"])
-            ax.plot([r["classes"] for r in mine], [value(r) for r in mine], marker="o",
-                    linestyle="-" if rate >= 1.0 else "--", label=f"{framework}, world {world}, sample_rate {rate}")
+            ax.plot([r["classes"] for r in mine], [r[key] for r in mine], marker="o" if world == 1 else "s",
+                    markersize=9 if world == 1 else 5, linestyle="-" if rate >= 1.0 else "--",
+                    label=f"{framework}, world {world}, sample_rate {rate}")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("classes")
