@@ -12,8 +12,11 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
 from twinface.launch import torchrun_command, worker_env
 
+from .measure import peak_rss_mb
 from .report import _fmt
 from .run import CHILD_ENV, machine
 
@@ -34,6 +37,32 @@ class HeadOptions:
     seed: int = 0
     timeout_s: float = 900.0              # per setting, every rank together
     out: str = "bench/results"
+
+
+def time_steps(step, barrier, spec: dict) -> tuple:
+    """(seconds of each timed step, the last step's output) after the warm-up; every step starts when all ranks
+    are there, so a step's time is the slower rank's."""
+    times = []
+    for i in range(spec["warmup"] + spec["steps"]):
+        barrier()
+        t0 = time.perf_counter()
+        out = step()
+        if i >= spec["warmup"]:
+            times.append(time.perf_counter() - t0)
+    return times, out
+
+
+def write_rank(out_dir: str, spec: dict, rank: int, world: int, centres: int, sampled: int, times: list, loss: float,
+               threads: int, weight_mb: float, grad_mb: float, momentum_mb: float):
+    """One rank's numbers as OUT_DIR/rank<r>.json. The logits [global batch, sampled centres] are gone after the
+    step, so their size comes from the centres the last step sampled (fp32)."""
+    memory = {"weight_mb": weight_mb, "grad_mb": grad_mb, "momentum_mb": momentum_mb,
+              "logits_mb": spec["batch"] * world * sampled * 4 / 2 ** 20}
+    row = {"rank": rank, "world": world, "centres": centres, "sampled": sampled,
+           "step_ms": 1e3 * float(np.median(times)), "steps_ms": [1e3 * t for t in times], "loss": loss,
+           "threads": threads, **memory, "total_mb": sum(memory.values()), "peak_rss_mb": peak_rss_mb()}
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(row, f)
 
 
 def settings(opts: HeadOptions) -> list:
