@@ -155,16 +155,17 @@ def markdown(result) -> str:
         "gradient, the momentum buffer, and the logits [global batch, sampled centres]. World 2 = two processes "
         "(torchrun, gloo) sharing the cores.",
         "",
-        "| framework | world | classes | sample_rate | centres / rank | sampled / rank | step ms | weight MB "
-        "| grad MB | momentum MB | logits MB | head MB / rank | peak RSS MB |",
-        "|" + "---|" * 13,
+        "| framework | world | classes | sample_rate | centres / rank | sampled / rank | step ms | samples/s "
+        "| weight MB | grad MB | momentum MB | logits MB | head MB / rank | peak RSS MB |",
+        "|" + "---|" * 14,
     ]
     for r in result["rows"]:
         cells = [r["framework"], r["world"], f"{r['classes']:,}", r["sample_rate"]]
         if "error" in r:
             lines.append(f"| {' | '.join(map(str, cells))} | ERROR: {r['error']} |")
             continue
-        cells += [f"{r['centres']:,}", f"{r['sampled']:,}", _fmt(r["step_ms"])]
+        cells += [f"{r['centres']:,}", f"{r['sampled']:,}", _fmt(r["step_ms"]),
+                  _fmt(1e3 * o["batch"] * r["world"] / r["step_ms"])]           # the global batch per second
         cells += [_fmt(r[k]) for k in MEMORY_KEYS] + [_fmt(r["peak_rss_mb"], 0)]
         lines.append(f"| {' | '.join(map(str, cells))} |")
     return "\n".join(lines) + "\n"
