@@ -20,7 +20,8 @@ from .measure import peak_rss_mb
 from .report import _fmt
 from .run import CHILD_ENV, machine
 
-WORKERS = {"torch": "twinface_bench.head_torch"}
+# world > 1: torch's workers start under torchrun; the TF module starts its workers itself (twinface.launch)
+WORKERS = {"torch": "twinface_bench.head_torch", "tf": "twinface_bench.head_tf"}
 MEMORY_KEYS = ("weight_mb", "grad_mb", "momentum_mb", "logits_mb", "total_mb")
 
 
@@ -76,7 +77,7 @@ def settings(opts: HeadOptions) -> list:
 def command(spec: dict, out_dir: str) -> list:
     argv = [json.dumps(spec), out_dir]
     module = WORKERS[spec["framework"]]
-    if spec["world"] == 1:
+    if spec["world"] == 1 or spec["framework"] == "tf":
         return [sys.executable, "-m", module, *argv]
     return torchrun_command(spec["world"], argv, module=module)
 
@@ -85,7 +86,8 @@ def measure(spec: dict) -> dict:
     """One setting: its ranks' processes, in a session of their own so that a timeout stops all of them
     (the launcher's workers included); the row, or an error row naming the setting."""
     with tempfile.TemporaryDirectory(prefix="twinface-head-") as out_dir:
-        env = {**CHILD_ENV, **worker_env(spec["world"], {})}        # the cores shared out over the ranks
+        # the cores shared out over the ranks
+        env = {"TF_CPP_MIN_LOG_LEVEL": "2", **CHILD_ENV, **worker_env(spec["world"], {})}
         proc = subprocess.Popen(command(spec, out_dir), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
         try:
@@ -101,7 +103,7 @@ def measure(spec: dict) -> dict:
                 with open(path) as f:
                     ranks.append(json.load(f))
     if proc.returncode != 0 or len(ranks) != spec["world"]:
-        tail = [line for line in output.strip().splitlines() if line.strip()][-3:]
+        tail = [line.strip() for line in output.splitlines() if line.strip()][-3:]
         return _error(spec, f"exit code {proc.returncode}, {len(ranks)} of {spec['world']} ranks reported: "
                             f"{' | '.join(tail) or 'no output'}")
     return {**_setting(spec), "ranks": ranks,
@@ -195,7 +197,8 @@ def chart(result, path):
         ax.set_xlabel("classes")
         ax.set_title(title, fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=7)
+    if lines:
+        axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -51,10 +51,10 @@ def worker_env(nproc: int, extra: dict) -> dict:
     return env
 
 
-def run_tf_workers(nproc: int, argv: list, grace_s: float = 10.0) -> int:
+def run_tf_workers(nproc: int, argv: list, grace_s: float = 10.0, module: str = "twinface.cli") -> int:
     """Start the workers; when one exits with an error stop the others, and return that error's exit code."""
     ports = free_ports(nproc)
-    procs = [subprocess.Popen([sys.executable, "-m", "twinface.cli", *argv],
+    procs = [subprocess.Popen([sys.executable, "-m", module, *argv],
                               env=worker_env(nproc, {"TF_CONFIG": tf_config(ports, i)})) for i in range(nproc)]
     try:
         while True:
