@@ -64,3 +64,20 @@ def test_cli_flag_is_opt_in():
     assert parser.parse_args([]).head is False
     args = parser.parse_args(["--head", "--head-batch", "16", "--head-classes", "10,20"])
     assert args.head and args.head_batch == 16 and args.head_classes == (10, 20)
+
+
+def test_setting_that_cannot_fit_is_skipped(monkeypatch, tmp_path):
+    """Peak RSS 100 + 1 MB per class at world 1: 10 and 20 classes measured, 1000 projected at 1100 MB."""
+    monkeypatch.setattr(head, "measure", lambda spec: {**head._setting(spec), "step_ms": 1.0, "peak_rss_mb":
+                                                       100.0 + spec["classes"], **dict.fromkeys(head.MEMORY_KEYS, 0.0),
+                                                       "centres": 1, "sampled": 1})
+    monkeypatch.setattr(head, "available_mb", lambda: 1000.0)
+    monkeypatch.setattr(head, "machine", lambda load: {"cpu": "cpu", "cores": 2, "memory_gib": 1.0,
+                                                       "load_start": load, "load_end": load})
+    opts = head.HeadOptions(classes=(10, 20, 1000), worlds=(1,), sample_rates=(1.0,), out=str(tmp_path))
+    rows = head.run_head(opts, log=lambda line: None)["rows"]
+    assert [head.measured(r) for r in rows] == [True, True, False]
+    assert rows[2]["skipped"] == "projected peak RSS 1.1 GB per rank x 1, 1.0 GB available"
+    assert "| 1,000 | 1.0 | not run: projected peak RSS 1.1 GB" in (tmp_path / "head.md").read_text()
+    monkeypatch.setattr(head, "available_mb", lambda: 1300.0)            # fits, with the margin
+    assert all(head.measured(r) for r in head.run_head(opts, log=lambda line: None)["rows"])

@@ -23,6 +23,7 @@ from .run import CHILD_ENV, machine
 # world > 1: torch's workers start under torchrun; the TF module starts its workers itself (twinface.launch)
 WORKERS = {"torch": "twinface_bench.head_torch", "tf": "twinface_bench.head_tf"}
 MEMORY_KEYS = ("weight_mb", "grad_mb", "momentum_mb", "logits_mb", "total_mb")
+MEMORY_MARGIN = 1.1             # a projection was up to 5% short of the measured peak RSS
 
 
 @dataclasses.dataclass
@@ -110,6 +111,10 @@ def measure(spec: dict) -> dict:
             **{k: max(r[k] for r in ranks) for k in ("centres", "sampled", "step_ms", *MEMORY_KEYS, "peak_rss_mb")}}
 
 
+def measured(row) -> bool:
+    return "step_ms" in row
+
+
 def _setting(spec):
     return {k: spec[k] for k in ("framework", "world", "classes", "sample_rate")}
 
@@ -118,13 +123,36 @@ def _error(spec, message):
     return {**_setting(spec), "error": message}
 
 
+def projected_rss_mb(spec: dict, rows: list):
+    """Peak RSS per rank this setting will need, extrapolated linearly in classes from the two largest measured
+    settings of the same framework, world and sample_rate (the head's memory is linear in classes); None before
+    there are two. A setting that cannot fit is skipped rather than left to the kernel's OOM killer on a machine
+    others share."""
+    same = sorted((r for r in rows if measured(r) and _setting(r) == {**_setting(spec), "classes": r["classes"]}),
+                  key=lambda r: r["classes"])[-2:]
+    if len(same) < 2:
+        return None
+    (c1, m1), (c2, m2) = ((r["classes"], r["peak_rss_mb"]) for r in same)
+    return m2 + (m2 - m1) / (c2 - c1) * (spec["classes"] - c2)
+
+
+def available_mb() -> float:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 1024
+
+
 def run_head(opts: HeadOptions, log=print) -> dict:
     """Every setting, then head.{json,md,png} under opts.out."""
     started, t_start, load_start = datetime.datetime.now().astimezone(), time.perf_counter(), os.getloadavg()
     rows = []
     specs = settings(opts)
     for i, spec in enumerate(specs, 1):
-        rows.append(measure(spec))
+        need_mb, free_mb = projected_rss_mb(spec, rows), available_mb()
+        if need_mb is not None and MEMORY_MARGIN * need_mb * spec["world"] > free_mb:
+            rows.append({**_setting(spec), "skipped": f"projected peak RSS {need_mb / 1024:.1f} GB per rank x "
+                                                      f"{spec['world']}, {free_mb / 1024:.1f} GB available"})
+        else:
+            rows.append(measure(spec))
         log(f"[head {i}/{len(specs)}, {(time.perf_counter() - t_start) / 60:.1f} min] {row_line(rows[-1])}")
     result = {"started": started.isoformat(timespec="seconds"), "seconds": time.perf_counter() - t_start,
               "machine": machine(load_start), "options": dataclasses.asdict(opts), "rows": rows}
@@ -139,8 +167,8 @@ def run_head(opts: HeadOptions, log=print) -> dict:
 
 def row_line(row) -> str:
     what = f"{row['framework']} world {row['world']}, {row['classes']:,} classes, sample_rate {row['sample_rate']}"
-    if "error" in row:
-        return f"{what}: ERROR {row['error']}"
+    if not measured(row):
+        return f"{what}: " + (f"ERROR {row['error']}" if "error" in row else f"not run, {row['skipped']}")
     return (f"{what}: {row['step_ms']:.1f} ms/step, head {row['total_mb']:.1f} MB per rank, "
             f"peak RSS {row['peak_rss_mb']:.0f} MB")
 
@@ -163,8 +191,9 @@ def markdown(result) -> str:
     ]
     for r in result["rows"]:
         cells = [r["framework"], r["world"], f"{r['classes']:,}", r["sample_rate"]]
-        if "error" in r:
-            lines.append(f"| {' | '.join(map(str, cells))} | ERROR: {r['error']} |")
+        if not measured(r):
+            why = f"ERROR: {r['error']}" if "error" in r else f"not run: {r['skipped']}"
+            lines.append(f"| {' | '.join(map(str, cells))} | {why} |")
             continue
         cells += [f"{r['centres']:,}", f"{r['sampled']:,}", _fmt(r["step_ms"]),
                   _fmt(1e3 * o["batch"] * r["world"] / r["step_ms"])]           # the global batch per second
@@ -180,7 +209,7 @@ def chart(result, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    ok = [r for r in result["rows"] if "error" not in r]
+    ok = [r for r in result["rows"] if measured(r)]
     panels = (("head (weight + grad + momentum + logits), MB per rank", "total_mb"),
               ("logits [global batch, sampled centres], MB per rank", "logits_mb"), ("step, ms (slower rank)", "step_ms"))
     fig, axes = plt.subplots(1, len(panels), figsize=(13, 4))
