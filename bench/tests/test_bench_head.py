@@ -5,7 +5,7 @@ import json
 import pytest
 
 from twinface_bench import head
-from twinface_bench.cli import add_parser
+from twinface_bench.cli import add_parser, run
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,8 @@ def test_cli_flag_is_opt_in():
     assert parser.parse_args([]).head is False
     args = parser.parse_args(["--head", "--head-batch", "16", "--head-classes", "10,20"])
     assert args.head and args.head_batch == 16 and args.head_classes == (10, 20)
+    with pytest.raises(ValueError, match="--head-frameworks: unknown 'jax'"):
+        run(parser.parse_args(["--head", "--head-frameworks", "jax"]))
 
 
 def test_setting_that_cannot_fit_is_skipped(monkeypatch, tmp_path):

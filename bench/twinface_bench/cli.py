@@ -1,5 +1,5 @@
 """`twinface bench`: the verb, registered in twinface.cli as (add_parser, run). Importing it loads no framework."""
-from .head import HeadOptions, run_head
+from .head import WORKERS, HeadOptions, run_head
 from .run import CPU_RUNTIMES, MEMORY_RUNTIMES, OPT_IN_RUNTIMES, TRAIN_RUNTIMES, Options
 
 KNOWN_RUNTIMES = CPU_RUNTIMES + TRAIN_RUNTIMES + MEMORY_RUNTIMES
@@ -36,6 +36,8 @@ def add_parser(subparsers):
                         "writes head.md, head.json and head.png")
     p.add_argument("--head-classes", type=lambda s: tuple(int(x) for x in _csv(s)), default=h.classes,
                    help="classes of the head section (default 10000,100000,1000000)")
+    p.add_argument("--head-frameworks", type=_csv, default=h.frameworks,
+                   help=f"twins of the head section (default {','.join(h.frameworks)})")
     p.add_argument("--head-batch", type=int, default=h.batch, help=f"head section: batch per rank (default {h.batch})")
     p.add_argument("--head-steps", type=int, default=h.steps,
                    help=f"head section: timed steps after {h.warmup} warm-up (default {h.steps})")
@@ -61,6 +63,10 @@ def run(args):
 
 
 def _run_head(args):
-    result = run_head(HeadOptions(classes=args.head_classes, embedding=args.num_features, batch=args.head_batch,
-                                  steps=args.head_steps, out=args.out))
+    unknown = [f for f in args.head_frameworks if f not in WORKERS]
+    if unknown:
+        raise ValueError(f"--head-frameworks: unknown {unknown[0]!r}; known: {', '.join(WORKERS)}")
+    result = run_head(HeadOptions(classes=args.head_classes, frameworks=args.head_frameworks,
+                                  embedding=args.num_features, batch=args.head_batch, steps=args.head_steps,
+                                  out=args.out))
     print(f"\nwrote {args.out}/head.md, head.json, head.png ({result['seconds'] / 60:.1f} min)")
