@@ -8,8 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from conftest import alone, torchrun
-from torch_worker import ARCFACE, CLASSES, D, HEAD_CLASSES, embeddings, global_batch
+from .processes import alone, torchrun
+from .torch_worker import ARCFACE, CLASSES, D, HEAD_CLASSES, embeddings, global_batch
 from twinface import partial_fc as plan
 from twinface.testing import STEP_CAP
 from twinface_torch.heads import MarginHead
@@ -82,9 +82,8 @@ def test_two_ranks_of_b_equal_one_process_of_2b(tmp_path, parity):
     what = "torch mbf one SGD step, 2 ranks x 4 vs 1 process x 8"
     parity.check(f"{what}: loss", [float(one["loss"])], [float(two[0]["loss"])], 1e-5, relative=True)
     assert float(two[0]["loss"]) == float(two[1]["loss"])
-    start = _start_state()
     params = [k for k in one if k.startswith("backbone/") and "running" not in k]
-    update = max(np.abs(one[k] - start[k]).max() for k in params)
+    update = max(np.abs(one[k] - one[k.replace("backbone/", "start/", 1)]).max() for k in params)
     for r in two:                                        # both ranks hold the same backbone
         diff = max(np.abs(one[k] - r[k]).max() for k in params) / update
         parity.check(f"{what}: backbone params (rank {int(r['class_start'] > 0)}), / update", [diff], [0.0], STEP_CAP)
@@ -95,10 +94,3 @@ def test_two_ranks_of_b_equal_one_process_of_2b(tmp_path, parity):
     stats = [k for k in two[0] if "running" in k]
     assert stats and all(np.array_equal(two[0][k], two[1][k]) for k in stats)   # averaged: one set for all ranks
 
-
-def _start_state():
-    from torch_worker import step_config
-    from twinface_torch.train import TorchTwin
-    twin = TorchTwin()
-    twin.build(step_config(1), CLASSES)
-    return {f"backbone/{k}": v.detach().numpy() for k, v in twin.backbone.state_dict().items()}

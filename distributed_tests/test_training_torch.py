@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import run, torchrun
+from .processes import run, torchrun
 from twinface import run_dir
 from twinface.testing import TINY_DATA, tiny_config, tiny_dataset
 

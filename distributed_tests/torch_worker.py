@@ -68,12 +68,17 @@ def step(out, ghost=1):
         with torch.no_grad():
             twin.head.weight.copy_(torch.from_numpy(init_centres(cfg.seed, 0, CLASSES, D)))
         twin.model = lambda x: torch.cat([twin.backbone(part) for part in x.chunk(ghost)])
+    start = backbone_state(twin, "start")
     loss = twin.train_step(mine(images, twin.rank, twin.world_size), mine(labels, twin.rank, twin.world_size),
                            0.1, 0.1)
-    state = {f"backbone/{k}": v.detach().numpy() for k, v in twin.backbone.state_dict().items()
-             if not k.endswith("num_batches_tracked")}
     np.savez(os.path.join(out, f"rank{twin.rank}.npz"), loss=loss, head=twin.head.weight.detach().numpy(),
-             class_start=getattr(twin.head, "class_start", 0), **state)
+             class_start=getattr(twin.head, "class_start", 0), **start, **backbone_state(twin, "backbone"))
+
+
+def backbone_state(twin, prefix):
+    """The backbone's parameters and BN statistics under torch names (the TF worker starts from "start/")."""
+    return {f"{prefix}/{k}": v.detach().numpy().copy() for k, v in twin.backbone.state_dict().items()
+            if not k.endswith("num_batches_tracked")}
 
 
 class Poisoned(TorchTwin):

@@ -3,14 +3,24 @@ import json
 import os
 import subprocess
 
-from twinface.cli import parity_command
+from twinface.cli import PARITY_ROOMS, parity_command
 
 
-def _pytest(quick, test_file, *extra, env=None):
+def _pytest(quick, test_file, *extra, env=None, room_index=0):
     cmd = parity_command(quick)
-    room = cmd[-1]
-    return subprocess.run([*cmd[:-1], *extra, os.path.join(room, test_file)], cwd=os.path.dirname(room),
-                          capture_output=True, text=True, env={**os.environ, **(env or {})})
+    rooms = cmd[-len(PARITY_ROOMS):]
+    return subprocess.run([*cmd[:-len(PARITY_ROOMS)], *extra, os.path.join(rooms[room_index], test_file)],
+                          cwd=os.path.dirname(rooms[0]), capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+def test_parity_runs_the_scale_out_room_too():
+    cmd = parity_command(False)
+    assert [os.path.basename(p) for p in cmd[-2:]] == ["parity_tests", "distributed_tests"]
+    both = subprocess.run([*cmd, "--collect-only", "-q"], cwd=os.path.dirname(cmd[-1]), capture_output=True,
+                          text=True)
+    assert both.returncode == 0, both.stdout[-3000:]
+    assert "distributed_tests/test_scale_torch.py" in both.stdout and "parity_tests/test_step_parity.py" in both.stdout
 
 
 def test_quick_leaves_out_the_large_backbones():

@@ -332,11 +332,14 @@ def _add_parity(sub):
     p.add_argument("--quick", action="store_true", help="skip the large backbones (r100, r200)")
 
 
+PARITY_ROOMS = ("parity_tests", "distributed_tests")       # one table: cross-framework and scale-out proofs
+
+
 def parity_command(quick: bool) -> list:
-    """pytest over the parity room; --quick deselects the checks marked `large` (IResNet-100/200)."""
+    """pytest over the parity rooms; --quick deselects the checks marked `large` (IResNet-100/200)."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(["-m", "not large"] if quick else []),
-            os.path.join(root, "parity_tests")]
+            *(os.path.join(root, room) for room in PARITY_ROOMS)]
 
 
 def _run_parity(args):

@@ -65,7 +65,7 @@ class TorchTwin:
             # BN statistics are averaged after each step (distributed.average_buffers), not broadcast from rank 0
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.backbone, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False)
+                forward_sync_buffers=False)
             self.model.register_comm_hook(None, dist.sum_gradients_hook)
         self.frozen = False
         self.backbone.train()

@@ -1,7 +1,7 @@
 """Classification heads: one combined-margin head (Softmax, SphereFace, ArcFace, CosFace are its settings)
 and a plain linear head. Same constructor arguments and variable names as the torch twin.
 
-MarginHead is the one interface a sharded, sampled Partial FC can later stand behind.
+MarginHead's rule (MarginRule) is what the sharded, sampled Partial FC (twinface_tf.partial_fc) applies too.
 """
 import math
 
@@ -21,7 +21,50 @@ def l2_normalize(x):
     return tf.math.divide_no_nan(x, tf.sqrt(tf.maximum(tf.reduce_sum(tf.square(x), axis=1, keepdims=True), 1e-24)))
 
 
-class MarginHead(keras.layers.Layer):
+class MarginRule:
+    """The margin settings and their math, without class centres: MarginHead (every class) and
+    twinface_tf.partial_fc.PartialFC (a shard of the classes, sampled) apply the very same rule."""
+
+    def _set_margin(self, s, m1, m2, m3, interclass_filtering_threshold, gradient, easy_margin):
+        who = type(self).__name__
+        if gradient not in GRADIENTS:
+            raise ValueError(f"{who}: gradient must be one of {GRADIENTS}, got {gradient!r}")
+        if not m1 > 0:
+            raise ValueError(f"{who}: m1 multiplies the angle and must be > 0, got {m1}")
+        self.s, self.m1, self.m2, self.m3 = float(s), float(m1), float(m2), float(m3)
+        self.interclass_filtering_threshold = float(interclass_filtering_threshold)
+        self.gradient = gradient
+        self.easy_margin = bool(easy_margin)
+
+    def margin(self, cos):
+        phi = self.m1 * tf.acos(cos) + self.m2
+        if self.m1 == 1:
+            return tf.cos(phi) - self.m3
+        k = tf.stop_gradient(tf.floor(phi / math.pi))    # SphereFace's piece: decreasing over the whole range
+        return (1.0 - 2.0 * tf.math.floormod(k, 2.0)) * tf.cos(phi) - 2.0 * k - self.m3
+
+    def logits_from_cos(self, cos, labels):
+        """Margin and scale applied to clamped cosines [N, C]; rows labelled -1 get no margin."""
+        is_target = tf.one_hot(labels, tf.shape(cos)[1], on_value=True, off_value=False)  # all False for -1
+        if self.interclass_filtering_threshold > 0:
+            dirty = tf.stop_gradient(tf.cast((cos > self.interclass_filtering_threshold) & ~is_target, cos.dtype))
+            cos = cos * (1.0 - dirty)
+        target_cos = tf.gather(cos, tf.maximum(labels, 0), batch_dims=1)[:, None]
+        if self.gradient == "straight_through":
+            target = target_cos + tf.stop_gradient(self.margin(target_cos) - target_cos)
+        else:
+            target = self.margin(tf.clip_by_value(target_cos, -1.0 + 1e-7, 1.0 - 1e-7))
+        if self.easy_margin:
+            target = tf.where(target_cos > 0, target, target_cos)
+        return self.s * tf.where(is_target, target, cos)
+
+    def margin_config(self):
+        return {"s": self.s, "m1": self.m1, "m2": self.m2, "m3": self.m3,
+                "interclass_filtering_threshold": self.interclass_filtering_threshold, "gradient": self.gradient,
+                "easy_margin": self.easy_margin}
+
+
+class MarginHead(keras.layers.Layer, MarginRule):
     """logits = s * cos(theta), with the target column replaced by s * (psi(m1 * theta + m2) - m3).
 
     psi is cos when m1 == 1 (arcface_torch), otherwise SphereFace's monotonic (-1)^k cos(phi) - 2k on
@@ -39,48 +82,21 @@ class MarginHead(keras.layers.Layer):
                  interclass_filtering_threshold=0.0, gradient="straight_through", easy_margin=False, **kwargs):
         # float32 whatever the global policy: only the backbone trunk runs in mixed precision
         super().__init__(**{"dtype": "float32", **kwargs})
-        if gradient not in GRADIENTS:
-            raise ValueError(f"MarginHead: gradient must be one of {GRADIENTS}, got {gradient!r}")
-        if not m1 > 0:
-            raise ValueError(f"MarginHead: m1 multiplies the angle and must be > 0, got {m1}")
+        self._set_margin(s, m1, m2, m3, interclass_filtering_threshold, gradient, easy_margin)
         self.embedding_size, self.num_classes = embedding_size, num_classes
-        self.s, self.m1, self.m2, self.m3 = float(s), float(m1), float(m2), float(m3)
-        self.interclass_filtering_threshold = float(interclass_filtering_threshold)
-        self.gradient = gradient
-        self.easy_margin = bool(easy_margin)
         self.weight = self.add_weight(shape=(num_classes, embedding_size), name="weight",
                                       initializer=keras.initializers.RandomNormal(0.0, 0.01))
-
-    def margin(self, cos):
-        phi = self.m1 * tf.acos(cos) + self.m2
-        if self.m1 == 1:
-            return tf.cos(phi) - self.m3
-        k = tf.stop_gradient(tf.floor(phi / math.pi))    # SphereFace's piece: decreasing over the whole range
-        return (1.0 - 2.0 * tf.math.floormod(k, 2.0)) * tf.cos(phi) - 2.0 * k - self.m3
 
     def call(self, embeddings, labels):
         embeddings = tf.cast(embeddings, "float32")
         labels = check_batch("MarginHead", embeddings, labels, self.embedding_size, self.num_classes)
         cos = tf.clip_by_value(tf.matmul(l2_normalize(embeddings), l2_normalize(self.weight), transpose_b=True),
                                -1.0, 1.0)
-        is_target = tf.one_hot(labels, self.num_classes, on_value=True, off_value=False)  # all False for -1
-        if self.interclass_filtering_threshold > 0:
-            dirty = tf.stop_gradient(tf.cast((cos > self.interclass_filtering_threshold) & ~is_target, cos.dtype))
-            cos = cos * (1.0 - dirty)
-        target_cos = tf.gather(cos, tf.maximum(labels, 0), batch_dims=1)[:, None]
-        if self.gradient == "straight_through":
-            target = target_cos + tf.stop_gradient(self.margin(target_cos) - target_cos)
-        else:
-            target = self.margin(tf.clip_by_value(target_cos, -1.0 + 1e-7, 1.0 - 1e-7))
-        if self.easy_margin:
-            target = tf.where(target_cos > 0, target, target_cos)
-        return self.s * tf.where(is_target, target, cos)
+        return self.logits_from_cos(cos, labels)
 
     def get_config(self):
         return {**super().get_config(), "embedding_size": self.embedding_size, "num_classes": self.num_classes,
-                "s": self.s, "m1": self.m1, "m2": self.m2, "m3": self.m3,
-                "interclass_filtering_threshold": self.interclass_filtering_threshold, "gradient": self.gradient,
-                "easy_margin": self.easy_margin}
+                **self.margin_config()}
 
 
 class LinearHead(keras.layers.Layer):

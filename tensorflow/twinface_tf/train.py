@@ -1,20 +1,21 @@
 """The TensorFlow twin's adapter for the shared training loop (twinface.trainer)."""
 import json
-import os
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from twinface import partial_fc as plan, run_dir
 from twinface.atomic import atomic_path
 from twinface.data.transforms import to_model_input
 
-from . import checkpoint, data, export
+from . import checkpoint, data, distributed as dist, export
 from .backbones import get_model
 from .embed import embed_images
 from .heads import get_head
 from .losses import get_loss
 from .optim import build_optimizer
+from .partial_fc import PartialFC
 
 
 def _read_npz(path: str) -> dict:
@@ -29,34 +30,30 @@ def _read_npz(path: str) -> dict:
                          f"({type(e).__name__}: {e})") from None
 
 
-def _strategy():
-    """tf.distribute reads TF_CONFIG; without it this is the single-process (world size 1) case."""
-    if "TF_CONFIG" in os.environ:
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    return tf.distribute.get_strategy()
-
-
 class TFTwin:
     framework = "tf"
     backbone_filename = "backbone.weights.h5"
     state_filename = "state.npz"
 
     def __init__(self, timeout_s: float = 1800.0):
-        self.strategy = _strategy()
-        resolver = getattr(self.strategy, "cluster_resolver", None)
-        self.rank = int(resolver.task_id) if resolver is not None and resolver.task_id is not None else 0
-        self.world_size = self.strategy.num_replicas_in_sync
+        # TF_CONFIG naming several workers: MultiWorkerMirroredStrategy, one replica per worker process (it must
+        # be created before any other TensorFlow operation runs); timeout_s bounds every collective
+        self.rank, self.world_size = dist.world()
+        self.strategy = dist.strategy(self.world_size, timeout_s)
 
     def build(self, cfg, num_classes: int):
-        if self.world_size > 1:
-            raise NotImplementedError("multi-worker TF training: the step is not yet wrapped in strategy.run")
+        plan.check_supported(cfg, self.world_size)
         self.cfg = cfg
         keras.utils.set_random_seed(cfg.seed)                     # same config, same initial weights
         b = cfg.backbone
         self.backbone = get_model(b.name, num_features=b.num_features, dropout=b.dropout, input_size=b.input_size,
                                   precision=cfg.train.precision, checkpointing=b.checkpointing)
-        self.head = get_head(cfg.head.type, b.num_features, num_classes, **cfg.head_params())
-        self.head.build((None, b.num_features))
+        if plan.needed(cfg, self.world_size):        # the head returns the global batch's loss
+            self.head = PartialFC(b.num_features, num_classes, sample_rate=cfg.head.sample_rate, rank=self.rank,
+                                  world_size=self.world_size, seed=cfg.seed, **cfg.head_params())
+        else:
+            self.head = get_head(cfg.head.type, b.num_features, num_classes, **cfg.head_params())
+            self.head.build((None, b.num_features))
         self.loss_fn = get_loss(cfg.loss.type, **({"gamma": cfg.loss.gamma} if cfg.loss.type == "focal" else {}))
         o = cfg.optimizer
         kw = dict(momentum=o.momentum, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps)
@@ -85,35 +82,50 @@ class TFTwin:
                             size=self.cfg.backbone.input_size)
 
     def _make_step(self, frozen: bool):
+        """One step: this worker's replica computes the loss and gradients (collectives inside strategy.run),
+        then the updates apply to this worker's own variables, or none does when any worker found the step
+        non-finite."""
         backbone_vars = self.backbone.trainable_variables
         head_vars = self.head.trainable_variables
         stats = [v for v in self.backbone.non_trainable_variables if "moving" in v.path]
         clip = float(self.cfg.train.clip_grad_norm)
+        partial = isinstance(self.head, PartialFC)
 
-        @tf.function(reduce_retracing=True, )
-        def step(x, y, lr_backbone, lr_head):
+        def replica(x, y):
             saved = [tf.identity(v) for v in stats]
             with tf.GradientTape() as tape:
-                emb = self.backbone(x, training=not frozen)
-                loss = self.loss_fn(self.head(tf.cast(emb, tf.float32), y), y)
+                emb = tf.cast(self.backbone(x, training=not frozen), tf.float32)
+                loss = self.head(emb, y) if partial else self.loss_fn(self.head(emb, y), y)
                 scaled = loss * self.scale if self.fp16 else loss
-            grads = tape.gradient(scaled, head_vars if frozen else backbone_vars + head_vars)
+            # dense: Partial FC's sampled centres give IndexedSlices
+            grads = [tf.convert_to_tensor(g) for g in tape.gradient(scaled, head_vars if frozen else
+                                                                     backbone_vars + head_vars)]
+            grads_head = grads[-len(head_vars):]
+            grads_backbone = dist.sum_gradients(grads[:len(backbone_vars)] if not frozen else [])
+            if not frozen and dist.running():          # BatchNorm statistics: the mean of every worker's update
+                for v, mean in zip(stats, dist.average([tf.identity(v) for v in stats])):
+                    v.assign(mean)
             ok = tf.math.is_finite(loss)
             overflow = tf.constant(False)
             if self.fp16:                # as GradScaler.unscale_: multiply by the float32 reciprocal of the scale
                 inv = tf.cast(1.0 / tf.cast(self.scale, tf.float64), tf.float32)
-                grads = [g * inv for g in grads]
-                finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+                grads_head = [g * inv for g in grads_head]
+                grads_backbone = [g * inv for g in grads_backbone]
+                finite = dist.all_agree(tf.reduce_all([tf.reduce_all(tf.math.is_finite(g))
+                                                       for g in grads_head + grads_backbone]))
                 overflow = tf.logical_and(ok, tf.logical_not(finite))
                 ok = tf.logical_and(ok, finite)
-            grads_head = grads[-len(head_vars):]
-            grads_backbone = grads[:len(backbone_vars)] if not frozen else []
             if grads_backbone and clip > 0:
                 # torch.nn.utils.clip_grad_norm_: scale by min(1, max_norm / (total_norm + 1e-6))
                 norm = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(g)) for g in grads_backbone]))
                 coef = tf.minimum(clip / (norm + 1e-6), 1.0)
                 grads_backbone = [g * coef for g in grads_backbone]
                 ok = tf.logical_and(ok, tf.math.is_finite(norm))
+            return loss, dist.all_agree(ok), overflow, grads_head, grads_backbone, saved
+
+        @tf.function(reduce_retracing=True, )
+        def step(x, y, lr_backbone, lr_head):
+            loss, ok, overflow, grads_head, grads_backbone, saved = dist.run(self.strategy, replica, x, y)
             if ok:
                 self.opt_head.learning_rate.assign(lr_head)
                 self.opt_head.apply(grads_head, head_vars)
@@ -149,8 +161,9 @@ class TFTwin:
         if self.frozen not in self._steps:
             self._steps[self.frozen] = self._make_step(self.frozen)
         x = tf.constant(to_model_input(images, "NHWC"))
-        loss, overflow = self._steps[self.frozen](x, tf.constant(labels), tf.constant(lr_backbone, tf.float32),
-                                                  tf.constant(lr_head, tf.float32))
+        with dist.peers_lost_explained(self.rank, self.world_size):
+            loss, overflow = self._steps[self.frozen](x, tf.constant(labels), tf.constant(lr_backbone, tf.float32),
+                                                      tf.constant(lr_head, tf.float32))
         self.overflow = bool(overflow)
         return float(loss)
 
@@ -160,34 +173,64 @@ class TFTwin:
     def save_backbone(self, path: str):
         checkpoint.save_backbone(self.backbone, path)
 
-    def _state_variables(self):
+    def _variables(self, shard: bool):
+        """What a checkpoint file holds. One process: everything, in the state file. Several workers: rank 0's
+        state file holds the backbone, its optimizer and the loss scale (the same on every worker), and each
+        worker's shard file its own head shard and that shard's optimizer state."""
         groups = {"backbone": self.backbone.variables, "head": self.head.variables,
                   "opt_backbone": self.opt_backbone.variables, "opt_head": self.opt_head.variables,
                   **({"loss_scale": [self.scale, self.growth_tracker]} if self.fp16 else {})}
+        head = ("head", "opt_head")
+        if shard or self.world_size > 1:
+            groups = {k: vs for k, vs in groups.items() if (k in head) == shard}
         # Keyed by position: Keras' auto-generated layer names (margin_head_2, ...) change between processes.
         return {f"{group}/{i:04d}": v for group, vs in groups.items() for i, v in enumerate(vs)}
 
-    def save_state(self, path: str, meta: dict):
-        arrays = {k: v.numpy() for k, v in self._state_variables().items()}
+    def _save(self, path: str, meta: dict, shard: bool):
+        arrays = {k: v.numpy() for k, v in self._variables(shard).items()}
         arrays["meta"] = np.array(json.dumps(meta))
         with atomic_path(path, suffix=".npz") as tmp:
             np.savez(tmp, **arrays)
 
-    def load_state(self, path: str) -> dict:
+    def _load(self, path: str, shard: bool) -> dict:
         saved = _read_npz(path)
-        for key, var in self._state_variables().items():
-            if key not in saved:
-                raise ValueError(f"{path}: training state has no '{key}' (saved by another config?)")
-            if saved[key].shape != tuple(var.shape):
-                raise ValueError(f"{path}: '{key}' ({var.path}) has shape {saved[key].shape}, "
-                                 f"expected {tuple(var.shape)}")
-            var.assign(saved[key])
+        what = f"head shard of rank {self.rank} of {self.world_size}" if shard else "training state"
         if "meta" not in saved:
-            raise ValueError(f"{path}: training state has no 'meta' entry")
-        return json.loads(str(saved["meta"]))
+            raise ValueError(f"{path}: {what} has no 'meta' entry")
+        meta = json.loads(str(saved["meta"]))
+        if not shard:
+            run_dir.check_world_size(path, meta, self.world_size)
+        variables = self._variables(shard)
+        for key, var in variables.items():
+            if key not in saved:
+                raise ValueError(f"{path}: {what} has no '{key}' (saved by another config?)")
+            if saved[key].shape != tuple(var.shape):
+                raise ValueError(f"{path}: '{key}' ({var.path}) has shape {saved[key].shape}, expected "
+                                 f"{tuple(var.shape)} for the {what} (saved with another world size or "
+                                 f"number of classes?)")
+        for key, var in variables.items():
+            var.assign(saved[key])
+        if isinstance(self.head, PartialFC):         # the negatives' draw continues where the run stopped
+            self.head.step.assign(int(meta.get("step", 0)))
+        return meta
+
+    def save_state(self, path: str, meta: dict):
+        self._save(path, meta, shard=False)
+
+    def load_state(self, path: str) -> dict:
+        return self._load(path, shard=False)
+
+    def save_shard(self, path: str, meta: dict):
+        """This worker's head shard and its optimizer state (several workers; atomic as save_state)."""
+        self._save(path, meta, shard=True)
+
+    def load_shard(self, path: str) -> dict:
+        return self._load(path, shard=True)
 
     def barrier(self):
-        """One process until multi-worker training lands: nothing to wait for."""
+        """Every worker waits here for the others (the trainer's checkpoint protocol)."""
+        with dist.peers_lost_explained(self.rank, self.world_size):
+            dist.barrier(self.strategy)
 
     def export_onnx(self, path: str) -> float:
         """The fp32 graph whatever the training precision (as the torch twin exports): same variables, ONNX
