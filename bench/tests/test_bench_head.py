@@ -11,7 +11,8 @@ from twinface_bench.cli import add_parser, run
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("head")
-    opts = head.HeadOptions(classes=(1000,), embedding=32, batch=8, steps=1, timeout_s=120.0, out=str(out))
+    opts = head.HeadOptions(classes=(1000,), frameworks=("torch",), embedding=32, batch=8, steps=1, timeout_s=120.0,
+                            out=str(out))
     return head.run_head(opts, log=lambda line: None), out
 
 
@@ -42,6 +43,19 @@ def test_memory_falls_with_world_and_sample_rate(result):
         assert sampled["sampled"] == full["centres"] // 10 and full["sampled"] == full["centres"]
         assert full["logits_mb"] == pytest.approx(8 * world * full["centres"] * 4 / 2 ** 20)
         assert sampled["logits_mb"] == pytest.approx(full["logits_mb"] / 10)
+
+
+def test_tf_rows(tmp_path):
+    """The TF twin's workers (world 2: two processes with TF_CONFIG, started by the worker module) report the same
+    shard sizes as torch's."""
+    opts = head.HeadOptions(classes=(1000,), frameworks=("tf",), sample_rates=(0.1,), embedding=32, batch=8,
+                            steps=1, timeout_s=120.0, out=str(tmp_path))
+    one, two = sorted(head.run_head(opts, log=lambda line: None)["rows"], key=lambda r: r["world"])
+    assert "error" not in one and "error" not in two, (one.get("error"), two.get("error"))
+    assert [len(one["ranks"]), len(two["ranks"])] == [1, 2]
+    assert (one["centres"], one["sampled"], two["centres"], two["sampled"]) == (1000, 100, 500, 50)
+    for key in ("weight_mb", "grad_mb", "momentum_mb"):
+        assert one[key] == pytest.approx(1000 * 32 * 4 / 2 ** 20) and two[key] == pytest.approx(one[key] / 2)
 
 
 def test_files_written(result):

@@ -31,7 +31,7 @@ class HeadOptions:
     classes: tuple = (10_000, 100_000, 1_000_000)
     sample_rates: tuple = (1.0, 0.1)
     worlds: tuple = (1, 2)
-    frameworks: tuple = ("torch",)
+    frameworks: tuple = ("torch", "tf")
     embedding: int = 512
     batch: int = 128                      # per rank
     warmup: int = 1
