@@ -183,7 +183,7 @@ def markdown(result) -> str:
         f"SGD momentum 0.9 weight decay 5e-4; step = forward + backward + optimizer step, median of {o['steps']} "
         f"after {o['warmup']} warm-up, the slower rank's. Memory per rank (the largest rank's): centres, their "
         "gradient, the momentum buffer, and the logits [global batch, sampled centres]. World 2 = two processes "
-        "(torchrun, gloo) sharing the cores.",
+        "sharing the cores (torch: torchrun, gloo; TF: TF_CONFIG workers, MultiWorkerMirroredStrategy).",
         "",
         "| framework | world | classes | sample_rate | centres / rank | sampled / rank | step ms | samples/s "
         "| weight MB | grad MB | momentum MB | logits MB | head MB / rank | peak RSS MB |",
