@@ -1,4 +1,5 @@
 """`twinface bench`: the verb, registered in twinface.cli as (add_parser, run). Importing it loads no framework."""
+from .head import WORKERS, HeadOptions, run_head
 from .run import CPU_RUNTIMES, MEMORY_RUNTIMES, OPT_IN_RUNTIMES, TRAIN_RUNTIMES, Options
 
 KNOWN_RUNTIMES = CPU_RUNTIMES + TRAIN_RUNTIMES + MEMORY_RUNTIMES
@@ -28,11 +29,24 @@ def add_parser(subparsers):
     p.add_argument("--min-iters", type=int, default=d.min_iters, help="timed calls per inference batch, at least")
     p.add_argument("--train-steps", type=int, default=d.train_steps, help="timed training steps after the first")
     p.add_argument("--peak-n", type=int, default=d.peak_n, help="side of the reference fp32 matrix product")
-    p.add_argument("--out", default=d.out, help="writes bench.json, bench.md and bench.png here")
+    p.add_argument("--out", default=d.out, help="writes bench.json, bench.md and bench.png here (head.* with --head)")
+    h = HeadOptions()
+    p.add_argument("--head", action="store_true",
+                   help="only the Partial FC head section (opt-in, ~15 min): classes x sample_rate 1.0/0.1 x world 1/2; "
+                        "writes head.md, head.json and head.png")
+    p.add_argument("--head-classes", type=lambda s: tuple(int(x) for x in _csv(s)), default=h.classes,
+                   help="classes of the head section (default 10000,100000,1000000)")
+    p.add_argument("--head-frameworks", type=_csv, default=h.frameworks,
+                   help=f"twins of the head section (default {','.join(h.frameworks)})")
+    p.add_argument("--head-batch", type=int, default=h.batch, help=f"head section: batch per rank (default {h.batch})")
+    p.add_argument("--head-steps", type=int, default=h.steps,
+                   help=f"head section: timed steps after {h.warmup} warm-up (default {h.steps})")
     return p
 
 
 def run(args):
+    if args.head:
+        return _run_head(args)
     unknown = [r for r in args.runtimes if r not in KNOWN_RUNTIMES]
     if unknown:
         raise ValueError(f"--runtimes: unknown {unknown[0]!r}; known: {', '.join(KNOWN_RUNTIMES)}")
@@ -46,3 +60,13 @@ def run(args):
     for t in result["targets"]:
         print(f"target {t['model']} batch {t['batch']}: {t['what']} {t['ratio']:.2f} ({t['target']}): "
               f"{'met' if t['met'] else 'NOT MET'}")
+
+
+def _run_head(args):
+    unknown = [f for f in args.head_frameworks if f not in WORKERS]
+    if unknown:
+        raise ValueError(f"--head-frameworks: unknown {unknown[0]!r}; known: {', '.join(WORKERS)}")
+    result = run_head(HeadOptions(classes=args.head_classes, frameworks=args.head_frameworks,
+                                  embedding=args.num_features, batch=args.head_batch, steps=args.head_steps,
+                                  out=args.out))
+    print(f"\nwrote {args.out}/head.md, head.json, head.png ({result['seconds'] / 60:.1f} min)")

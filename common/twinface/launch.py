@@ -20,9 +20,9 @@ def launched() -> bool:
     return os.environ.get(LAUNCHED) == "1"
 
 
-def torchrun_command(nproc: int, argv: list) -> list:
+def torchrun_command(nproc: int, argv: list, module: str = "twinface.cli") -> list:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "twinface.cli", *argv]
+            "-m", module, *argv]
 
 
 def free_ports(count: int) -> list:
