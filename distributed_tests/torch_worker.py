@@ -32,6 +32,7 @@ def head(sample_rate, out):
     loss.backward()
     np.savez(os.path.join(out, f"rank{rank}.npz"), loss=loss.item(), emb_grad=emb.grad.numpy(),
              weight_grad=pfc.weight.grad.numpy(), index=pfc.last_index, class_start=pfc.class_start)
+    dist.barrier()                                         # leave together
 
 
 def step(out, ghost=1):
