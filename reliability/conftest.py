@@ -5,10 +5,9 @@ product survived (the outcome the test demands: resumed, refused with a one-line
 previous output intact ...), and how many left data lost (a finished epoch, a previous output, the user's input).
 A test asserts its own outcomes; the table is the figures the README quotes, printed at the end of the room.
 """
-import json
-import os
-
 import pytest
+
+from twinface.testing import write_report
 
 ROWS = []
 
@@ -35,8 +34,4 @@ def pytest_terminal_summary(terminalreporter):
         tr.write_line(f"{r['fault']:<{width}}  {r['injected']:>8}  {r['survived']:>8}  {r['data_lost']:>9}")
     total = {k: sum(r[k] for r in ROWS) for k in ("injected", "survived", "data_lost")}
     tr.write_line(f"{'all':<{width}}  {total['injected']:>8}  {total['survived']:>8}  {total['data_lost']:>9}")
-    path = os.environ.get("TWINFACE_RELIABILITY_JSON")
-    if path:
-        with open(path, "w") as f:
-            json.dump({"rows": ROWS, "total": total}, f, indent=2)
-        tr.write_line(f"JSON: {path}")
+    write_report(tr, "TWINFACE_RELIABILITY_JSON", {"rows": ROWS, "total": total})

@@ -239,8 +239,14 @@ def parity_summary(tr):
         tr.write_line(f"{r['what']:<{width}}  {r['max_diff']:>10.2e}  {tol:>10}  {r['result']}")
     failed = sum(r["result"] != "pass" for r in rows)
     tr.write_line(f"{len(rows) - failed} of {len(rows)} rows pass")
-    path = os.environ.get("TWINFACE_PARITY_JSON")
+    write_report(tr, "TWINFACE_PARITY_JSON", {"rows": rows, "failed": failed})
+
+
+def write_report(tr, env_var: str, report: dict):
+    """A room's table as JSON, to the file the environment variable names (`twinface parity`, the README's
+    figures); nothing when it is unset."""
+    path = os.environ.get(env_var)
     if path:
         with open(path, "w") as f:
-            json.dump({"rows": rows, "failed": failed}, f, indent=2)
+            json.dump(report, f, indent=2)
         tr.write_line(f"JSON: {path}")
