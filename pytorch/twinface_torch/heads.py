@@ -34,29 +34,20 @@ def check_batch(head, embeddings, labels, embedding_size, num_classes):
         raise ValueError(f"{head}: expected int64 labels, got {labels.dtype}")
 
 
-class MarginHead(nn.Module):
-    def __init__(self, embedding_size, num_classes, s=64.0, m1=1.0, m2=0.0, m3=0.0,
-                 interclass_filtering_threshold=0.0, gradient="straight_through", easy_margin=False):
-        super().__init__()
+class MarginRule:
+    """The margin settings and their math, without class centres: MarginHead (every class) and
+    twinface_torch.partial_fc.PartialFC (a shard of the classes, sampled) apply the very same rule."""
+
+    def _set_margin(self, s, m1, m2, m3, interclass_filtering_threshold, gradient, easy_margin):
+        who = type(self).__name__
         if gradient not in GRADIENTS:
-            raise ValueError(f"MarginHead: gradient must be one of {GRADIENTS}, got {gradient!r}")
+            raise ValueError(f"{who}: gradient must be one of {GRADIENTS}, got {gradient!r}")
         if not m1 > 0:
-            raise ValueError(f"MarginHead: m1 multiplies the angle and must be > 0, got {m1}")
-        self.embedding_size = embedding_size
-        self.num_classes = num_classes
+            raise ValueError(f"{who}: m1 multiplies the angle and must be > 0, got {m1}")
         self.s, self.m1, self.m2, self.m3 = s, m1, m2, m3
         self.interclass_filtering_threshold = interclass_filtering_threshold
         self.gradient = gradient
         self.easy_margin = easy_margin
-        self.weight = nn.Parameter(torch.normal(0.0, 0.01, (num_classes, embedding_size)))
-
-    def forward(self, embeddings, labels):
-        check_batch("MarginHead", embeddings, labels, self.embedding_size, self.num_classes)
-        if labels.numel() and (int(labels.max()) >= self.num_classes or int(labels.min()) < -1):
-            raise ValueError(f"MarginHead: labels must be in [-1, {self.num_classes - 1}] (-1 = no target), "
-                             f"got min {int(labels.min())}, max {int(labels.max())}")
-        cos = torch.clamp(l2_normalize(embeddings) @ l2_normalize(self.weight).T, -1.0, 1.0)
-        return self.logits_from_cos(cos, labels)
 
     def logits_from_cos(self, cos, labels):
         """Margin and scale applied to clamped cosines [N, C]; rows labelled -1 get no margin."""
@@ -84,6 +75,24 @@ class MarginHead(nn.Module):
             return torch.cos(phi) - self.m3
         k = torch.floor(phi / math.pi).detach()          # SphereFace's piece: decreasing over the whole range
         return (1 - 2 * torch.remainder(k, 2)) * torch.cos(phi) - 2 * k - self.m3
+
+
+class MarginHead(nn.Module, MarginRule):
+    def __init__(self, embedding_size, num_classes, s=64.0, m1=1.0, m2=0.0, m3=0.0,
+                 interclass_filtering_threshold=0.0, gradient="straight_through", easy_margin=False):
+        super().__init__()
+        self._set_margin(s, m1, m2, m3, interclass_filtering_threshold, gradient, easy_margin)
+        self.embedding_size = embedding_size
+        self.num_classes = num_classes
+        self.weight = nn.Parameter(torch.normal(0.0, 0.01, (num_classes, embedding_size)))
+
+    def forward(self, embeddings, labels):
+        check_batch("MarginHead", embeddings, labels, self.embedding_size, self.num_classes)
+        if labels.numel() and (int(labels.max()) >= self.num_classes or int(labels.min()) < -1):
+            raise ValueError(f"MarginHead: labels must be in [-1, {self.num_classes - 1}] (-1 = no target), "
+                             f"got min {int(labels.min())}, max {int(labels.max())}")
+        cos = torch.clamp(l2_normalize(embeddings) @ l2_normalize(self.weight).T, -1.0, 1.0)
+        return self.logits_from_cos(cos, labels)
 
 
 class LinearHead(nn.Module):

@@ -10,17 +10,17 @@ from torch import nn
 from twinface import partial_fc as plan
 
 from . import distributed as dist
-from .heads import MarginHead, check_batch, l2_normalize
+from .heads import MarginRule, check_batch, l2_normalize
 
 
-class PartialFC(nn.Module):
-    def __init__(self, embedding_size, num_classes, sample_rate=1.0, rank=0, world_size=1, seed=0, **margin):
+class PartialFC(nn.Module, MarginRule):
+    def __init__(self, embedding_size, num_classes, sample_rate=1.0, rank=0, world_size=1, seed=0, s=64.0, m1=1.0,
+                 m2=0.0, m3=0.0, interclass_filtering_threshold=0.0, gradient="straight_through", easy_margin=False):
         super().__init__()
+        self._set_margin(s, m1, m2, m3, interclass_filtering_threshold, gradient, easy_margin)
         self.embedding_size, self.num_classes, self.sample_rate = embedding_size, num_classes, sample_rate
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.class_start, self.num_local = plan.shard(num_classes, world_size, rank)
-        self.margin = MarginHead(1, 1, **margin)          # the margin rule only; its 1x1 weight is not a centre
-        del self.margin.weight
         self.weight = nn.Parameter(torch.from_numpy(
             plan.init_centres(seed, self.class_start, self.num_local, embedding_size)))
         self.step = 0                   # steps trained: seeds the negatives' draw (restored on resume)
@@ -38,7 +38,7 @@ class PartialFC(nn.Module):
         local = torch.from_numpy(local).to(self.weight.device)
         centres = self.weight if len(index) == self.num_local else self.weight[index]
         cos = torch.clamp(l2_normalize(embeddings) @ l2_normalize(centres).T, -1.0, 1.0)
-        return distributed_cross_entropy(self.margin.logits_from_cos(cos, local), local)
+        return distributed_cross_entropy(self.logits_from_cos(cos, local), local)
 
 
 def distributed_cross_entropy(logits, local_labels):
