@@ -42,7 +42,9 @@ HEADS = {
 LOSSES = {
     "cross_entropy": {},
     "focal": {"gamma": 2.0},
+    "triplet": {"margin": 0.2, "mining": "batch_hard", "squared": False},
 }
+TRIPLET_MINING = ("batch_all", "batch_hard", "semi_hard")
 
 
 def _lookup(table, kind, name):

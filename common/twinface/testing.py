@@ -250,3 +250,36 @@ def write_report(tr, env_var: str, report: dict):
         with open(path, "w") as f:
             json.dump(report, f, indent=2)
         tr.write_line(f"JSON: {path}")
+
+
+def triplet_reference(embeddings, labels, margin, mining, squared):
+    """(loss, valid) of the twins' triplet loss, by explicit loops in float64: the rules of docs/losses.md written
+    out one triplet at a time (hard-mining ties: the lowest index wins)."""
+    x = np.asarray(embeddings, np.float64)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    d = np.linalg.norm(x[:, None] - x[None, :], axis=2)
+    d = d ** 2 if squared else d
+    labels = np.asarray(labels)
+    n = len(labels)
+    positives = [[j for j in range(n) if j != a and labels[j] == labels[a]] for a in range(n)]
+    negatives = [[k for k in range(n) if labels[k] != labels[a]] for a in range(n)]
+    terms = []
+    for a in range(n):
+        if not negatives[a]:
+            continue
+        if mining == "batch_all":
+            terms += [d[a, p] - d[a, k] + margin for p in positives[a] for k in negatives[a]]
+        elif mining == "batch_hard" and positives[a]:
+            p = max(positives[a], key=lambda j: (d[a, j], -j))
+            k = min(negatives[a], key=lambda j: (d[a, j], j))
+            terms.append(d[a, p] - d[a, k] + margin)
+        elif mining == "semi_hard":
+            for p in positives[a]:
+                farther = [k for k in negatives[a] if d[a, k] > d[a, p]]
+                k = min(farther, key=lambda j: (d[a, j], j)) if farther else \
+                    max(negatives[a], key=lambda j: (d[a, j], -j))
+                terms.append(d[a, p] - d[a, k] + margin)
+    hinge = np.maximum(np.array(terms), 0.0)
+    if mining == "batch_all":
+        return hinge.sum() / max(int((hinge > 1e-16).sum()), 1), len(terms)
+    return hinge.sum() / max(len(terms), 1), len(terms)
