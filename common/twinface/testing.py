@@ -283,3 +283,26 @@ def triplet_reference(embeddings, labels, margin, mining, squared):
     if mining == "batch_all":
         return hinge.sum() / max(int((hinge > 1e-16).sum()), 1), len(terms)
     return hinge.sum() / max(len(terms), 1), len(terms)
+
+
+CURVE_CAP = 2e-2       # torch vs TF, max relative loss difference over a curve, whatever the nudge drift
+
+
+def loss_curves(twins, cfg, dataset, sampler, lr_of):
+    """Loss per step of each twin, all fed the same batches (checked) with the same lr."""
+    losses, step = [[] for _ in twins], 0
+    for epoch in range(cfg.train.epochs):
+        for batches in zip(*(twin.batches(dataset, sampler, epoch, 0) for twin in twins)):
+            for x, y in batches[1:]:
+                np.testing.assert_array_equal(x, batches[0][0])   # same images, flips and order everywhere
+                np.testing.assert_array_equal(y, batches[0][1])
+            lr = lr_of(step)
+            for curve, twin, (x, y) in zip(losses, twins, batches):
+                curve.append(twin.train_step(x, y, lr, lr))
+            step += 1
+    return [np.array(c) for c in losses]
+
+
+def curve_tolerance(drift):
+    """10x torch's own drift under a one-ulp nudge, never below 1e-4 nor above CURVE_CAP."""
+    return min(max(10 * drift, 1e-4), CURVE_CAP)
