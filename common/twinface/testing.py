@@ -306,3 +306,34 @@ def loss_curves(twins, cfg, dataset, sampler, lr_of):
 def curve_tolerance(drift):
     """10x torch's own drift under a one-ulp nudge, never below 1e-4 nor above CURVE_CAP."""
     return min(max(10 * drift, 1e-4), CURVE_CAP)
+
+
+def check_triplet_batches_without_triplets_are_skipped(make_twin, weights_of, data_dir, tmp_path):
+    """Triplet loss over shuffled batches of 3: a batch yields a triplet only if two of its images share an identity
+    and the third does not. Every other step must be skipped (no update) and counted, exactly; then P x K batches
+    train without a skip."""
+    from .data import dataset as dataset_mod
+    from .data.sampler import EpochSampler
+    triplet = {"head": {"type": "none"}, "loss": {"type": "triplet"}}
+    dataset = dataset_mod.open_dataset(os.path.join(os.fspath(data_dir), "train.rec"))
+    sampler = EpochSampler(len(dataset), 3, seed=0)
+    expected = sum(triplet_reference(np.eye(3), dataset.labels[i], 0.2, "batch_hard", False)[1] == 0
+                   for epoch in range(2) for i, _ in sampler.batches(epoch))
+    summary, twin = run_tiny(make_twin, data_dir, tmp_path / "b3", train={"batch_size": 3}, **triplet)
+    assert 0 < expected < summary["steps"] and summary["skipped_steps"]["no_valid_triplet"] == expected
+    assert "no valid triplet in the batch" in (tmp_path / "b3" / "train.log").read_text()
+    summary, _ = run_tiny(make_twin, data_dir, tmp_path / "pk", train={"batch_size": 6}, **triplet,
+                          data={"sampler": "identity", "images_per_identity": 3})
+    assert summary["skipped_steps"]["no_valid_triplet"] == 0 and summary["steps"] == 2 * (len(dataset) // 6)
+    # P = 1: every batch is one identity, without a negative; every step skipped leaves the backbone as built
+    # (its BatchNorm statistics included)
+    cfg = tiny_config(data_dir, tmp_path / "one", train={"batch_size": 3}, **triplet,
+                      data={"sampler": "identity", "images_per_identity": 3})
+    summary, trained = run_tiny(make_twin, data_dir, tmp_path / "one", train={"batch_size": 3}, **triplet,
+                                data={"sampler": "identity", "images_per_identity": 3})
+    assert summary["skipped_steps"]["no_valid_triplet"] == summary["steps"] == 2 * (len(dataset) // 3)
+    fresh = make_twin()
+    fresh.build(cfg, dataset.num_classes)
+    expected, got = weights_of(fresh), weights_of(trained)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
