@@ -39,6 +39,9 @@ HEADS = {
     "combined": {"s": 64.0, "m1": 1.0, "m2": 0.3, "m3": 0.2},
 }
 
+# AdaFace (Kim et al. 2022): its own head, not a margin setting; the official defaults (docs/heads.md).
+ADAFACE = {"s": 64.0, "m": 0.4, "h": 0.333, "t_alpha": 0.01}
+
 LOSSES = {
     "cross_entropy": {},
     "focal": {"gamma": 2.0},
@@ -56,7 +59,7 @@ def backbone_spec(name: str) -> BackboneSpec:
 
 
 def head_defaults(name: str) -> dict:
-    return dict(_lookup(HEADS, "head", name))
+    return dict(ADAFACE if name == "adaface" else _lookup(HEADS, "head", name))
 
 
 def margin_settings(name: str, overrides: dict) -> dict:
@@ -65,6 +68,13 @@ def margin_settings(name: str, overrides: dict) -> dict:
     if name not in HEADS:
         raise ValueError(f"unknown head {name!r}; known: {', '.join(sorted([*HEADS, 'linear']))}")
     return {**HEADS[name], **overrides}
+
+
+def check_subcenters(who: str, subcenters) -> int:
+    """Sub-center ArcFace's K (centres per class), as both twins' MarginHead take it."""
+    if isinstance(subcenters, bool) or not isinstance(subcenters, int) or subcenters < 1:
+        raise ValueError(f"{who}: subcenters must be an integer >= 1, got {subcenters!r}")
+    return subcenters
 
 
 def loss_defaults(name: str) -> dict:

@@ -80,18 +80,19 @@ def check_training_outputs(make_twin, backbone_file, state_file, reloaded_weight
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
 
 
-def check_resume_matches_uninterrupted(make_twin, weights_of, state_step, data_dir, tmp_path):
+def check_resume_matches_uninterrupted(make_twin, weights_of, state_step, data_dir, tmp_path, **sections):
     """Kill a run in epoch 2 (after the epoch-1 checkpoint), resume it, and compare its final backbone with an
-    uninterrupted run's. weights_of(twin) -> {name: array}; state_step(run_dir) -> step in the saved state."""
+    uninterrupted run's. weights_of(twin) -> {name: array}; state_step(run_dir) -> step in the saved state;
+    `sections` override config keys (run_tiny)."""
     import numpy as np
-    _, full = run_tiny(make_twin, data_dir, tmp_path / "full")
+    _, full = run_tiny(make_twin, data_dir, tmp_path / "full", **sections)
     try:
-        run_tiny(make_twin, data_dir, tmp_path / "killed", kill_after=6)
+        run_tiny(make_twin, data_dir, tmp_path / "killed", kill_after=6, **sections)
         raise AssertionError("the simulated kill did not happen")
     except KeyboardInterrupt:
         pass
     assert state_step(tmp_path / "killed") == 4
-    summary, resumed = run_tiny(make_twin, data_dir, tmp_path / "killed", resume=True)
+    summary, resumed = run_tiny(make_twin, data_dir, tmp_path / "killed", resume=True, **sections)
     assert summary["steps"] == 8
     expected, got = weights_of(full), weights_of(resumed)
     assert expected.keys() == got.keys()
@@ -250,3 +251,25 @@ def write_report(tr, env_var: str, report: dict):
         with open(path, "w") as f:
             json.dump(report, f, indent=2)
         tr.write_line(f"JSON: {path}")
+
+
+# -- AdaFace's official formula, for both twins' tests ---------------------------------------------------------------
+def adaface_reference(embeddings, weight, labels, batch_mean, batch_std, s=64.0, m=0.4, h=0.333, t_alpha=0.01,
+                      training=True):
+    """The official AdaFace head.py forward (github mk-minchul/AdaFace, class AdaFace) in float64 numpy, written
+    from its formula: -> (logits, batch_mean, batch_std), the EMA as left after this call."""
+    eps = 1e-3
+    emb, weight = np.asarray(embeddings, np.float64), np.asarray(weight, np.float64)
+    norms = np.linalg.norm(emb, axis=1, keepdims=True)
+    kernel = weight / np.linalg.norm(weight, axis=1, keepdims=True)
+    cos = np.clip((emb / norms) @ kernel.T, -1 + eps, 1 - eps)
+    safe_norms = np.clip(norms, 0.001, 100)
+    if training:                                                # updated before use; torch.std is unbiased
+        batch_mean = safe_norms.mean() * t_alpha + (1 - t_alpha) * batch_mean
+        batch_std = safe_norms.std(ddof=1) * t_alpha + (1 - t_alpha) * batch_std
+    scaler = np.clip((safe_norms - batch_mean) / (batch_std + eps) * h, -1, 1)
+    rows = np.flatnonzero(np.asarray(labels) >= 0)
+    one_hot = np.zeros_like(cos)
+    one_hot[rows, np.asarray(labels)[rows]] = 1.0
+    theta = np.clip(np.arccos(cos) + one_hot * (-m * scaler), eps, np.pi - eps)
+    return s * (np.cos(theta) - one_hot * (m + m * scaler)), batch_mean, batch_std
