@@ -273,3 +273,44 @@ def adaface_reference(embeddings, weight, labels, batch_mean, batch_std, s=64.0,
     one_hot[rows, np.asarray(labels)[rows]] = 1.0
     theta = np.clip(np.arccos(cos) + one_hot * (-m * scaler), eps, np.pi - eps)
     return s * (np.cos(theta) - one_hot * (m + m * scaler)), batch_mean, batch_std
+
+
+def check_drop_noisy(make_twin, head_weight, data_dir, tmp_path, capsys):
+    """Train the tiny config with 3 sub-centres, then `twinface data drop-noisy` its run at a threshold between two
+    of the samples' angles: the dropped list is exactly the samples beyond it (angles recomputed here from the
+    trained twin in memory), the clean .rec holds every other record's bytes unchanged with its identity, and an
+    existing output is replaced only with --overwrite. head_weight(twin) -> [C * 3, D] array."""
+    import pytest
+    from .cli import main
+    from .data.dataset import open_dataset
+    from .noisy import noisy_samples
+    run = tmp_path / "run"
+    _, twin = run_tiny(make_twin, data_dir, run, head={"type": "arcface", "subcenters": 3})
+    train = open_dataset(os.path.join(data_dir, "train.rec"))
+    emb = np.asarray(twin.embed(np.stack([train.image(i) for i in range(len(train))])), np.float64)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    weight = np.asarray(head_weight(twin), np.float64)
+    centres = (weight / np.linalg.norm(weight, axis=1, keepdims=True)).reshape(train.num_classes, 3, -1)
+    own = np.einsum("ne,nke->nk", emb, centres[train.labels])
+    _, angle, _ = noisy_samples(own, train.labels, train.num_classes, 180.0)
+    ordered = np.sort(angle)
+    threshold = float(ordered[len(ordered) // 2] + ordered[len(ordered) // 2 + 1]) / 2
+    dst = tmp_path / "clean"
+    argv = ["data", "drop-noisy", str(run), str(dst), "--threshold-deg", repr(threshold)]
+    main(argv)
+    printed = capsys.readouterr().out
+    dropped = np.flatnonzero(angle > threshold)
+    assert f"dropped: {len(dropped)}" in printed and "dropped (nearest to a non-dominant sub-centre)" in printed
+    rows = [line.split("\t") for line in (tmp_path / "clean.dropped.tsv").read_text().splitlines()[1:]]
+    assert [int(r[0]) for r in rows] == dropped.tolist()
+    assert [int(r[1]) for r in rows] == train.labels[dropped].tolist()
+    np.testing.assert_allclose([float(r[2]) for r in rows], angle[dropped], atol=2e-3)
+    clean = open_dataset(str(dst) + ".rec")
+    kept = np.setdiff1d(np.arange(len(train)), dropped)
+    assert len(clean) == len(kept)
+    renumber = {c: i for i, c in enumerate(np.unique(train.labels[kept]))}
+    assert sorted((renumber[int(train.labels[i])], train.encoded(int(i))) for i in kept) == \
+        sorted((int(clean.labels[j]), clean.encoded(j)) for j in range(len(clean)))
+    with pytest.raises(SystemExit, match="already exists; pass --overwrite"):
+        main(argv)
+    main(argv + ["--overwrite"])

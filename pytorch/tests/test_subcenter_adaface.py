@@ -131,3 +131,8 @@ def test_resume_restores_adaface_s_ema(data, tmp_path):
     check_resume_matches_uninterrupted(
         TorchTwin, weights, lambda run: torch.load(run / "state.pt", weights_only=True)["meta"]["step"],
         data, tmp_path, head={"type": "adaface"})
+
+
+def test_drop_noisy_cli_on_a_torch_run(data, tmp_path, capsys):
+    from twinface.testing import check_drop_noisy
+    check_drop_noisy(TorchTwin, lambda twin: twin.head.weight.detach().numpy(), data, tmp_path, capsys)

@@ -115,3 +115,8 @@ def test_resume_restores_adaface_s_ema(data, tmp_path):
         with np.load(run / "state.npz") as saved:
             return json.loads(str(saved["meta"]))["step"]
     check_resume_matches_uninterrupted(TFTwin, weights, step, data, tmp_path, head={"type": "adaface"})
+
+
+def test_drop_noisy_cli_on_a_tf_run(data, tmp_path, capsys):
+    from twinface.testing import check_drop_noisy
+    check_drop_noisy(TFTwin, lambda twin: twin.head.weight.numpy(), data, tmp_path, capsys)
