@@ -66,7 +66,7 @@ def margin_settings(name: str, overrides: dict) -> dict:
     """Keyword arguments of a MarginHead called `name`: the registry's settings with `overrides` on top.
     Both twins' get_head use it ("linear" is the one head that is not a margin setting)."""
     if name not in HEADS:
-        raise ValueError(f"unknown head {name!r}; known: {', '.join(sorted([*HEADS, 'linear']))}")
+        raise ValueError(f"unknown head {name!r}; known: {', '.join(sorted([*HEADS, 'adaface', 'linear']))}")
     return {**HEADS[name], **overrides}
 
 
