@@ -314,3 +314,25 @@ def check_drop_noisy(make_twin, head_weight, data_dir, tmp_path, capsys):
     with pytest.raises(SystemExit, match="already exists; pass --overwrite"):
         main(argv)
     main(argv + ["--overwrite"])
+
+
+# -- Sub-center ArcFace, for both twins' tests ---------------------------------------------------------------------
+SUBCENTRE_TARGETS = {"arcface": lambda c: np.cos(np.arccos(c) + 0.5), "cosface": lambda c: c - 0.4}   # registry's
+
+
+def head_test_batch(seed, n, d):
+    """(embeddings [n, d] float32, labels [n] int64 over 5 classes with a repeat)."""
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, d)).astype(np.float32), np.array([0, 1, 2, 3, 4, 2])[:n]
+
+
+def subcentre_reference(embeddings, weight, labels, subcenters, head, s=64.0):
+    """Sub-center logits in float64 numpy: each class's cosine is the max over its sub-centres (class-major rows
+    c * K + k), then `head`'s target margin (SUBCENTRE_TARGETS)."""
+    def unit(x):
+        x = np.asarray(x, np.float64)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+    rows = np.arange(len(labels))
+    cos = np.clip(unit(embeddings) @ unit(weight).T, -1, 1).reshape(len(labels), -1, subcenters).max(axis=2)
+    cos[rows, labels] = SUBCENTRE_TARGETS[head](cos[rows, labels])
+    return s * cos

@@ -7,7 +7,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from twinface.testing import adaface_reference, check_resume_matches_uninterrupted, tiny_config, tiny_dataset  # noqa: E402,E501
+from twinface.testing import (SUBCENTRE_TARGETS, adaface_reference, check_resume_matches_uninterrupted,  # noqa: E402
+                              head_test_batch, subcentre_reference, tiny_config, tiny_dataset)
 from twinface_convert.mapping import keras_to_torch, torch_to_keras  # noqa: E402
 from twinface_tf.heads import AdaFace, MarginHead, get_head  # noqa: E402
 from twinface_tf.train import TFTwin  # noqa: E402
@@ -16,26 +17,17 @@ N, D, C, K = 6, 16, 5, 3
 
 
 def _batch(seed=0):
-    rng = np.random.default_rng(seed)
-    return rng.normal(size=(N, D)).astype(np.float32), np.array([0, 1, 2, 3, 4, 2])
+    return head_test_batch(seed, N, D)
 
 
-def _unit(x):
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-@pytest.mark.parametrize("name,target", [("arcface", lambda c: np.cos(np.arccos(c) + 0.5)),
-                                         ("cosface", lambda c: c - 0.4)])
-def test_subcentre_logits_are_the_margin_on_each_class_best_subcentre(name, target):
+@pytest.mark.parametrize("name", sorted(SUBCENTRE_TARGETS))
+def test_subcentre_logits_are_the_margin_on_each_class_best_subcentre(name):
     emb, labels = _batch()
     head = get_head(name, D, C, subcenters=K)
     head.build((None, D))
     assert tuple(head.weight.shape) == (C * K, D) and head.get_config()["subcenters"] == K
-    weight = head.weight.numpy().astype(np.float64)
-    cos = np.clip(_unit(emb.astype(np.float64)) @ _unit(weight).T, -1, 1).reshape(N, C, K).max(axis=2)
-    expected = cos.copy()
-    expected[np.arange(N), labels] = target(cos[np.arange(N), labels])
-    np.testing.assert_allclose(head(emb, labels).numpy(), 64 * expected, rtol=1e-5, atol=1e-4)
+    expected = subcentre_reference(emb, head.weight.numpy(), labels, K, name)
+    np.testing.assert_allclose(head(emb, labels).numpy(), expected, rtol=1e-5, atol=1e-4)
 
 
 def test_the_layout_is_class_major():
