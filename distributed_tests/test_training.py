@@ -135,3 +135,15 @@ def test_shipped_recipes_run_over_two_processes(recipe, tmp_path, data_dir):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["finished"] and summary["steps"] == 3 and summary["precision"] == "fp16"
     assert summary["skipped_steps"]["non_finite_loss"] == 0
+
+
+@pytest.mark.parametrize("framework", ["torch", "tf"])
+def test_triplet_loss_trains_over_two_processes(framework, tmp_path, data_dir):
+    """Triplet loss with P x K batches over 2 processes: each rank mines its own identities (disjoint by the
+    sampler), the gradients are averaged; the run trains, evaluates and exports like any other."""
+    cfg = _config_file(tmp_path, data_dir, head={"type": "none"}, loss={"type": "triplet", "mining": "semi_hard"},
+                       data={"sampler": "identity", "images_per_identity": 3}, train={"batch_size": 6, "epochs": 1})
+    twinface("train", "--framework", framework, "--config", cfg, "--nproc", "2", "--output", str(tmp_path / "run"))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["finished"] and summary["steps"] == 36 // 12 and summary["skipped_steps"]["no_valid_triplet"] == 0
+    assert "identity sampler: 2 identities x 3 images" in (tmp_path / "run" / "train.log").read_text()

@@ -5,10 +5,9 @@ import pytest
 from twinface import schedule
 from twinface.data import dataset as dataset_mod
 from twinface.data.sampler import EpochSampler
-from twinface.testing import run_tiny, tiny_config, tiny_dataset
+from twinface.testing import CURVE_CAP, curve_tolerance, loss_curves, run_tiny, tiny_config, tiny_dataset
 
 STEPS = 20
-CURVE_CAP = 2e-2       # torch vs TF, max relative loss difference over the curve, whatever the nudge drift
 NUDGE_CAP = 2e-2       # torch vs torch nudged by 1e-7: beyond this the regime is too chaotic to compare
 # 10 identities x 26 images, batch 64: 4 steps per epoch, 5 epochs
 CURVE_DATA = {"synth_identities": 10, "synth_images_per_identity": 26, "synth_val_identities": 4,
@@ -27,21 +26,6 @@ def curve_data(tmp_path_factory):
     synth.ensure_dataset(path, num_identities=10, images_per_identity=26, val_identities=4, val_pairs=20, seed=0,
                          formats=("rec",), workers=1, progress=False)
     return path
-
-
-def _curve(twins, cfg, dataset, sampler, lr_of):
-    """Loss per step of each twin, all fed the same batches (checked) with the same lr."""
-    losses, step = [[] for _ in twins], 0
-    for epoch in range(cfg.train.epochs):
-        for batches in zip(*(twin.batches(dataset, sampler, epoch, 0) for twin in twins)):
-            for x, y in batches[1:]:
-                np.testing.assert_array_equal(x, batches[0][0])   # same images, flips and order everywhere
-                np.testing.assert_array_equal(y, batches[0][1])
-            lr = lr_of(step)
-            for curve, twin, (x, y) in zip(losses, twins, batches):
-                curve.append(twin.train_step(x, y, lr, lr))
-            step += 1
-    return [np.array(c) for c in losses]
 
 
 def _three_curves(curve_data, tmp_path, precision, nudge=True, head="cosface"):
@@ -65,14 +49,14 @@ def _three_curves(curve_data, tmp_path, precision, nudge=True, head="cosface"):
     torch_to_keras(tt.backbone.state_dict(), kt.backbone, source="torch backbone")
     torch_to_keras(tt.head.state_dict(), kt.head, source="torch head")
     if not nudge:
-        return (*_curve((tt, kt), cfg, dataset, sampler, lr_of), None)
+        return (*loss_curves((tt, kt), cfg, dataset, sampler, lr_of), None)
     nudged.backbone.load_state_dict(tt.backbone.state_dict())
     nudged.head.load_state_dict(tt.head.state_dict())
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for p in nudged.backbone.parameters():
             p.mul_(1 + 1e-7 * torch.randn(p.shape, generator=g))
-    return _curve((tt, kt, nudged), cfg, dataset, sampler, lr_of)
+    return loss_curves((tt, kt, nudged), cfg, dataset, sampler, lr_of)
 
 
 def test_twenty_steps_give_the_same_loss_curve(curve_data, tmp_path, parity):
@@ -122,11 +106,6 @@ def test_twenty_bf16_steps_give_the_same_loss_curve(curve_data, tmp_path, parity
     parity.check("r18 + cosface bf16, loss at steps 1-3, torch vs TF", t[:3], k[:3], BF16_START, relative=True)
     parity.check(f"r18 + cosface bf16, loss curve over {STEPS} steps, torch vs TF",
                  [float(np.max(np.abs(t - k) / np.abs(t)))], [0.0], BF16_CURVE_CAP)
-
-
-def curve_tolerance(drift):
-    """10x torch's own drift under a one-ulp nudge, never below 1e-4 nor above CURVE_CAP."""
-    return min(max(10 * drift, 1e-4), CURVE_CAP)
 
 
 def test_finetune_from_the_other_framework_converts_and_freezes(data, tmp_path):

@@ -53,8 +53,11 @@ class HeadConfig:
 
 @dataclass
 class LossConfig:
-    type: str = "cross_entropy"                 # or "focal"
+    type: str = "cross_entropy"                 # or "focal", or "triplet" (on embeddings, with head.type none)
     gamma: float = 2.0                          # focal only
+    margin: float = 0.2                         # triplet: d(a, p) + margin <= d(a, n) is satisfied
+    mining: str = "batch_hard"                  # triplet: batch_all | batch_hard | semi_hard (docs/losses.md)
+    squared: bool = False                       # triplet: squared euclidean distances
 
 
 @dataclass
@@ -89,6 +92,8 @@ class DataConfig:
     synth_val_pairs: int = 3000
     flip: bool = True                           # random horizontal flip (the only augmentation)
     memory_cache_gb: float = 2.0                # decode the set once into memory if it fits (0 = never)
+    sampler: str = "epoch"                      # epoch (shuffled samples) | identity (P identities x K images)
+    images_per_identity: int = 4                # identity sampler: K (the batch holds batch_size / K identities)
 
 
 @dataclass
@@ -136,8 +141,8 @@ class Config:
     val: ValConfig = field(default_factory=ValConfig)
 
     def head_params(self) -> dict:
-        """Margin parameters with registry defaults filled in (empty for the linear head)."""
-        if self.head.type == "linear":
+        """Margin parameters with registry defaults filled in (empty for the linear head and for none)."""
+        if self.head.type in ("linear", "none"):
             return {}
         params = registry.head_defaults(self.head.type)
         for key in ADAFACE_KEYS if self.head.type == "adaface" else ("s", "m1", "m2", "m3"):
@@ -153,6 +158,9 @@ class Config:
             params["subcenters"] = self.head.subcenters
         return params
 
+    def triplet_params(self) -> dict:
+        return {"margin": self.loss.margin, "mining": self.loss.mining, "squared": self.loss.squared}
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -160,9 +168,11 @@ class Config:
 ADAFACE_KEYS = ("s", "m", "h", "t_alpha")
 
 CHOICES = {
-    "head.type": sorted(registry.HEADS) + ["adaface", "linear"],
+    "head.type": sorted(registry.HEADS) + ["adaface", "linear", "none"],
     "head.gradient": ["straight_through", "analytic"],
     "loss.type": sorted(registry.LOSSES),
+    "loss.mining": list(registry.TRIPLET_MINING),
+    "data.sampler": ["epoch", "identity"],
     "optimizer.type": ["sgd", "adamw"],
     "schedule.type": ["polynomial", "cosine", "step"],
     "data.source": ["synthetic", "folder", "rec"],
@@ -266,6 +276,7 @@ RANGES = {
     "head.h": NON_NEGATIVE,
     "head.t_alpha": Range(0, 1, low_open=True),     # 0 would never move the norm statistics off their start
     "loss.gamma": NON_NEGATIVE,
+    "loss.margin": NON_NEGATIVE,
     "optimizer.lr": POSITIVE,
     "optimizer.momentum": FRACTION,
     "optimizer.weight_decay": NON_NEGATIVE,
@@ -283,6 +294,7 @@ RANGES = {
     "data.synth_val_identities": Range(2),
     "data.synth_val_pairs": Range(2),
     "data.memory_cache_gb": NON_NEGATIVE,
+    "data.images_per_identity": Range(2),       # positives need two images of an identity
     "train.batch_size": AT_LEAST_1,
     "train.epochs": AT_LEAST_1,
     "train.log_every": AT_LEAST_1,
@@ -334,6 +346,19 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'optimizer.betas': expected 2 values [beta1, beta2], got {cfg.optimizer.betas}")
     _check_head_keys(cfg.head)
     _resolve_precision(cfg)
+    _check_embedding_loss(cfg)
+
+
+def _check_embedding_loss(cfg: Config) -> None:
+    """A triplet loss scores embeddings, a margin or linear head scores classes: exactly one of them trains."""
+    triplet, headless = cfg.loss.type == "triplet", cfg.head.type == "none"
+    if triplet != headless:
+        raise ConfigError(f"config keys 'loss.type: {cfg.loss.type}' and 'head.type: {cfg.head.type}' do not go "
+                          f"together: loss.type triplet trains on embeddings and needs head.type none; every other "
+                          f"loss needs a head")
+    if headless and cfg.finetune.freeze_epochs > 0:
+        raise ConfigError(f"config key 'finetune.freeze_epochs' is {cfg.finetune.freeze_epochs}, but with head.type "
+                          f"none a frozen backbone leaves nothing to train; set it to 0")
 
 
 def _check_head_keys(head: HeadConfig) -> None:
@@ -349,8 +374,8 @@ def _check_head_keys(head: HeadConfig) -> None:
     foreign = [k for k in ("m", "h", "t_alpha") if getattr(head, k) is not None]
     if foreign:
         raise ConfigError(f"config key 'head.{foreign[0]}' applies to head.type adaface only, not {head.type!r}")
-    if head.type == "linear" and head.subcenters != 1:
-        raise ConfigError(f"config key 'head.subcenters': margin heads only, not head.type 'linear', "
+    if head.type in ("linear", "none") and head.subcenters != 1:
+        raise ConfigError(f"config key 'head.subcenters': margin heads only, not head.type '{head.type}', "
                           f"got {head.subcenters}")
 
 

@@ -41,7 +41,7 @@ def _twin(run_dir: str):
         raise ValueError(f"{run_dir}: expected one training state ({' or '.join(STATES)}), found "
                          f"{', '.join(found) or 'none'}")
     cfg = config_mod.load(os.path.join(run_dir, "config.yaml"))
-    if cfg.head.type in ("linear", "adaface"):
+    if cfg.head.type in ("linear", "none", "adaface"):
         raise ValueError(f"{run_dir}: drop-noisy needs a margin head's class centres, the run has head.type "
                          f"'{cfg.head.type}'")
     if STATES[found[0]] == "torch":

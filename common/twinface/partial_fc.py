@@ -73,8 +73,9 @@ def init_centres(seed: int, class_start: int, num_local: int, embedding_size: in
 
 
 def needed(cfg, world_size: int) -> bool:
-    """Partial FC replaces the plain head when the run is sharded or samples its classes."""
-    return world_size > 1 or cfg.head.sample_rate < 1.0
+    """Partial FC replaces the plain head when the run is sharded or samples its classes (a triplet loss has no
+    class centres: each rank mines its own identities)."""
+    return cfg.head.type != "none" and (world_size > 1 or cfg.head.sample_rate < 1.0)
 
 
 def check_supported(cfg, world_size: int):

@@ -45,7 +45,9 @@ ADAFACE = {"s": 64.0, "m": 0.4, "h": 0.333, "t_alpha": 0.01}
 LOSSES = {
     "cross_entropy": {},
     "focal": {"gamma": 2.0},
+    "triplet": {"margin": 0.2, "mining": "batch_hard", "squared": False},
 }
+TRIPLET_MINING = ("batch_all", "batch_hard", "semi_hard")
 
 
 def _lookup(table, kind, name):

@@ -253,6 +253,93 @@ def write_report(tr, env_var: str, report: dict):
         tr.write_line(f"JSON: {path}")
 
 
+def triplet_reference(embeddings, labels, margin, mining, squared):
+    """(loss, valid) of the twins' triplet loss, by explicit loops in float64: the rules of docs/losses.md written
+    out one triplet at a time (hard-mining ties: the lowest index wins)."""
+    x = np.asarray(embeddings, np.float64)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    d = np.linalg.norm(x[:, None] - x[None, :], axis=2)
+    d = d ** 2 if squared else d
+    labels = np.asarray(labels)
+    n = len(labels)
+    positives = [[j for j in range(n) if j != a and labels[j] == labels[a]] for a in range(n)]
+    negatives = [[k for k in range(n) if labels[k] != labels[a]] for a in range(n)]
+    terms = []
+    for a in range(n):
+        if not negatives[a]:
+            continue
+        if mining == "batch_all":
+            terms += [d[a, p] - d[a, k] + margin for p in positives[a] for k in negatives[a]]
+        elif mining == "batch_hard" and positives[a]:
+            p = max(positives[a], key=lambda j: (d[a, j], -j))
+            k = min(negatives[a], key=lambda j: (d[a, j], j))
+            terms.append(d[a, p] - d[a, k] + margin)
+        elif mining == "semi_hard":
+            for p in positives[a]:
+                farther = [k for k in negatives[a] if d[a, k] > d[a, p]]
+                k = min(farther, key=lambda j: (d[a, j], j)) if farther else \
+                    max(negatives[a], key=lambda j: (d[a, j], -j))
+                terms.append(d[a, p] - d[a, k] + margin)
+    hinge = np.maximum(np.array(terms), 0.0)
+    if mining == "batch_all":
+        return hinge.sum() / max(int((hinge > 1e-16).sum()), 1), len(terms)
+    return hinge.sum() / max(len(terms), 1), len(terms)
+
+
+CURVE_CAP = 2e-2       # torch vs TF, max relative loss difference over a curve, whatever the nudge drift
+
+
+def loss_curves(twins, cfg, dataset, sampler, lr_of):
+    """Loss per step of each twin, all fed the same batches (checked) with the same lr."""
+    losses, step = [[] for _ in twins], 0
+    for epoch in range(cfg.train.epochs):
+        for batches in zip(*(twin.batches(dataset, sampler, epoch, 0) for twin in twins)):
+            for x, y in batches[1:]:
+                np.testing.assert_array_equal(x, batches[0][0])   # same images, flips and order everywhere
+                np.testing.assert_array_equal(y, batches[0][1])
+            lr = lr_of(step)
+            for curve, twin, (x, y) in zip(losses, twins, batches):
+                curve.append(twin.train_step(x, y, lr, lr))
+            step += 1
+    return [np.array(c) for c in losses]
+
+
+def curve_tolerance(drift):
+    """10x torch's own drift under a one-ulp nudge, never below 1e-4 nor above CURVE_CAP."""
+    return min(max(10 * drift, 1e-4), CURVE_CAP)
+
+
+def check_triplet_batches_without_triplets_are_skipped(make_twin, weights_of, data_dir, tmp_path):
+    """Triplet loss over shuffled batches of 3: a batch yields a triplet only if two of its images share an identity
+    and the third does not. Every other step must be skipped (no update) and counted, exactly; then P x K batches
+    train without a skip."""
+    from .data import dataset as dataset_mod
+    from .data.sampler import EpochSampler
+    triplet = {"head": {"type": "none"}, "loss": {"type": "triplet"}}
+    dataset = dataset_mod.open_dataset(os.path.join(os.fspath(data_dir), "train.rec"))
+    sampler = EpochSampler(len(dataset), 3, seed=0)
+    expected = sum(triplet_reference(np.eye(3), dataset.labels[i], 0.2, "batch_hard", False)[1] == 0
+                   for epoch in range(2) for i, _ in sampler.batches(epoch))
+    summary, twin = run_tiny(make_twin, data_dir, tmp_path / "b3", train={"batch_size": 3}, **triplet)
+    assert 0 < expected < summary["steps"] and summary["skipped_steps"]["no_valid_triplet"] == expected
+    assert "no valid triplet in the batch" in (tmp_path / "b3" / "train.log").read_text()
+    summary, _ = run_tiny(make_twin, data_dir, tmp_path / "pk", train={"batch_size": 6}, **triplet,
+                          data={"sampler": "identity", "images_per_identity": 3})
+    assert summary["skipped_steps"]["no_valid_triplet"] == 0 and summary["steps"] == 2 * (len(dataset) // 6)
+    # P = 1: every batch is one identity, without a negative; every step skipped leaves the backbone as built
+    # (its BatchNorm statistics included)
+    cfg = tiny_config(data_dir, tmp_path / "one", train={"batch_size": 3}, **triplet,
+                      data={"sampler": "identity", "images_per_identity": 3})
+    summary, trained = run_tiny(make_twin, data_dir, tmp_path / "one", train={"batch_size": 3}, **triplet,
+                                data={"sampler": "identity", "images_per_identity": 3})
+    assert summary["skipped_steps"]["no_valid_triplet"] == summary["steps"] == 2 * (len(dataset) // 3)
+    fresh = make_twin()
+    fresh.build(cfg, dataset.num_classes)
+    expected, got = weights_of(fresh), weights_of(trained)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
 # -- AdaFace's official formula, for both twins' tests ---------------------------------------------------------------
 def adaface_reference(embeddings, weight, labels, batch_mean, batch_std, s=64.0, m=0.4, h=0.333, t_alpha=0.01,
                       training=True):

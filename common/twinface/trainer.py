@@ -1,6 +1,6 @@
 """The training loop both twins run. Framework work goes through a twin adapter; everything else is here.
 
-The loop owns what must be identical in both frameworks: data order and flips (EpochSampler), the learning
+The loop owns what must be identical in both frameworks: data order and flips (the samplers), the learning
 rate of every step, freezing for finetuning, NaN guard rails, progress lines, TensorBoard, evaluation on the
 verification sets, checkpoint cadence, resume and the closing summary. A twin adapter
 (`twinface_torch.train.TorchTwin`, `twinface_tf.train.TFTwin`) provides:
@@ -11,6 +11,8 @@ verification sets, checkpoint cadence, resume and the closing summary. A twin ad
     set_backbone_frozen(frozen)
     batches(dataset, sampler, epoch, start_step) -> iter of (images uint8 NHWC, labels int64)
     train_step(images, labels, lr_backbone, lr_head) -> float loss; applies no update when the loss is not finite
+    overflow, no_triplets                   whether the last step was skipped for an fp16 overflow / no triplet
+    triplets, loss_scale                    valid triplets of the last batch, fp16 loss scale (None when n/a)
     embed(images uint8 NHWC) -> float32 [N, D]        (eval mode)
     save_backbone(path), save_state(path, meta), load_state(path) -> meta      (atomic writes)
     save_shard(path, meta), load_shard(path) -> meta     this rank's head shard (several ranks only)
@@ -34,7 +36,7 @@ from . import schedule
 from . import atomic
 from .data import dataset as dataset_mod
 from .data.memory import InMemoryDataset, maybe_in_memory
-from .data.sampler import EpochSampler
+from .data.sampler import IdentitySampler, sampler_for
 
 
 class TrainingDiverged(RuntimeError):
@@ -89,6 +91,7 @@ class Progress:
     step: int = 0
     bad_steps: int = 0                  # non-finite losses (a real divergence; train.max_bad_steps stops the run)
     overflow_steps: int = 0             # fp16 loss-scale overflows: skipped by design, the scale backs off
+    no_triplet_steps: int = 0           # triplet loss: batches without a valid triplet (skipped, nothing to learn)
     train_images: int = 0
     train_seconds: float = 0.0
 
@@ -128,8 +131,7 @@ class Trainer:
             dataset, bins = self._open_data()
             if self.is_main:
                 self.twin.barrier()
-            sampler = EpochSampler(len(dataset), self.cfg.train.batch_size, seed=self.cfg.seed, rank=self.twin.rank,
-                                   world_size=self.twin.world_size, flip=self.cfg.data.flip)
+            sampler = sampler_for(self.cfg, dataset.labels, self.twin.rank, self.twin.world_size)
             self.steps_per_epoch = sampler.steps_per_epoch()
             self.total_steps = self.steps_per_epoch * self.cfg.train.epochs
             self.lr_of = schedule.from_config(self.cfg, self.total_steps, self.steps_per_epoch)
@@ -141,7 +143,7 @@ class Trainer:
             if finished:
                 return finished
             self._open_val_sets(bins)
-            self._announce(dataset)
+            self._announce(dataset, sampler)
             if self.is_main:
                 config_mod.save_resolved(self.cfg, self.out)   # only now: a start that fails leaves the run as it was
                 from .tb import TensorBoard
@@ -217,8 +219,9 @@ class Trainer:
         if finetune.weights:
             weights = self._native_weights(finetune.weights)
             self.twin.load_backbone(weights)
-            self.log.info(f"finetune: backbone from {weights}, new head for {num_classes} identities, backbone "
-                          f"frozen for {finetune.freeze_epochs} epoch(s), then lr x {finetune.backbone_lr_scale}")
+            head = "no head (triplet loss)" if self.cfg.head.type == "none" else f"new head for {num_classes} identities"
+            self.log.info(f"finetune: backbone from {weights}, {head}, backbone frozen for {finetune.freeze_epochs} "
+                          f"epoch(s), then lr x {finetune.backbone_lr_scale}")
         return Progress()
 
     def _restore(self) -> Progress:
@@ -256,11 +259,17 @@ class Trainer:
         convert(path, converted, arch=self.cfg.backbone.name, force=True, log=self.log.info)
         return converted
 
-    def _announce(self, dataset):
+    def _announce(self, dataset, sampler):
         cfg = self.cfg
         self.log.info(f"{self.twin.framework}: {cfg.backbone.name}, {len(dataset)} images, {dataset.num_classes} "
                       f"identities, {self.steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs, batch "
                       f"{cfg.train.batch_size} x {self.twin.world_size} rank(s)")
+        if isinstance(sampler, IdentitySampler):
+            draws = sampler.steps_per_epoch() * sampler.per_batch
+            self.log.info(f"identity sampler: {sampler.per_batch} identities x {sampler.k} images per batch; "
+                          f"{sampler.short_identities} of {sampler.num_identities} identities have fewer than "
+                          f"{sampler.k} images and are drawn with replacement: {sampler.short_draws(0)} of {draws} "
+                          f"identity draws in epoch 1")
 
     def _measure_loader(self, dataset, sampler, batches: int = 8):
         """The data pipeline alone, once: it should outrun the training step by a wide margin."""
@@ -284,6 +293,12 @@ class Trainer:
                 self._guard(loss, labels, progress)
             elif self.twin.overflow:
                 progress.overflow_steps += 1
+            elif self.twin.no_triplets:
+                progress.no_triplet_steps += 1
+                if progress.no_triplet_steps == 1:
+                    self.log.warning(f"step {progress.step + 1}: no valid triplet in the batch (labels "
+                                     f"{labels[:16].tolist()}...), update skipped; the count shows in the progress "
+                                     f"lines and summary.json")
             progress.step += 1
             n_window += len(images)
             if self.tb and math.isfinite(loss):
@@ -291,6 +306,8 @@ class Trainer:
                 self.tb.scalar("train/lr", lr, progress.step)
                 if self.twin.loss_scale is not None:
                     self.tb.scalar("train/loss_scale", self.twin.loss_scale, progress.step)
+                if self.twin.triplets is not None:
+                    self.tb.scalar("train/valid_triplets", self.twin.triplets, progress.step)
             if self.is_main and (progress.step % self.cfg.train.log_every == 0 or progress.step == self.last_step):
                 self._log_progress(progress, loss, lr, frozen, n_window / max(1e-9, time.time() - t_window))
                 t_window, n_window = time.time(), 0
@@ -326,7 +343,8 @@ class Trainer:
         eta = (self.last_step - step) * self.cfg.train.batch_size / max(rate, 1e-9)
         scale = self.twin.loss_scale
         skipped = "".join(f" {n} {what}" for n, what in ((progress.overflow_steps, "overflow"),
-                                                         (progress.bad_steps, "non-finite")) if n)
+                                                         (progress.bad_steps, "non-finite"),
+                                                         (progress.no_triplet_steps, "no triplet")) if n)
         self.log.info(f"epoch {(step - 1) // self.steps_per_epoch + 1}/{self.cfg.train.epochs} step {step}/"
                       f"{self.last_step} loss {loss:.4f} lr {lr:.5f}{' (backbone frozen)' if frozen else ''}"
                       f"{f' loss scale {scale:g}' if scale is not None else ''}"
@@ -425,7 +443,8 @@ class Trainer:
         return {"framework": self.twin.framework, "arch": self.cfg.backbone.name, "steps": progress.step,
                 "finished": finished, "wall_time_s": round(time.time() - self.t_start, 1),
                 "train_images_per_s": rate, "precision": self.cfg.train.precision,
-                "skipped_steps": {"non_finite_loss": progress.bad_steps, "loss_scale_overflow": progress.overflow_steps},
+                "skipped_steps": {"non_finite_loss": progress.bad_steps, "loss_scale_overflow": progress.overflow_steps,
+                                  "no_valid_triplet": progress.no_triplet_steps},
                 "backbone": self.backbone_path, "state": self.state_path,
                 "tensorboard": os.path.join(self.out, "tensorboard"), "log": os.path.join(self.out, "train.log"),
                 **extra, "results": self.results, "history": self.history}

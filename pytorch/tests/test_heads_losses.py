@@ -242,7 +242,9 @@ def test_losses_match_numpy():
     assert get_loss("focal")(t_logits, t_labels).item() == pytest.approx(focal, rel=1e-12)
     assert get_loss("focal", gamma=0.0)(t_logits, t_labels).item() == pytest.approx(ce.mean(), rel=1e-12)
     assert get_loss("cross_entropy")(t_logits, t_labels).item() == pytest.approx(ce.mean(), rel=1e-12)
-    with pytest.raises(ValueError, match="unknown loss 'triplet'; known: cross_entropy, focal"):
+    with pytest.raises(ValueError, match="unknown loss 'contrastive'; known: cross_entropy, focal, triplet"):
+        get_loss("contrastive")
+    with pytest.raises(ValueError, match="scores embeddings, not logits"):
         get_loss("triplet")
 
 

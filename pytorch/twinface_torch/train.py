@@ -12,7 +12,7 @@ from . import checkpoint, data, distributed as dist, export
 from .backbones import get_model
 from .embed import embed_images
 from .heads import get_head
-from .losses import get_loss
+from .losses import TripletLoss, get_loss
 from .optim import build_optimizer
 from .partial_fc import PartialFC
 
@@ -41,10 +41,14 @@ class TorchTwin:
                                   precision=cfg.train.precision, checkpointing=b.checkpointing
                                   ).to(self.device, memory_format=torch.channels_last)
         pfc_plan.check_supported(cfg, self.world_size)
+        self.triplets = None                               # valid triplets of the last batch (triplet loss only)
         if pfc_plan.needed(cfg, self.world_size):
             self.head = PartialFC(b.num_features, num_classes, cfg.head.sample_rate, self.rank, self.world_size,
                                   cfg.seed, **cfg.head_params()).to(self.device)
             self.criterion = self.head                     # the loss of the global batch, on every rank
+        elif cfg.head.type == "none":
+            self.head = TripletLoss(**cfg.triplet_params())    # no parameters: the loss takes the head's slot
+            self.criterion = self._triplet_loss
         else:
             self.head = get_head(cfg.head.type, b.num_features, num_classes, **cfg.head_params()).to(self.device)
             self.loss_fn = get_loss(cfg.loss.type, **({"gamma": cfg.loss.gamma} if cfg.loss.type == "focal" else {}))
@@ -60,6 +64,7 @@ class TorchTwin:
                                            growth_interval=t.loss_scale_growth_interval,
                                            enabled=t.precision == "fp16")
         self.overflow = False                     # the last step was skipped for a loss-scale overflow
+        self.no_triplets = False                  # the last step was skipped: no valid triplet on any rank
         self.model = self.backbone
         if self.world_size > 1:
             # BN statistics are averaged after each step (distributed.average_buffers), not broadcast from rank 0
@@ -69,6 +74,10 @@ class TorchTwin:
             self.model.register_comm_hook(None, dist.sum_gradients_hook)
         self.frozen = False
         self.backbone.train()
+
+    def _triplet_loss(self, emb, labels):
+        loss, self.triplets = self.head(emb, labels)
+        return loss
 
     def load_backbone(self, path: str):
         checkpoint.load_into(self.backbone, checkpoint.read_state_dict(path), path)
@@ -98,11 +107,15 @@ class TorchTwin:
             emb = self.model(x)
         loss = self.criterion(emb.float(), y)
         self.optimizer.zero_grad(set_to_none=True)
-        value, self.overflow = loss.item(), False
+        value, self.overflow, self.no_triplets = loss.item(), False, False
         # Every decision to skip is taken by all ranks together: DDP's gradient all-reduce needs every rank.
         if not dist.all_agree(math.isfinite(value), self.device):
             value = float("nan")
+        elif self.triplets is not None and dist.all_agree(self.triplets == 0, self.device):
+            self.no_triplets = True
         else:
+            if self.triplets is not None:                   # each rank's own batch: its share of the summed gradient
+                loss = loss / self.world_size
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)           # clipping and the finiteness check see true gradients
             finite = not self.scaler.is_enabled() or all(torch.isfinite(p.grad).all() for group in
@@ -114,7 +127,7 @@ class TorchTwin:
                 norm = torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), self.cfg.train.clip_grad_norm)
                 if not dist.all_agree(bool(torch.isfinite(norm)), self.device):
                     value = float("nan")
-        if not math.isfinite(value) or self.overflow:
+        if not math.isfinite(value) or self.overflow or self.no_triplets:
             for buf, old in zip(self._buffers(), saved):
                 buf.copy_(old)
             if self.overflow:

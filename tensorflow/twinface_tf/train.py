@@ -13,7 +13,7 @@ from . import checkpoint, data, distributed as dist, export
 from .backbones import get_model
 from .embed import embed_images
 from .heads import get_head
-from .losses import get_loss
+from .losses import TripletLoss, get_loss
 from .optim import build_optimizer
 from .partial_fc import PartialFC
 
@@ -51,10 +51,12 @@ class TFTwin:
         if plan.needed(cfg, self.world_size):        # the head returns the global batch's loss
             self.head = PartialFC(b.num_features, num_classes, sample_rate=cfg.head.sample_rate, rank=self.rank,
                                   world_size=self.world_size, seed=cfg.seed, **cfg.head_params())
+        elif cfg.head.type == "none":
+            self.head = TripletLoss(**cfg.triplet_params())    # no variables: the loss takes the head's slot
         else:
             self.head = get_head(cfg.head.type, b.num_features, num_classes, **cfg.head_params())
             self.head.build((None, b.num_features))
-        self.loss_fn = get_loss(cfg.loss.type, **({"gamma": cfg.loss.gamma} if cfg.loss.type == "focal" else {}))
+            self.loss_fn = get_loss(cfg.loss.type, **({"gamma": cfg.loss.gamma} if cfg.loss.type == "focal" else {}))
         o = cfg.optimizer
         kw = dict(momentum=o.momentum, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps)
         self.opt_backbone = build_optimizer(o.type, self.backbone.trainable_variables, o.lr, **kw)
@@ -70,6 +72,8 @@ class TFTwin:
         self.growth_tracker = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.growth_interval = t.loss_scale_growth_interval
         self.overflow = False                     # the last step was skipped for a loss-scale overflow
+        self.no_triplets = False                  # the last step was skipped: no valid triplet on any worker
+        self.triplets = None                      # valid triplets of the last batch (triplet loss only)
 
     def load_backbone(self, path: str):
         checkpoint.load_into(self.backbone, path)
@@ -91,17 +95,24 @@ class TFTwin:
         stats = [v for v in self.backbone.non_trainable_variables if "moving" in v.path]
         head_stats = [] if partial else self.head.non_trainable_variables      # AdaFace's norm EMA
         clip = float(self.cfg.train.clip_grad_norm)
+        triplet = isinstance(self.head, TripletLoss)
 
         def replica(x, y):
             saved = [tf.identity(v) for v in stats + head_stats]
+            triplets = tf.constant(-1)
             with tf.GradientTape() as tape:
                 emb = tf.cast(self.backbone(x, training=not frozen), tf.float32)
-                loss = self.head(emb, y) if partial else self.loss_fn(self.head(emb, y), y)
-                scaled = loss * self.scale if self.fp16 else loss
+                if triplet:       # each worker mines its own batch: its share of the summed gradient
+                    loss, triplets = self.head(emb, y)
+                    scaled = loss / self.world_size
+                else:
+                    loss = self.head(emb, y) if partial else self.loss_fn(self.head(emb, y), y)
+                    scaled = loss
+                scaled = scaled * self.scale if self.fp16 else scaled
             # dense: Partial FC's sampled centres give IndexedSlices
             grads = [tf.convert_to_tensor(g) for g in tape.gradient(scaled, head_vars if frozen else
                                                                      backbone_vars + head_vars)]
-            grads_head = grads[-len(head_vars):]
+            grads_head = grads[len(grads) - len(head_vars):]
             grads_backbone = dist.sum_gradients(grads[:len(backbone_vars)] if not frozen else [])
             if not frozen and dist.running():          # BatchNorm statistics: the mean of every worker's update
                 for v, mean in zip(stats, dist.average([tf.identity(v) for v in stats])):
@@ -122,14 +133,18 @@ class TFTwin:
                 coef = tf.minimum(clip / (norm + 1e-6), 1.0)
                 grads_backbone = [g * coef for g in grads_backbone]
                 ok = tf.logical_and(ok, tf.math.is_finite(norm))
-            return loss, dist.all_agree(ok), overflow, grads_head, grads_backbone, saved
+            empty = dist.all_agree(tf.equal(triplets, 0)) if triplet else tf.constant(False)   # none on any worker
+            ok = tf.logical_and(ok, tf.logical_not(empty))
+            return loss, dist.all_agree(ok), overflow, empty, triplets, grads_head, grads_backbone, saved
 
         @tf.function(reduce_retracing=True, )
         def step(x, y, lr_backbone, lr_head):
-            loss, ok, overflow, grads_head, grads_backbone, saved = dist.run(self.strategy, replica, x, y)
+            loss, ok, overflow, empty, triplets, grads_head, grads_backbone, saved = dist.run(self.strategy, replica,
+                                                                                              x, y)
             if ok:
-                self.opt_head.learning_rate.assign(lr_head)
-                self.opt_head.apply(grads_head, head_vars)
+                if head_vars:
+                    self.opt_head.learning_rate.assign(lr_head)
+                    self.opt_head.apply(grads_head, head_vars)
                 if grads_backbone:
                     self.opt_backbone.learning_rate.assign(lr_backbone)
                     self.opt_backbone.apply(grads_backbone, backbone_vars)
@@ -142,7 +157,7 @@ class TFTwin:
                     self.scale.assign(self.scale * 0.5)
                     self.growth_tracker.assign(0)
             # a skipped step that is no overflow (non-finite loss or gradient norm) reads as NaN, as in torch
-            return tf.where(tf.logical_or(ok, overflow), loss, float("nan")), overflow
+            return tf.where(ok | overflow | empty, loss, float("nan")), overflow, empty, triplets
 
         return step
 
@@ -163,9 +178,10 @@ class TFTwin:
             self._steps[self.frozen] = self._make_step(self.frozen)
         x = tf.constant(to_model_input(images, "NHWC"))
         with dist.peers_lost_explained(self.rank, self.world_size):
-            loss, overflow = self._steps[self.frozen](x, tf.constant(labels), tf.constant(lr_backbone, tf.float32),
-                                                      tf.constant(lr_head, tf.float32))
-        self.overflow = bool(overflow)
+            loss, overflow, empty, triplets = self._steps[self.frozen](
+                x, tf.constant(labels), tf.constant(lr_backbone, tf.float32), tf.constant(lr_head, tf.float32))
+        self.overflow, self.no_triplets = bool(overflow), bool(empty)
+        self.triplets = int(triplets) if isinstance(self.head, TripletLoss) else None
         return float(loss)
 
     def embed(self, images: np.ndarray) -> np.ndarray:
