@@ -191,6 +191,7 @@ def test_subcentres_and_adaface_keys_fill_from_the_registry_and_foreign_keys_are
                ({"type": "adaface", "gradient": "analytic"}, r"'head.gradient' does not apply to head.type adaface"),
                ({"type": "arcface", "t_alpha": 0.1}, r"'head.t_alpha' applies to head.type adaface only"),
                ({"type": "linear", "subcenters": 2}, r"'head.subcenters': margin heads only"),
+               ({"type": "none", "subcenters": 2}, r"'head.subcenters': margin heads only, not head.type 'none'"),
                ({"type": "arcface", "subcenters": 0}, r"'head.subcenters': expected an integer >= 1, got 0"),
                ({"type": "adaface", "t_alpha": 0.0}, r"'head.t_alpha': expected a finite number in \(0, 1\]")]
     for head, match in refused:
