@@ -28,15 +28,15 @@ def curve_data(tmp_path_factory):
     return path
 
 
-def _three_curves(curve_data, tmp_path, precision, nudge=True):
+def _three_curves(curve_data, tmp_path, precision, nudge=True, head="cosface"):
     """Loss curves of torch, TF and (nudge) torch with weights nudged by 1e-7 (about one fp32 ulp), same start,
-    same batches: r18 + CosFace, lr 0.01, batch 64, 20 steps."""
+    same batches: r18 + CosFace (or `head`), lr 0.01, batch 64, 20 steps."""
     import os
     import torch
     from twinface_convert.mapping import torch_to_keras
     from twinface_tf.train import TFTwin
     from twinface_torch.train import TorchTwin
-    cfg = tiny_config(curve_data, tmp_path, backbone={"name": "r18"}, head={"type": "cosface"},
+    cfg = tiny_config(curve_data, tmp_path, backbone={"name": "r18"}, head={"type": head},
                       optimizer={"lr": 0.01}, train={"epochs": 5, "batch_size": 64, "precision": precision},
                       data=CURVE_DATA)
     dataset = dataset_mod.open_dataset(os.path.join(curve_data, "train.rec"))
@@ -68,13 +68,23 @@ def test_twenty_steps_give_the_same_loss_curve(curve_data, tmp_path, parity):
     itself must stay within NUDGE_CAP = 2e-2. Measured here (2-core Xeon with AVX-512): nudge drift 5.9e-3,
     torch vs TF 7.6e-3 (2.6x below the cap). The first three steps (momentum, weight decay and the schedule
     already in play) keep 1e-4 before the drift grows."""
-    t, k, n = _three_curves(curve_data, tmp_path, "fp32")
+    _check_curves(parity, "cosface", *_three_curves(curve_data, tmp_path, "fp32"))
+
+
+def test_twenty_adaface_steps_give_the_same_loss_curve(curve_data, tmp_path, parity):
+    """The same curve with the AdaFace head, whose margin follows the norm EMA that both twins update every step
+    (and carry over from the same start: the converter copies batch_mean/batch_std with the centres)."""
+    _check_curves(parity, "adaface", *_three_curves(curve_data, tmp_path, "fp32", head="adaface"))
+
+
+def _check_curves(parity, head, t, k, n):
+    """It learns; steps 1-3 within 1e-4; the curve within curve_tolerance of torch's own drift under the nudge."""
     assert t[-4:].mean() < 0.8 * t[:4].mean()                  # it learns
-    parity.check("r18 + cosface, loss at steps 1-3, torch vs TF", t[:3], k[:3], 1e-4, relative=True)
+    parity.check(f"r18 + {head}, loss at steps 1-3, torch vs TF", t[:3], k[:3], 1e-4, relative=True)
     drift = float(np.max(np.abs(t - n) / np.abs(t)))
-    parity.check(f"r18 + cosface, loss curve over {STEPS} steps, torch vs torch nudged by 1e-7", [drift], [0.0],
+    parity.check(f"r18 + {head}, loss curve over {STEPS} steps, torch vs torch nudged by 1e-7", [drift], [0.0],
                  NUDGE_CAP)
-    parity.check(f"r18 + cosface, loss curve over {STEPS} steps, torch vs TF (tol 10x the nudge drift, cap "
+    parity.check(f"r18 + {head}, loss curve over {STEPS} steps, torch vs TF (tol 10x the nudge drift, cap "
                  f"{CURVE_CAP:g})", [float(np.max(np.abs(t - k) / np.abs(t)))], [0.0], curve_tolerance(drift))
 
 

@@ -133,6 +133,8 @@ def test_every_numeric_key_has_a_range_and_the_boundaries_are_accepted():
             section, _, name = key.rpartition(".")
             value = [allowed.low] * 2 if key in ("optimizer.betas", "schedule.milestones") else allowed.low
             data = {section: {name: value}} if section else {name: value}
+            if key in ("head.m", "head.h", "head.t_alpha"):                 # AdaFace's own keys
+                data["head"]["type"] = "adaface"
             assert config.from_dict(data) is not None
     for head, margins in registry.HEADS.items():        # the registry's own margins are in range
         assert config.from_dict({"head": {"type": head, **margins}}).head_params()["s"] == margins["s"]
@@ -176,3 +178,32 @@ def test_gradient_checkpointing_is_for_iresnets():
     assert config.from_dict({"backbone": {"name": "r50", "checkpointing": True}}).backbone.checkpointing
     with pytest.raises(config.ConfigError, match=r"'backbone.checkpointing': IResNets only, not 'mbf'"):
         config.from_dict({"backbone": {"name": "mbf", "checkpointing": True}})
+
+
+def test_subcentres_and_adaface_keys_fill_from_the_registry_and_foreign_keys_are_refused():
+    cfg = config.from_dict({"head": {"type": "cosface", "subcenters": 3}})
+    assert cfg.head_params()["subcenters"] == 3 and cfg.head_params()["m3"] == 0.4
+    assert "subcenters" not in config.from_dict({}).head_params()      # K = 1: the plain head, as before
+    assert config.from_dict({"head": {"type": "adaface"}}).head_params() == registry.ADAFACE
+    assert config.from_dict({"head": {"type": "adaface", "h": 0.5}}).head_params()["h"] == 0.5
+    refused = [({"type": "adaface", "m2": 0.5}, r"'head.m2' does not apply to head.type adaface"),
+               ({"type": "adaface", "subcenters": 2}, r"'head.subcenters' does not apply to head.type adaface"),
+               ({"type": "adaface", "gradient": "analytic"}, r"'head.gradient' does not apply to head.type adaface"),
+               ({"type": "arcface", "t_alpha": 0.1}, r"'head.t_alpha' applies to head.type adaface only"),
+               ({"type": "linear", "subcenters": 2}, r"'head.subcenters': margin heads only"),
+               ({"type": "none", "subcenters": 2}, r"'head.subcenters': margin heads only, not head.type 'none'"),
+               ({"type": "arcface", "subcenters": 0}, r"'head.subcenters': expected an integer >= 1, got 0"),
+               ({"type": "adaface", "t_alpha": 0.0}, r"'head.t_alpha': expected a finite number in \(0, 1\]")]
+    for head, match in refused:
+        with pytest.raises(config.ConfigError, match=match):
+            config.from_dict({"head": head})
+
+
+@pytest.mark.parametrize("head", [{"type": "adaface"}, {"type": "arcface", "subcenters": 2}])
+def test_partial_fc_refuses_adaface_and_subcentres(head):
+    from twinface import partial_fc
+    partial_fc.check_supported(config.from_dict({"head": head}), 1)             # one process, every class: fine
+    for world, rate in ((2, 1.0), (1, 0.5)):
+        with pytest.raises(ValueError, match=r"Partial FC, which supports neither head.type adaface nor "
+                                             r"head.subcenters > 1"):
+            partial_fc.check_supported(config.from_dict({"head": {**head, "sample_rate": rate}}), world)

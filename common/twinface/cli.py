@@ -113,6 +113,15 @@ def _add_data(sub):
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--image-size", type=POSITIVE_INT, default=112)
     c.add_argument("--overwrite", action="store_true")
+    c = verbs.add_parser("drop-noisy", help="Sub-center ArcFace's noise drop: a finished run's training set without "
+                                            "the samples far from their class's dominant sub-centre -> .rec/.idx")
+    c.add_argument("run_dir", help="a finished training run (config.yaml and state.pt or state.npz)")
+    c.add_argument("dst_prefix", help="writes DST_PREFIX.rec/.idx and DST_PREFIX.dropped.tsv (the dropped samples)")
+    c.add_argument("--threshold-deg", type=_bounded(float, 0.0, 180.0), default=75.0,
+                   help="drop a sample whose angle to its class's dominant sub-centre exceeds this (default 75, "
+                        "the paper's)")
+    c.add_argument("--batch-size", type=POSITIVE_INT, default=256)
+    c.add_argument("--overwrite", action="store_true")
 
 
 def _run_data(args):
@@ -136,6 +145,11 @@ def _run_data(args):
     elif args.data_verb == "rec2folder":
         with reading(args.src_prefix):
             _print_stats(convert.rec_to_folder(args.src_prefix, args.dst, overwrite=args.overwrite))
+    elif args.data_verb == "drop-noisy":
+        from .noisy import drop_noisy
+        with reading(args.run_dir):
+            _print_stats(drop_noisy(args.run_dir, args.dst_prefix, threshold_deg=args.threshold_deg,
+                                    overwrite=args.overwrite, batch_size=args.batch_size))
     elif args.data_verb == "folder2bin":
         with reading(args.src):
             _print_stats(convert.folder_to_bin(args.src, args.dst, num_pairs=args.pairs, seed=args.seed,

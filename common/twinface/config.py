@@ -44,6 +44,11 @@ class HeadConfig:
     gradient: str = "straight_through"          # or "analytic"
     easy_margin: bool = False                   # insightface's option: the margin only where cos(theta) > 0
     sample_rate: float = 1.0                    # Partial FC class sampling (1.0 = all classes)
+    subcenters: int = 1                         # Sub-center ArcFace: K centres per class, max cosine (margin heads)
+    # adaface only (registry.ADAFACE defaults when unset): margin, norm-scaler width, EMA rate of the norm statistics
+    m: typing.Optional[float] = None
+    h: typing.Optional[float] = None
+    t_alpha: typing.Optional[float] = None
 
 
 @dataclass
@@ -140,13 +145,17 @@ class Config:
         if self.head.type in ("linear", "none"):
             return {}
         params = registry.head_defaults(self.head.type)
-        for key in ("s", "m1", "m2", "m3"):
+        for key in ADAFACE_KEYS if self.head.type == "adaface" else ("s", "m1", "m2", "m3"):
             value = getattr(self.head, key)
             if value is not None:
                 params[key] = value
+        if self.head.type == "adaface":
+            return params
         params["interclass_filtering_threshold"] = self.head.interclass_filtering_threshold
         params["gradient"] = self.head.gradient
         params["easy_margin"] = self.head.easy_margin
+        if self.head.subcenters > 1:            # Partial FC, which refuses K > 1, takes no such argument
+            params["subcenters"] = self.head.subcenters
         return params
 
     def triplet_params(self) -> dict:
@@ -156,8 +165,10 @@ class Config:
         return dataclasses.asdict(self)
 
 
+ADAFACE_KEYS = ("s", "m", "h", "t_alpha")
+
 CHOICES = {
-    "head.type": sorted(registry.HEADS) + ["linear", "none"],
+    "head.type": sorted(registry.HEADS) + ["adaface", "linear", "none"],
     "head.gradient": ["straight_through", "analytic"],
     "loss.type": sorted(registry.LOSSES),
     "loss.mining": list(registry.TRIPLET_MINING),
@@ -260,6 +271,10 @@ RANGES = {
     "head.m3": Range(0, 1),                     # additive cosine margin
     "head.interclass_filtering_threshold": Range(0, 1),
     "head.sample_rate": Range(0, 1, low_open=True),
+    "head.subcenters": AT_LEAST_1,
+    "head.m": Range(0, 1),                      # adaface: angular margin +-m, additive margin in [0, 2m]
+    "head.h": NON_NEGATIVE,
+    "head.t_alpha": Range(0, 1, low_open=True),     # 0 would never move the norm statistics off their start
     "loss.gamma": NON_NEGATIVE,
     "loss.margin": NON_NEGATIVE,
     "optimizer.lr": POSITIVE,
@@ -329,6 +344,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'backbone.input_size': expected a multiple of 16, got {cfg.backbone.input_size}")
     if len(cfg.optimizer.betas) != 2:
         raise ConfigError(f"config key 'optimizer.betas': expected 2 values [beta1, beta2], got {cfg.optimizer.betas}")
+    _check_head_keys(cfg.head)
     _resolve_precision(cfg)
     _check_embedding_loss(cfg)
 
@@ -343,6 +359,24 @@ def _check_embedding_loss(cfg: Config) -> None:
     if headless and cfg.finetune.freeze_epochs > 0:
         raise ConfigError(f"config key 'finetune.freeze_epochs' is {cfg.finetune.freeze_epochs}, but with head.type "
                           f"none a frozen backbone leaves nothing to train; set it to 0")
+
+
+def _check_head_keys(head: HeadConfig) -> None:
+    """Keys that the chosen head type would silently ignore are refused, naming the key."""
+    defaults = HeadConfig()
+    if head.type == "adaface":
+        foreign = [k for k in ("m1", "m2", "m3", "subcenters", "gradient", "easy_margin",
+                               "interclass_filtering_threshold") if getattr(head, k) not in (None, getattr(defaults, k))]
+        if foreign:
+            raise ConfigError(f"config key 'head.{foreign[0]}' does not apply to head.type adaface (its keys: "
+                              f"{', '.join('head.' + k for k in ADAFACE_KEYS)}), got {getattr(head, foreign[0])!r}")
+        return
+    foreign = [k for k in ("m", "h", "t_alpha") if getattr(head, k) is not None]
+    if foreign:
+        raise ConfigError(f"config key 'head.{foreign[0]}' applies to head.type adaface only, not {head.type!r}")
+    if head.type in ("linear", "none") and head.subcenters != 1:
+        raise ConfigError(f"config key 'head.subcenters': margin heads only, not head.type '{head.type}', "
+                          f"got {head.subcenters}")
 
 
 def _resolve_precision(cfg: Config) -> None:

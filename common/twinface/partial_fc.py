@@ -79,8 +79,16 @@ def needed(cfg, world_size: int) -> bool:
 
 
 def check_supported(cfg, world_size: int):
-    if needed(cfg, world_size) and (cfg.head.type == "linear" or cfg.loss.type != "cross_entropy"):
-        why = f"{world_size} processes" if world_size > 1 else f"head.sample_rate {cfg.head.sample_rate}"
+    if not needed(cfg, world_size):
+        return
+    why = f"{world_size} processes" if world_size > 1 else f"head.sample_rate {cfg.head.sample_rate}"
+    if cfg.head.type == "linear" or cfg.loss.type != "cross_entropy":
         raise ValueError(f"{why} trains the margin head as Partial FC, which takes a margin head type (not "
                          f"'linear') and loss.type cross_entropy; the config has head.type '{cfg.head.type}', "
                          f"loss.type '{cfg.loss.type}'")
+    if cfg.head.type == "adaface" or cfg.head.subcenters > 1:
+        # AdaFace's norm statistics would span the gathered global batch, sub-centres the sharded class ids:
+        # neither is implemented for the sharded head
+        raise ValueError(f"{why} trains the head as Partial FC, which supports neither head.type adaface nor "
+                         f"head.subcenters > 1; the config has head.type '{cfg.head.type}', head.subcenters "
+                         f"{cfg.head.subcenters} (train it in one process with head.sample_rate 1.0)")

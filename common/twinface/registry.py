@@ -39,6 +39,9 @@ HEADS = {
     "combined": {"s": 64.0, "m1": 1.0, "m2": 0.3, "m3": 0.2},
 }
 
+# AdaFace (Kim et al. 2022): its own head, not a margin setting; the official defaults (docs/heads.md).
+ADAFACE = {"s": 64.0, "m": 0.4, "h": 0.333, "t_alpha": 0.01}
+
 LOSSES = {
     "cross_entropy": {},
     "focal": {"gamma": 2.0},
@@ -58,15 +61,22 @@ def backbone_spec(name: str) -> BackboneSpec:
 
 
 def head_defaults(name: str) -> dict:
-    return dict(_lookup(HEADS, "head", name))
+    return dict(ADAFACE if name == "adaface" else _lookup(HEADS, "head", name))
 
 
 def margin_settings(name: str, overrides: dict) -> dict:
     """Keyword arguments of a MarginHead called `name`: the registry's settings with `overrides` on top.
     Both twins' get_head use it ("linear" is the one head that is not a margin setting)."""
     if name not in HEADS:
-        raise ValueError(f"unknown head {name!r}; known: {', '.join(sorted([*HEADS, 'linear']))}")
+        raise ValueError(f"unknown head {name!r}; known: {', '.join(sorted([*HEADS, 'adaface', 'linear']))}")
     return {**HEADS[name], **overrides}
+
+
+def check_subcenters(who: str, subcenters) -> int:
+    """Sub-center ArcFace's K (centres per class), as both twins' MarginHead take it."""
+    if isinstance(subcenters, bool) or not isinstance(subcenters, int) or subcenters < 1:
+        raise ValueError(f"{who}: subcenters must be an integer >= 1, got {subcenters!r}")
+    return subcenters
 
 
 def loss_defaults(name: str) -> dict:

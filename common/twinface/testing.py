@@ -80,18 +80,19 @@ def check_training_outputs(make_twin, backbone_file, state_file, reloaded_weight
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
 
 
-def check_resume_matches_uninterrupted(make_twin, weights_of, state_step, data_dir, tmp_path):
+def check_resume_matches_uninterrupted(make_twin, weights_of, state_step, data_dir, tmp_path, **sections):
     """Kill a run in epoch 2 (after the epoch-1 checkpoint), resume it, and compare its final backbone with an
-    uninterrupted run's. weights_of(twin) -> {name: array}; state_step(run_dir) -> step in the saved state."""
+    uninterrupted run's. weights_of(twin) -> {name: array}; state_step(run_dir) -> step in the saved state;
+    `sections` override config keys (run_tiny)."""
     import numpy as np
-    _, full = run_tiny(make_twin, data_dir, tmp_path / "full")
+    _, full = run_tiny(make_twin, data_dir, tmp_path / "full", **sections)
     try:
-        run_tiny(make_twin, data_dir, tmp_path / "killed", kill_after=6)
+        run_tiny(make_twin, data_dir, tmp_path / "killed", kill_after=6, **sections)
         raise AssertionError("the simulated kill did not happen")
     except KeyboardInterrupt:
         pass
     assert state_step(tmp_path / "killed") == 4
-    summary, resumed = run_tiny(make_twin, data_dir, tmp_path / "killed", resume=True)
+    summary, resumed = run_tiny(make_twin, data_dir, tmp_path / "killed", resume=True, **sections)
     assert summary["steps"] == 8
     expected, got = weights_of(full), weights_of(resumed)
     assert expected.keys() == got.keys()
@@ -337,3 +338,88 @@ def check_triplet_batches_without_triplets_are_skipped(make_twin, weights_of, da
     expected, got = weights_of(fresh), weights_of(trained)
     for name in expected:
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
+# -- AdaFace's official formula, for both twins' tests ---------------------------------------------------------------
+def adaface_reference(embeddings, weight, labels, batch_mean, batch_std, s=64.0, m=0.4, h=0.333, t_alpha=0.01,
+                      training=True):
+    """The official AdaFace head.py forward (github mk-minchul/AdaFace, class AdaFace) in float64 numpy, written
+    from its formula: -> (logits, batch_mean, batch_std), the EMA as left after this call."""
+    eps = 1e-3
+    emb, weight = np.asarray(embeddings, np.float64), np.asarray(weight, np.float64)
+    norms = np.linalg.norm(emb, axis=1, keepdims=True)
+    kernel = weight / np.linalg.norm(weight, axis=1, keepdims=True)
+    cos = np.clip((emb / norms) @ kernel.T, -1 + eps, 1 - eps)
+    safe_norms = np.clip(norms, 0.001, 100)
+    if training:                                                # updated before use; torch.std is unbiased
+        batch_mean = safe_norms.mean() * t_alpha + (1 - t_alpha) * batch_mean
+        batch_std = safe_norms.std(ddof=1) * t_alpha + (1 - t_alpha) * batch_std
+    scaler = np.clip((safe_norms - batch_mean) / (batch_std + eps) * h, -1, 1)
+    rows = np.flatnonzero(np.asarray(labels) >= 0)
+    one_hot = np.zeros_like(cos)
+    one_hot[rows, np.asarray(labels)[rows]] = 1.0
+    theta = np.clip(np.arccos(cos) + one_hot * (-m * scaler), eps, np.pi - eps)
+    return s * (np.cos(theta) - one_hot * (m + m * scaler)), batch_mean, batch_std
+
+
+def check_drop_noisy(make_twin, head_weight, data_dir, tmp_path, capsys):
+    """Train the tiny config with 3 sub-centres, then `twinface data drop-noisy` its run at a threshold between two
+    of the samples' angles: the dropped list is exactly the samples beyond it (angles recomputed here from the
+    trained twin in memory), the clean .rec holds every other record's bytes unchanged with its identity, and an
+    existing output is replaced only with --overwrite. head_weight(twin) -> [C * 3, D] array."""
+    import pytest
+    from .cli import main
+    from .data.dataset import open_dataset
+    from .noisy import noisy_samples
+    run = tmp_path / "run"
+    _, twin = run_tiny(make_twin, data_dir, run, head={"type": "arcface", "subcenters": 3})
+    train = open_dataset(os.path.join(data_dir, "train.rec"))
+    emb = np.asarray(twin.embed(np.stack([train.image(i) for i in range(len(train))])), np.float64)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    weight = np.asarray(head_weight(twin), np.float64)
+    centres = (weight / np.linalg.norm(weight, axis=1, keepdims=True)).reshape(train.num_classes, 3, -1)
+    own = np.einsum("ne,nke->nk", emb, centres[train.labels])
+    _, angle, _ = noisy_samples(own, train.labels, train.num_classes, 180.0)
+    ordered = np.sort(angle)
+    threshold = float(ordered[len(ordered) // 2] + ordered[len(ordered) // 2 + 1]) / 2
+    dst = tmp_path / "clean"
+    argv = ["data", "drop-noisy", str(run), str(dst), "--threshold-deg", repr(threshold)]
+    main(argv)
+    printed = capsys.readouterr().out
+    dropped = np.flatnonzero(angle > threshold)
+    assert f"dropped: {len(dropped)}" in printed and "dropped (nearest to a non-dominant sub-centre)" in printed
+    rows = [line.split("\t") for line in (tmp_path / "clean.dropped.tsv").read_text().splitlines()[1:]]
+    assert [int(r[0]) for r in rows] == dropped.tolist()
+    assert [int(r[1]) for r in rows] == train.labels[dropped].tolist()
+    np.testing.assert_allclose([float(r[2]) for r in rows], angle[dropped], atol=2e-3)
+    clean = open_dataset(str(dst) + ".rec")
+    kept = np.setdiff1d(np.arange(len(train)), dropped)
+    assert len(clean) == len(kept)
+    renumber = {c: i for i, c in enumerate(np.unique(train.labels[kept]))}
+    assert sorted((renumber[int(train.labels[i])], train.encoded(int(i))) for i in kept) == \
+        sorted((int(clean.labels[j]), clean.encoded(j)) for j in range(len(clean)))
+    with pytest.raises(SystemExit, match="already exists; pass --overwrite"):
+        main(argv)
+    main(argv + ["--overwrite"])
+
+
+# -- Sub-center ArcFace, for both twins' tests ---------------------------------------------------------------------
+SUBCENTRE_TARGETS = {"arcface": lambda c: np.cos(np.arccos(c) + 0.5), "cosface": lambda c: c - 0.4}   # registry's
+
+
+def head_test_batch(seed, n, d):
+    """(embeddings [n, d] float32, labels [n] int64 over 5 classes with a repeat)."""
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, d)).astype(np.float32), np.array([0, 1, 2, 3, 4, 2])[:n]
+
+
+def subcentre_reference(embeddings, weight, labels, subcenters, head, s=64.0):
+    """Sub-center logits in float64 numpy: each class's cosine is the max over its sub-centres (class-major rows
+    c * K + k), then `head`'s target margin (SUBCENTRE_TARGETS)."""
+    def unit(x):
+        x = np.asarray(x, np.float64)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+    rows = np.arange(len(labels))
+    cos = np.clip(unit(embeddings) @ unit(weight).T, -1, 1).reshape(len(labels), -1, subcenters).max(axis=2)
+    cos[rows, labels] = SUBCENTRE_TARGETS[head](cos[rows, labels])
+    return s * cos

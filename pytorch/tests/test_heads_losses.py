@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from twinface.registry import HEADS
-from twinface_torch.heads import LinearHead, MarginHead, get_head
+from twinface_torch.heads import AdaFace, LinearHead, MarginHead, get_head
 from twinface_torch.losses import cross_entropy, focal_loss, get_loss
 from twinface_torch.optim import build_optimizer
 
@@ -217,9 +217,10 @@ def test_get_head():
     head = get_head("arcface", 16, 10, m2=0.4, gradient="analytic", interclass_filtering_threshold=0.2)
     assert (head.m2, head.gradient, head.interclass_filtering_threshold) == (0.4, "analytic", 0.2)
     assert isinstance(get_head("linear", 16, 10), LinearHead)
-    with pytest.raises(ValueError, match="unknown head 'adaface'") as error:
-        get_head("adaface", 16, 10)
-    assert all(name in str(error.value) for name in [*HEADS, "linear"])
+    assert isinstance(get_head("adaface", 16, 10), AdaFace)
+    with pytest.raises(ValueError, match="unknown head 'magface'") as error:
+        get_head("magface", 16, 10)
+    assert all(name in str(error.value) for name in [*HEADS, "adaface", "linear"])
 
 
 def numpy_cross_entropy_per_sample(logits, labels):

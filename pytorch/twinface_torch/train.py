@@ -90,14 +90,14 @@ class TorchTwin:
                             size=self.cfg.backbone.input_size)
 
     def _buffers(self):
-        return [b for b in self.backbone.buffers()]
+        return [*self.backbone.buffers(), *self.head.buffers()]       # BN statistics, AdaFace's norm EMA
 
     def train_step(self, images: np.ndarray, labels: np.ndarray, lr_backbone: float, lr_head: float) -> float:
         self.optimizer.param_groups[0]["lr"] = lr_backbone
         self.optimizer.param_groups[1]["lr"] = lr_head
         x = torch.from_numpy(to_model_input(images, "NCHW")).to(self.device, memory_format=torch.channels_last)
         y = torch.from_numpy(labels).to(self.device)
-        saved = [b.clone() for b in self._buffers()]              # BN statistics, restored on a bad step
+        saved = [b.clone() for b in self._buffers()]              # restored on a bad step
         if self.frozen:
             self.backbone.eval()
             with torch.no_grad():

@@ -2,23 +2,30 @@
 and a plain linear head. Same constructor arguments and variable names as the torch twin.
 
 MarginHead's rule (MarginRule) is what the sharded, sampled Partial FC (twinface_tf.partial_fc) applies too.
+With subcenters=K (Sub-center ArcFace) each class has K centres and its cosine is the largest of theirs.
+AdaFace is its own head: the official implementation's formula (docs/heads.md).
 """
 import math
 
 import keras
 import tensorflow as tf
 
-from twinface.registry import margin_settings
+from twinface.registry import check_subcenters, head_defaults, margin_settings
 from twinface_tf.layers import torch_linear_init
 
 GRADIENTS = ("straight_through", "analytic")
 
 
+def l2_norms(x):
+    """[N, 1] row norms sqrt(max(sum(x^2), 1e-24)), the torch twin's expression."""
+    return tf.sqrt(tf.maximum(tf.reduce_sum(tf.square(x), axis=1, keepdims=True), 1e-24))
+
+
 def l2_normalize(x):
-    # The torch twin's expression (see there why not rsqrt): x / sqrt(max(sum(x^2), 1e-24)). DivNoNan, not `/`:
-    # grappler rewrites Div(x, Sqrt(y)) into Mul(x, Rsqrt(y)) inside tf.function, which brought rsqrt back into
-    # the training step; the denominator is never 0, so the result is the plain quotient.
-    return tf.math.divide_no_nan(x, tf.sqrt(tf.maximum(tf.reduce_sum(tf.square(x), axis=1, keepdims=True), 1e-24)))
+    # The torch twin's expression (see there why not rsqrt): x / l2_norms(x). DivNoNan, not `/`: grappler rewrites
+    # Div(x, Sqrt(y)) into Mul(x, Rsqrt(y)) inside tf.function, which brought rsqrt back into the training step;
+    # the denominator is never 0, so the result is the plain quotient.
+    return tf.math.divide_no_nan(x, l2_norms(x))
 
 
 class MarginRule:
@@ -71,7 +78,8 @@ class MarginHead(keras.layers.Layer, MarginRule):
     [k pi, (k + 1) pi]. Unlike arcface_torch, m2 and m3 always both apply (docs/design.md, "Margin heads").
     easy_margin=True (insightface's ArcFace option): targets with cos(theta) <= 0 keep plain s * cos.
 
-    `weight` [num_classes, embedding_size], init N(0, 0.01). Rows labelled -1 have no target and keep plain
+    `weight` [num_classes * subcenters, embedding_size], init N(0, 0.01); class-major, as insightface's
+    Sub-center ArcFace: row c * K + k is sub-centre k of class c, and class c's cosine is the max over its K. Rows labelled -1 have no target and keep plain
     s * cos. gradient="straight_through" (default, arcface_torch): exact forward value, d logit / d cos = s on
     the target, never NaN at cos = +-1. gradient="analytic": the true derivative of the margin function, with
     cos clamped to [-1 + 1e-7, 1 - 1e-7] inside acos to keep it finite.
@@ -79,12 +87,14 @@ class MarginHead(keras.layers.Layer, MarginRule):
     """
 
     def __init__(self, embedding_size, num_classes, s=64.0, m1=1.0, m2=0.0, m3=0.0,
-                 interclass_filtering_threshold=0.0, gradient="straight_through", easy_margin=False, **kwargs):
+                 interclass_filtering_threshold=0.0, gradient="straight_through", easy_margin=False, subcenters=1,
+                 **kwargs):
         # float32 whatever the global policy: only the backbone trunk runs in mixed precision
         super().__init__(**{"dtype": "float32", **kwargs})
         self._set_margin(s, m1, m2, m3, interclass_filtering_threshold, gradient, easy_margin)
         self.embedding_size, self.num_classes = embedding_size, num_classes
-        self.weight = self.add_weight(shape=(num_classes, embedding_size), name="weight",
+        self.subcenters = check_subcenters("MarginHead", subcenters)
+        self.weight = self.add_weight(shape=(num_classes * subcenters, embedding_size), name="weight",
                                       initializer=keras.initializers.RandomNormal(0.0, 0.01))
 
     def call(self, embeddings, labels):
@@ -92,11 +102,59 @@ class MarginHead(keras.layers.Layer, MarginRule):
         labels = check_batch("MarginHead", embeddings, labels, self.embedding_size, self.num_classes)
         cos = tf.clip_by_value(tf.matmul(l2_normalize(embeddings), l2_normalize(self.weight), transpose_b=True),
                                -1.0, 1.0)
+        if self.subcenters > 1:
+            cos = tf.reduce_max(tf.reshape(cos, [-1, self.num_classes, self.subcenters]), axis=2)
         return self.logits_from_cos(cos, labels)
 
     def get_config(self):
         return {**super().get_config(), "embedding_size": self.embedding_size, "num_classes": self.num_classes,
-                **self.margin_config()}
+                "subcenters": self.subcenters, **self.margin_config()}
+
+
+class AdaFace(keras.layers.Layer):
+    """AdaFace (Kim et al. 2022), the official implementation's formula, as the torch twin (see there).
+
+    The EMA of the batches' norm statistics is the non-trainable variables `batch_mean`, `batch_std` [1]
+    (checkpointed, converted with the weights); it moves only when training (the default, as a torch module's
+    train mode; head(e, y, training=False) is torch's head.eval())."""
+    EPS = 1e-3
+
+    def __init__(self, embedding_size, num_classes, s=64.0, m=0.4, h=0.333, t_alpha=0.01, **kwargs):
+        super().__init__(**{"dtype": "float32", **kwargs})
+        self.embedding_size, self.num_classes = embedding_size, num_classes
+        self.s, self.m, self.h, self.t_alpha = float(s), float(m), float(h), float(t_alpha)
+        self.weight = self.add_weight(shape=(num_classes, embedding_size), name="weight",
+                                      initializer=keras.initializers.RandomNormal(0.0, 0.01))
+        self.batch_mean = self.add_weight(shape=(1,), name="batch_mean", trainable=False,
+                                          initializer=keras.initializers.Constant(20.0))
+        self.batch_std = self.add_weight(shape=(1,), name="batch_std", trainable=False,
+                                         initializer=keras.initializers.Constant(100.0))
+
+    def call(self, embeddings, labels, training=True):
+        embeddings = tf.cast(embeddings, "float32")
+        labels = check_batch("AdaFace", embeddings, labels, self.embedding_size, self.num_classes)
+        norms = l2_norms(embeddings)
+        cos = tf.clip_by_value(tf.matmul(tf.math.divide_no_nan(embeddings, norms), l2_normalize(self.weight),
+                                         transpose_b=True), -1.0 + self.EPS, 1.0 - self.EPS)
+        safe_norms = tf.stop_gradient(tf.clip_by_value(norms, 0.001, 100.0))
+        batch_mean, batch_std = self.batch_mean, self.batch_std
+        if training:
+            n = tf.shape(safe_norms)[0]
+            tf.debugging.assert_greater_equal(n, 2, message="AdaFace: a training batch needs >= 2 samples "
+                                                            "(unbiased std of the norms)")
+            mean = tf.reduce_mean(safe_norms)
+            std = tf.sqrt(tf.reduce_sum(tf.square(safe_norms - mean)) / tf.cast(n - 1, tf.float32))   # torch.std
+            t = self.t_alpha
+            batch_mean = self.batch_mean.assign(mean * t + (1 - t) * self.batch_mean)
+            batch_std = self.batch_std.assign(std * t + (1 - t) * self.batch_std)
+        scaler = tf.clip_by_value((safe_norms - batch_mean) / (batch_std + self.EPS) * self.h, -1.0, 1.0)
+        is_target = tf.one_hot(labels, self.num_classes, dtype=tf.float32)          # all 0 for -1
+        theta = tf.clip_by_value(tf.acos(cos) + is_target * (self.m * scaler * -1), self.EPS, math.pi - self.EPS)
+        return (tf.cos(theta) - is_target * (self.m + self.m * scaler)) * self.s
+
+    def get_config(self):
+        return {**super().get_config(), "embedding_size": self.embedding_size, "num_classes": self.num_classes,
+                "s": self.s, "m": self.m, "h": self.h, "t_alpha": self.t_alpha}
 
 
 class LinearHead(keras.layers.Layer):
@@ -139,4 +197,6 @@ def get_head(name, embedding_size, num_classes, **overrides):
     """A head from twinface.registry.HEADS (margin settings, `overrides` replace them) or "linear"."""
     if name == "linear":
         return LinearHead(embedding_size, num_classes, **overrides)
+    if name == "adaface":
+        return AdaFace(embedding_size, num_classes, **{**head_defaults(name), **overrides})
     return MarginHead(embedding_size, num_classes, **margin_settings(name, overrides))

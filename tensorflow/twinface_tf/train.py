@@ -91,13 +91,14 @@ class TFTwin:
         non-finite."""
         backbone_vars = self.backbone.trainable_variables
         head_vars = self.head.trainable_variables
-        stats = [v for v in self.backbone.non_trainable_variables if "moving" in v.path]
-        clip = float(self.cfg.train.clip_grad_norm)
         partial = isinstance(self.head, PartialFC)
+        stats = [v for v in self.backbone.non_trainable_variables if "moving" in v.path]
+        head_stats = [] if partial else self.head.non_trainable_variables      # AdaFace's norm EMA
+        clip = float(self.cfg.train.clip_grad_norm)
         triplet = isinstance(self.head, TripletLoss)
 
         def replica(x, y):
-            saved = [tf.identity(v) for v in stats]
+            saved = [tf.identity(v) for v in stats + head_stats]
             triplets = tf.constant(-1)
             with tf.GradientTape() as tape:
                 emb = tf.cast(self.backbone(x, training=not frozen), tf.float32)
@@ -150,7 +151,7 @@ class TFTwin:
                 if self.fp16:
                     self._grow_scale()
             else:
-                for v, old in zip(stats, saved):
+                for v, old in zip(stats + head_stats, saved):
                     v.assign(old)
                 if overflow:
                     self.scale.assign(self.scale * 0.5)
