@@ -1,7 +1,7 @@
 """Sub-center ArcFace's noise rule (twinface.noisy.noisy_samples) on constructed sub-centres and mislabelled samples."""
 import numpy as np
 
-from twinface.noisy import noisy_samples
+from twinface.noisy import angle_report, noisy_samples
 
 
 def _at(angle_deg, towards, away):
@@ -44,3 +44,11 @@ def test_the_dominant_sub_centre_is_the_majority_s_not_the_nearest():
     # a tie in the votes goes to the lower sub-centre
     assert noisy_samples(np.array([[1.0, 0.0], [0.0, 1.0]]), np.zeros(2, np.int64), 1, 75.0)[0].tolist() == \
         [False, True]
+
+
+def test_the_report_gives_percentiles_and_warns_when_most_would_go():
+    angle = np.arange(100, dtype=float)
+    report = angle_report(angle, angle > 75)
+    assert report["angle to the dominant sub-centre (p50 / p90 / p99)"] == "49.5 / 89.1 / 98.0 degrees"
+    assert "warning" not in report
+    assert "60% of the samples are beyond the threshold" in angle_report(angle, angle > 39.5)["warning"]

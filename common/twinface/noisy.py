@@ -33,6 +33,18 @@ def noisy_samples(own_cos: np.ndarray, labels: np.ndarray, num_classes: int, thr
     return angle > threshold_deg, angle, nearest == dominant
 
 
+def angle_report(angle: np.ndarray, dropped: np.ndarray) -> dict:
+    """The angle distribution, so a threshold can be chosen from it, and a warning when the rule drops most of the
+    set: an unconverged model (a large loss, few epochs) keeps its samples far from every centre, clean or not."""
+    p50, p90, p99 = np.percentile(angle, [50, 90, 99])
+    report = {"angle to the dominant sub-centre (p50 / p90 / p99)": f"{p50:.1f} / {p90:.1f} / {p99:.1f} degrees"}
+    if dropped.mean() > 0.5:
+        report["warning"] = (f"{dropped.mean():.0%} of the samples are beyond the threshold: the model is likely "
+                             f"not converged (the paper's 75 degrees assumes a trained one); choose --threshold-deg "
+                             f"from the percentiles above, or train longer")
+    return report
+
+
 def _twin(run_dir: str):
     """(twin built and restored from the run's state, its config, the training set)."""
     from .trainer import prepare_data
@@ -106,7 +118,7 @@ def drop_noisy(run_dir, dst_prefix, threshold_deg=75.0, overwrite=False, batch_s
                 f.write(f"{i}\t{labels[i]}\t{angle[i]:.3f}\t{FAR if dominant[i] else NON_DOMINANT}\n")
         write_insightface_rec(dst_prefix, records, writer="twinface data drop-noisy", overwrite=overwrite,
                               inputs=_inputs(dataset))
-    return {"num_images": len(labels), "kept": len(kept), "dropped": int(dropped.sum()),
+    return {"num_images": len(labels), "kept": len(kept), "dropped": int(dropped.sum()), **angle_report(angle, dropped),
             f"dropped ({NON_DOMINANT})": int((dropped & ~dominant).sum()),
             f"dropped ({FAR})": int((dropped & dominant).sum()),
             "classes_left": len(classes), "classes_emptied": int(dataset.num_classes - len(classes)),

@@ -388,6 +388,7 @@ def check_drop_noisy(make_twin, head_weight, data_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     dropped = np.flatnonzero(angle > threshold)
     assert f"dropped: {len(dropped)}" in printed and "dropped (nearest to a non-dominant sub-centre)" in printed
+    assert "angle to the dominant sub-centre (p50 / p90 / p99)" in printed
     rows = [line.split("\t") for line in (tmp_path / "clean.dropped.tsv").read_text().splitlines()[1:]]
     assert [int(r[0]) for r in rows] == dropped.tolist()
     assert [int(r[1]) for r in rows] == train.labels[dropped].tolist()
