@@ -69,8 +69,6 @@ def test_triplet_loss_and_gradients_agree(case, mining, squared, parity):
     parity.check(f"{tag}: loss torch vs float64 reference", [t[0]], [ref_loss], 1e-5, relative=True)
     parity.check(f"{tag}: loss torch vs TF", [t[0]], [k[0]], 1e-5, relative=True)
     parity.check(f"{tag}: d loss/d embeddings torch vs TF", t[2], k[2], 1e-4, relative=True)
-    if case == "exact ties" and mining == "batch_hard":       # the lowest index won: row 2's twin row 1 took it
-        assert np.abs(t[2][2]).max() < np.abs(t[2][1]).max() or not np.abs(t[2][1]).any()
 
 
 STEPS = 20

@@ -44,6 +44,29 @@ def test_identity_order_covers_all_identities_before_repeating():
     assert sorted(ids[:15].tolist()) == list(range(15))      # the first lap is a permutation of every identity
 
 
+def test_every_epoch_completes_when_a_batch_holds_most_identities():
+    """40 identities, 32 per batch: batches straddle permutations and meet repeats all the time (an earlier version
+    looped forever on epoch 6 here). A SIGALRM turns a hang into a failure."""
+    import signal
+
+    def hang(*_):
+        raise TimeoutError("IdentitySampler did not finish an epoch in 20 s")
+    labels = np.repeat(np.arange(40), 160)
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(20)
+    try:
+        s = IdentitySampler(labels, 128, 4, seed=0)
+        for epoch in range(20):
+            batches = [labels[i] for i, _ in s.batches(epoch)]
+            assert len(batches) == s.steps_per_epoch() == 50
+            assert all(len(set(b.tolist())) == 32 for b in batches)
+            counts = np.bincount(np.concatenate(batches) // 1, minlength=40) // 4
+            assert counts.max() - counts.min() <= 2                  # laps of permutations: each identity evenly
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def test_deterministic_resumable_and_rank_sharded():
     a, b = list(IdentitySampler(LABELS, 8, 4, seed=5).batches(2)), list(IdentitySampler(LABELS, 8, 4, seed=5).batches(2))
     assert all((x[0] == y[0]).all() and (x[1] == y[1]).all() for x, y in zip(a, b))
@@ -83,6 +106,14 @@ def test_triplet_and_head_none_go_together():
         config.from_dict({"head": {"type": "none"}, "loss": {"type": "triplet", "mining": "hardest"}})
     with pytest.raises(config.ConfigError, match="data.images_per_identity"):
         config.from_dict({"data": {"images_per_identity": 1}})
+    with pytest.raises(config.ConfigError, match=r"'train.batch_size' \(10\) must be a multiple of"):
+        config.from_dict({"data": {"sampler": "identity"}, "train": {"batch_size": 10}})
+    with pytest.raises(config.ConfigError, match="'head.sample_rate' does not apply to head.type none"):
+        config.from_dict({"head": {"type": "none", "sample_rate": 0.5}, "loss": {"type": "triplet"}})
+    with pytest.raises(config.ConfigError, match="'head.m2' does not apply to head.type none"):
+        config.from_dict({"head": {"type": "none", "m2": 0.3}, "loss": {"type": "triplet"}})
+    with pytest.raises(config.ConfigError, match="adaface .* needs >= 2"):
+        config.from_dict({"head": {"type": "adaface"}, "train": {"batch_size": 1}})
     cfg = config.load(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "triplet_finetune.yaml"))
     assert cfg.triplet_params() == {"margin": 0.2, "mining": "batch_hard", "squared": False}
     assert cfg.head_params() == {}

@@ -356,6 +356,13 @@ def _check_embedding_loss(cfg: Config) -> None:
         raise ConfigError(f"config keys 'loss.type: {cfg.loss.type}' and 'head.type: {cfg.head.type}' do not go "
                           f"together: loss.type triplet trains on embeddings and needs head.type none; every other "
                           f"loss needs a head")
+    if cfg.data.sampler == "identity" and cfg.train.batch_size % cfg.data.images_per_identity:
+        raise ConfigError(f"config key 'train.batch_size' ({cfg.train.batch_size}) must be a multiple of "
+                          f"'data.images_per_identity' ({cfg.data.images_per_identity}) with data.sampler identity "
+                          f"(P identities x K images)")
+    if cfg.head.type == "adaface" and cfg.train.batch_size < 2:
+        raise ConfigError("config key 'train.batch_size' is 1, but head.type adaface standardises the embedding "
+                          "norms with the batch's (unbiased) standard deviation: it needs >= 2")
     if headless and cfg.finetune.freeze_epochs > 0:
         raise ConfigError(f"config key 'finetune.freeze_epochs' is {cfg.finetune.freeze_epochs}, but with head.type "
                           f"none a frozen backbone leaves nothing to train; set it to 0")
@@ -377,6 +384,12 @@ def _check_head_keys(head: HeadConfig) -> None:
     if head.type in ("linear", "none") and head.subcenters != 1:
         raise ConfigError(f"config key 'head.subcenters': margin heads only, not head.type '{head.type}', "
                           f"got {head.subcenters}")
+    if head.type == "none":
+        foreign = [k for k in ("s", "m1", "m2", "m3", "gradient", "easy_margin", "interclass_filtering_threshold",
+                               "sample_rate") if getattr(head, k) not in (None, getattr(defaults, k))]
+        if foreign:
+            raise ConfigError(f"config key 'head.{foreign[0]}' does not apply to head.type none (no head: the "
+                              f"triplet loss has loss.margin), got {getattr(head, foreign[0])!r}")
 
 
 def _resolve_precision(cfg: Config) -> None:

@@ -87,17 +87,21 @@ class IdentitySampler:
         """[steps, P * world_size] identity positions (into self.starts) for the whole epoch."""
         rng = np.random.default_rng([self.seed, epoch])
         width = self.per_batch * self.world_size
-        laps = -(-self.steps * width // self.num_identities) + 1
-        stream = [int(i) for _ in range(laps) for i in rng.permutation(self.num_identities)]
-        rows, pos = [], 0
+        stream, carry, rows = [], [], []
         for _ in range(self.steps):
-            # a batch that straddles two permutations may meet an identity twice: it goes to the end of the stream
-            row, seen = [], set()
+            # A batch that straddles two permutations may meet an identity twice: the repeat is carried over to open
+            # a later batch. A fresh permutation (num_identities >= width distinct ones) always completes a batch.
+            row, seen, deferred = [], set(), []
             while len(row) < width:
-                identity = stream[pos]
-                (stream if identity in seen else row).append(identity)
+                if carry:
+                    identity = carry.pop(0)
+                else:
+                    if not stream:
+                        stream = rng.permutation(self.num_identities).tolist()[::-1]
+                    identity = stream.pop()
+                (deferred if identity in seen else row).append(identity)
                 seen.add(identity)
-                pos += 1
+            carry += deferred
             rows.append(row)
         return np.array(rows, np.int64)
 
