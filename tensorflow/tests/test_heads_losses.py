@@ -212,7 +212,7 @@ def test_registry_settings_and_overrides():
         assert (head.s, head.m1, head.m2, head.m3) == (settings["s"], settings["m1"], settings["m2"], settings["m3"])
     head = get_head("arcface", EMB, CLASSES, s=32.0, interclass_filtering_threshold=0.2, gradient="analytic")
     assert (head.s, head.m2, head.interclass_filtering_threshold, head.gradient) == (32.0, 0.5, 0.2, "analytic")
-    with pytest.raises(ValueError, match=r"unknown head 'arc'; known: arcface, .*linear"):
+    with pytest.raises(ValueError, match=r"unknown head 'arc'; known: adaface, arcface, .*linear"):
         get_head("arc", EMB, CLASSES)
     with pytest.raises(ValueError, match="gradient must be one of"):
         get_head("arcface", EMB, CLASSES, gradient="exact")
