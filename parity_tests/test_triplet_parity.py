@@ -80,9 +80,9 @@ def test_twenty_triplet_finetuning_steps_give_the_same_loss_curve(tmp_path, pari
     5 images, lr 0.01) in torch, TF and torch with the weights nudged by 1e-7 (about one fp32 ulp). As for the
     fp32 margin curve, torch vs TF is held to 10x the nudged run's drift, floored at 1e-4 and capped at
     CURVE_CAP (twinface.testing.curve_tolerance); steps 1-3 keep 1e-4. Measured in two runs (2-core Xeon, AVX-512):
-    steps 1-3 2.1e-6 / 1.4e-5, the curve 3.4e-3 / 9.6e-3 against nudge drifts of 4.9e-3 / 5.9e-3. With MobileFaceNet instead of r18 steps 1-3 differed
-    by 7e-4 in one run (not investigated: a hard-mining choice flipping on a near tie is the likely cause), so the
-    row keeps the r18 of the margin curve."""
+    steps 1-3 2.1e-6 / 1.4e-5, the curve 3.4e-3 / 9.6e-3 against nudge drifts of 4.9e-3 / 5.9e-3. With
+    MobileFaceNet instead of r18 steps 1-3 differed by 7e-4 in one run (not investigated: a hard-mining choice
+    flipping on a near tie is the likely cause), so the row keeps the r18 of the margin curve."""
     import torch
     from twinface.data import synth
     from twinface_convert.mapping import torch_to_keras

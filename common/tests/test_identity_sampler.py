@@ -68,7 +68,7 @@ def test_every_epoch_completes_when_a_batch_holds_most_identities():
 
 
 def test_deterministic_resumable_and_rank_sharded():
-    a, b = list(IdentitySampler(LABELS, 8, 4, seed=5).batches(2)), list(IdentitySampler(LABELS, 8, 4, seed=5).batches(2))
+    a, b = (list(IdentitySampler(LABELS, 8, 4, seed=5).batches(2)) for _ in range(2))
     assert all((x[0] == y[0]).all() and (x[1] == y[1]).all() for x, y in zip(a, b))
     assert not all((x[0] == y[0]).all() for x, y in zip(a, IdentitySampler(LABELS, 8, 4, seed=5).batches(3)))
     rest = list(IdentitySampler(LABELS, 8, 4, seed=5).batches(2, start_step=3))

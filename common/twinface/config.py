@@ -373,7 +373,8 @@ def _check_head_keys(head: HeadConfig) -> None:
     defaults = HeadConfig()
     if head.type == "adaface":
         foreign = [k for k in ("m1", "m2", "m3", "subcenters", "gradient", "easy_margin",
-                               "interclass_filtering_threshold") if getattr(head, k) not in (None, getattr(defaults, k))]
+                               "interclass_filtering_threshold")
+                   if getattr(head, k) not in (None, getattr(defaults, k))]
         if foreign:
             raise ConfigError(f"config key 'head.{foreign[0]}' does not apply to head.type adaface (its keys: "
                               f"{', '.join('head.' + k for k in ADAFACE_KEYS)}), got {getattr(head, foreign[0])!r}")

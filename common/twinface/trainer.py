@@ -219,7 +219,8 @@ class Trainer:
         if finetune.weights:
             weights = self._native_weights(finetune.weights)
             self.twin.load_backbone(weights)
-            head = "no head (triplet loss)" if self.cfg.head.type == "none" else f"new head for {num_classes} identities"
+            head = ("no head (triplet loss)" if self.cfg.head.type == "none"
+                    else f"new head for {num_classes} identities")
             self.log.info(f"finetune: backbone from {weights}, {head}, backbone frozen for {finetune.freeze_epochs} "
                           f"epoch(s), then lr x {finetune.backbone_lr_scale}")
         return Progress()

@@ -79,8 +79,8 @@ class MarginHead(keras.layers.Layer, MarginRule):
     easy_margin=True (insightface's ArcFace option): targets with cos(theta) <= 0 keep plain s * cos.
 
     `weight` [num_classes * subcenters, embedding_size], init N(0, 0.01); class-major, as insightface's
-    Sub-center ArcFace: row c * K + k is sub-centre k of class c, and class c's cosine is the max over its K. Rows labelled -1 have no target and keep plain
-    s * cos. gradient="straight_through" (default, arcface_torch): exact forward value, d logit / d cos = s on
+    Sub-center ArcFace: row c * K + k is sub-centre k of class c, and class c's cosine is the max over its K.
+    Rows labelled -1 have no target and keep plain s * cos. gradient="straight_through" (default, arcface_torch): exact forward value, d logit / d cos = s on
     the target, never NaN at cos = +-1. gradient="analytic": the true derivative of the margin function, with
     cos clamped to [-1 + 1e-7, 1 - 1e-7] inside acos to keep it finite.
     interclass_filtering_threshold t > 0: non-target cosines above t are zeroed (arcface_torch).
