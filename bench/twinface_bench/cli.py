@@ -1,5 +1,6 @@
 """`twinface bench`: the verb, registered in twinface.cli as (add_parser, run). Importing it loads no framework."""
 from .head import WORKERS, HeadOptions, run_head
+from .loader import DEFAULT_WORKERS, FORMATS, FRAMEWORKS, LoaderOptions, run_loader
 from .run import CPU_RUNTIMES, MEMORY_RUNTIMES, OPT_IN_RUNTIMES, TRAIN_RUNTIMES, Options
 
 KNOWN_RUNTIMES = CPU_RUNTIMES + TRAIN_RUNTIMES + MEMORY_RUNTIMES
@@ -29,7 +30,8 @@ def add_parser(subparsers):
     p.add_argument("--min-iters", type=int, default=d.min_iters, help="timed calls per inference batch, at least")
     p.add_argument("--train-steps", type=int, default=d.train_steps, help="timed training steps after the first")
     p.add_argument("--peak-n", type=int, default=d.peak_n, help="side of the reference fp32 matrix product")
-    p.add_argument("--out", default=d.out, help="writes bench.json, bench.md and bench.png here (head.* with --head)")
+    p.add_argument("--out", default=d.out,
+                   help="writes bench.json, bench.md and bench.png here (head.* with --head, loader.* with --loader)")
     h = HeadOptions()
     p.add_argument("--head", action="store_true",
                    help="only the Partial FC head section (opt-in, ~15 min): classes x sample_rate 1.0/0.1 x world 1/2; "
@@ -41,12 +43,27 @@ def add_parser(subparsers):
     p.add_argument("--head-batch", type=int, default=h.batch, help=f"head section: batch per rank (default {h.batch})")
     p.add_argument("--head-steps", type=int, default=h.steps,
                    help=f"head section: timed steps after {h.warmup} warm-up (default {h.steps})")
+    lo = LoaderOptions()
+    p.add_argument("--loader", action="store_true",
+                   help="only the data loader section (opt-in, ~10 min): 112x112 JPEGs from a folder, .rec and "
+                        "TFRecord through each twin's loader against the decode limit, and a training step fed by "
+                        "the loader; writes loader.md, loader.json and loader.png")
+    p.add_argument("--loader-images", type=int, default=lo.images, help=f"loader section: images (default {lo.images})")
+    p.add_argument("--loader-workers", type=lambda s: tuple(int(x) for x in _csv(s)), default=lo.workers,
+                   help=f"loader section: worker counts, the default {DEFAULT_WORKERS} always included "
+                        f"(default {','.join(map(str, lo.workers))}: 0 to the cores)")
+    p.add_argument("--loader-formats", type=_csv, default=lo.formats,
+                   help=f"loader section: formats (default {','.join(lo.formats)})")
+    p.add_argument("--loader-frameworks", type=_csv, default=lo.frameworks,
+                   help=f"loader section: twins of the loader and training rows (default {','.join(lo.frameworks)})")
     return p
 
 
 def run(args):
     if args.head:
         return _run_head(args)
+    if args.loader:
+        return _run_loader(args)
     unknown = [r for r in args.runtimes if r not in KNOWN_RUNTIMES]
     if unknown:
         raise ValueError(f"--runtimes: unknown {unknown[0]!r}; known: {', '.join(KNOWN_RUNTIMES)}")
@@ -70,3 +87,20 @@ def _run_head(args):
                                   embedding=args.num_features, batch=args.head_batch, steps=args.head_steps,
                                   out=args.out))
     print(f"\nwrote {args.out}/head.md, head.json, head.png ({result['seconds'] / 60:.1f} min)")
+
+
+def _run_loader(args):
+    for flag, values, known in (("--loader-formats", args.loader_formats, FORMATS),
+                                ("--loader-frameworks", args.loader_frameworks, FRAMEWORKS)):
+        unknown = [v for v in values if v not in known]
+        if unknown:
+            raise ValueError(f"{flag}: unknown {unknown[0]!r}; known: {', '.join(known)}")
+    if args.loader_images < 1 or any(w < 0 for w in args.loader_workers):
+        raise ValueError(f"--loader-images must be >= 1 and --loader-workers >= 0, got {args.loader_images} and "
+                         f"{','.join(map(str, args.loader_workers))}")
+    result = run_loader(LoaderOptions(images=args.loader_images, workers=args.loader_workers,
+                                      formats=args.loader_formats, frameworks=args.loader_frameworks,
+                                      train_frameworks=args.loader_frameworks, out=args.out))
+    print(f"\nwrote {args.out}/loader.md, loader.json, loader.png ({result['seconds'] / 60:.1f} min)")
+    for t in result["targets"]:
+        print(f"target {t['what']}: {t['ratio']:.2f} ({t['target']}): {'met' if t['met'] else 'NOT MET'}")
