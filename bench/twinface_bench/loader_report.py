@@ -55,9 +55,11 @@ def markdown(result) -> str:
     if "error" in limit:
         lines.append(f"Decode limit: ERROR {limit['error']}")
     else:
+        both = " and ".join(_fmt(r.get("limit_images_per_s"), 0) for r in result["limits"])
         lines.append(f"**Decode limit: {_fmt(limit['limit_images_per_s'], 0)} images/s** = single-thread "
                      f"`cv2.imdecode` {_fmt(limit['single_core_images_per_s'], 0)} images/s on these JPEGs (median of "
-                     f"{len(limit['passes_images_per_s'])} passes) x {limit['cores']} cores.")
+                     f"{len(limit['passes_images_per_s'])} passes) x {limit['cores']} cores; the higher of the limits "
+                     f"measured at the start and at the end ({both}).")
     lines += [
         "",
         f"### Loaders: decoded batches of {o['batch']}, uint8 112x112x3, flips as in training (images/s, median of "
