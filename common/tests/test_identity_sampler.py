@@ -1,5 +1,6 @@
 """The P x K identity sampler: identities per batch, images per identity, determinism, rank shards, resume."""
 import os
+import types
 
 import numpy as np
 import pytest
@@ -91,8 +92,9 @@ def test_errors_name_the_keys():
 def test_the_config_picks_the_sampler():
     cfg = config.from_dict({"data": {"sampler": "identity", "images_per_identity": 2}, "train": {"batch_size": 8},
                             "head": {"type": "none"}, "loss": {"type": "triplet"}})
-    assert isinstance(sampler_for(cfg, LABELS), IdentitySampler)
-    assert isinstance(sampler_for(config.from_dict({"train": {"batch_size": 8}}), LABELS), EpochSampler)
+    labelled = types.SimpleNamespace(labels=LABELS)
+    assert isinstance(sampler_for(cfg, labelled), IdentitySampler)
+    assert isinstance(sampler_for(config.from_dict({"train": {"batch_size": 8}}), labelled), EpochSampler)
 
 
 def test_triplet_and_head_none_go_together():

@@ -107,6 +107,19 @@ def _add_data(sub):
     c = verbs.add_parser("rec2folder", help="insightface .rec/.idx -> image folder")
     c.add_argument("src_prefix", help="PREFIX of PREFIX.rec/.idx (or the .rec path)"), c.add_argument("dst")
     c.add_argument("--overwrite", action="store_true")
+    for verb, src, what in (("rec2tfrecord", "src_prefix", "insightface .rec/.idx"),
+                            ("folder2tfrecord", "src", "image folder (one sub-folder per identity)")):
+        c = verbs.add_parser(verb, help=f"{what} -> TFRecord shards + index.npz (image bytes copied, docs/data.md)")
+        c.add_argument(src), c.add_argument("dst_dir")
+        c.add_argument("--shards", type=POSITIVE_INT, default=8, help="number of shards (default 8; at least the "
+                                                                      "number of training processes)")
+        c.add_argument("--overwrite", action="store_true")
+    c = verbs.add_parser("tfrecord2folder", help="TFRecord data set -> image folder (bytes unchanged)")
+    c.add_argument("src_dir"), c.add_argument("dst")
+    c.add_argument("--overwrite", action="store_true")
+    c = verbs.add_parser("tfrecord-index", help="write index.npz for TFRecord shards another tool wrote (one scan)")
+    c.add_argument("dir")
+    c.add_argument("--overwrite", action="store_true")
     c = verbs.add_parser("folder2bin", help="image folder -> verification .bin with generated pairs")
     c.add_argument("src"), c.add_argument("dst")
     c.add_argument("--pairs", type=POSITIVE_INT, default=6000)
@@ -145,6 +158,19 @@ def _run_data(args):
     elif args.data_verb == "rec2folder":
         with reading(args.src_prefix):
             _print_stats(convert.rec_to_folder(args.src_prefix, args.dst, overwrite=args.overwrite))
+    elif args.data_verb == "rec2tfrecord":
+        with reading(args.src_prefix):
+            _print_stats(convert.rec_to_tfrecord(args.src_prefix, args.dst_dir, args.shards, overwrite=args.overwrite))
+    elif args.data_verb == "folder2tfrecord":
+        with reading(args.src):
+            _print_stats(convert.folder_to_tfrecord(args.src, args.dst_dir, args.shards, overwrite=args.overwrite))
+    elif args.data_verb == "tfrecord2folder":
+        with reading(args.src_dir):
+            _print_stats(convert.tfrecord_to_folder(args.src_dir, args.dst, overwrite=args.overwrite))
+    elif args.data_verb == "tfrecord-index":
+        from .data.tfrecord import write_index
+        with reading(args.dir):
+            _print_stats(write_index(args.dir, overwrite=args.overwrite))
     elif args.data_verb == "drop-noisy":
         from .noisy import drop_noisy
         with reading(args.run_dir):

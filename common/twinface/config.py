@@ -82,8 +82,9 @@ class ScheduleConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"                   # synthetic | folder | rec
-    path: str = "data/synth"                    # synthetic: cache dir; folder: root; rec: dir or prefix
+    source: str = "synthetic"                   # synthetic | folder | rec | tfrecord
+    path: str = "data/synth"                    # synthetic: cache dir; folder: root; rec: dir or prefix; tfrecord: dir
+    damaged_records: str = "fail"               # tfrecord: a CRC mismatch / truncated shard stops the run, or "skip"
     num_classes: int = 0                        # 0 = read from the data
     num_workers: int = 2
     synth_identities: int = 1000
@@ -92,8 +93,11 @@ class DataConfig:
     synth_val_pairs: int = 3000
     flip: bool = True                           # random horizontal flip (the only augmentation)
     memory_cache_gb: float = 2.0                # decode the set once into memory if it fits (0 = never)
-    sampler: str = "epoch"                      # epoch (shuffled samples) | identity (P identities x K images)
+    sampler: str = "epoch"                      # epoch (shuffled samples) | identity (P identities x K images) |
+    #                                             stream (TFRecord shards read in turn, window-shuffled)
     images_per_identity: int = 4                # identity sampler: K (the batch holds batch_size / K identities)
+    stream_window: int = 16384                  # stream sampler: records permuted together (a shuffle buffer)
+    deterministic: bool = True                  # stream sampler, TF twin: false lets tf.data reorder for speed
 
 
 @dataclass
@@ -172,10 +176,11 @@ CHOICES = {
     "head.gradient": ["straight_through", "analytic"],
     "loss.type": sorted(registry.LOSSES),
     "loss.mining": list(registry.TRIPLET_MINING),
-    "data.sampler": ["epoch", "identity"],
+    "data.sampler": ["epoch", "identity", "stream"],
     "optimizer.type": ["sgd", "adamw"],
     "schedule.type": ["polynomial", "cosine", "step"],
-    "data.source": ["synthetic", "folder", "rec"],
+    "data.source": ["synthetic", "folder", "rec", "tfrecord"],
+    "data.damaged_records": ["fail", "skip"],
     "train.precision": list(PRECISIONS),
 }
 
@@ -295,6 +300,7 @@ RANGES = {
     "data.synth_val_pairs": Range(2),
     "data.memory_cache_gb": NON_NEGATIVE,
     "data.images_per_identity": Range(2),       # positives need two images of an identity
+    "data.stream_window": Range(1),
     "train.batch_size": AT_LEAST_1,
     "train.epochs": AT_LEAST_1,
     "train.log_every": AT_LEAST_1,
@@ -344,6 +350,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'backbone.input_size': expected a multiple of 16, got {cfg.backbone.input_size}")
     if len(cfg.optimizer.betas) != 2:
         raise ConfigError(f"config key 'optimizer.betas': expected 2 values [beta1, beta2], got {cfg.optimizer.betas}")
+    if cfg.data.sampler == "stream" and cfg.data.source != "tfrecord":
+        raise ConfigError(f"config key 'data.sampler' is stream, which reads TFRecord shards in turn; it needs "
+                          f"data.source tfrecord, not {cfg.data.source}")
     _check_head_keys(cfg.head)
     _resolve_precision(cfg)
     _check_embedding_loss(cfg)

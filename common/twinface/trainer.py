@@ -77,7 +77,7 @@ def prepare_data(cfg):
         bins.insert(0, os.path.join(cfg.data.path, "val.bin"))
         dataset = dataset_mod.open_dataset(os.path.join(cfg.data.path, "train.rec"))
     else:
-        dataset = dataset_mod.open_dataset(cfg.data.path)
+        dataset = dataset_mod.open_dataset(cfg.data.path, cfg.data.damaged_records)
     if cfg.data.num_classes and cfg.data.num_classes != dataset.num_classes:
         raise ValueError(f"config key 'data.num_classes' is {cfg.data.num_classes} but {cfg.data.path} holds "
                          f"{dataset.num_classes} identities (set 0 to read it from the data)")
@@ -131,7 +131,7 @@ class Trainer:
             dataset, bins = self._open_data()
             if self.is_main:
                 self.twin.barrier()
-            sampler = sampler_for(self.cfg, dataset.labels, self.twin.rank, self.twin.world_size)
+            sampler = sampler_for(self.cfg, dataset, self.twin.rank, self.twin.world_size)
             self.steps_per_epoch = sampler.steps_per_epoch()
             self.total_steps = self.steps_per_epoch * self.cfg.train.epochs
             self.lr_of = schedule.from_config(self.cfg, self.total_steps, self.steps_per_epoch)

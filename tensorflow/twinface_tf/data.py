@@ -1,16 +1,30 @@
-"""tf.data pipeline over the common readers, in the order the shared EpochSampler dictates."""
+"""tf.data pipelines over the common data sets, in the order the shared sampler dictates.
+
+Random access (image folders, .rec, TFRecord through its index) maps the common reader over the sampler's
+indices. A TFRecord data set under data.sampler stream is read natively instead: tf.data interleaves the
+rank's shards, parses the Examples and window-shuffles them exactly as StreamSampler.plan says, so the torch
+twin (reading the same order through the index) sees the same samples.
+"""
 import numpy as np
 import tensorflow as tf
 
-from twinface.data.batches import load_sample
+from twinface.data.batches import finish_sample, load_sample
+from twinface.data.dataset import TFRecordDataset, face_crop
+from twinface.data.images import UnusableImageError
+from twinface.data.sampler import StreamSampler
+
+FEATURES = {"image/encoded": tf.io.FixedLenFeature([], tf.string),
+            "image/class/label": tf.io.FixedLenFeature([], tf.int64)}
 
 
-def batches(dataset, sampler, epoch: int, start_step: int = 0, num_workers: int = 2, size: int = None):
+def batches(dataset, sampler, epoch: int, start_step: int = 0, num_workers: int = 2, size: int = None,
+            deterministic: bool = True):
     """Yield (images uint8 [B, S, S, 3], labels int64 [B]) for one epoch, decoded (and resized to `size`) by
-    `num_workers` threads.
-
-    The map is deterministic, so batches come out exactly as the sampler ordered them (as the torch twin's).
-    """
+    `num_workers` threads. Deterministic maps keep the sampler's order (as the torch twin's); `deterministic`
+    False lets the native TFRecord reader hand out whatever is ready first (faster, not reproducible)."""
+    if isinstance(sampler, StreamSampler) and isinstance(dataset, TFRecordDataset) and dataset.damaged == "fail":
+        yield from _stream(dataset, sampler, epoch, start_step, num_workers, size, deterministic)
+        return
     steps = list(sampler.batches(epoch, start_step))
     if not steps:
         return
@@ -21,15 +35,69 @@ def batches(dataset, sampler, epoch: int, start_step: int = 0, num_workers: int 
         image, label = load_sample(dataset, int(index), bool(flip), size)
         return image, np.int64(label)
 
-    def load_tf(index, flip):
-        image, label = tf.numpy_function(load, [index, flip], [tf.uint8, tf.int64])
-        image.set_shape([None, None, 3])
-        label.set_shape([])
-        return image, label
+    keys = tf.data.Dataset.from_tensor_slices((indices, flips))
+    yield from _decoded(keys.map(lambda i, f: _numpy(load, [i, f]), num_parallel_calls=max(1, num_workers),
+                                 deterministic=True), sampler.batch_size)
 
-    pipeline = (tf.data.Dataset.from_tensor_slices((indices, flips))
-                .map(load_tf, num_parallel_calls=max(1, num_workers), deterministic=True)
-                .batch(sampler.batch_size, drop_remainder=False)
-                .prefetch(2))
-    for images, labels in pipeline.as_numpy_iterator():
+
+def _numpy(fn, args):
+    image, label = tf.numpy_function(fn, args, [tf.uint8, tf.int64])
+    image.set_shape([None, None, 3])
+    label.set_shape([])
+    return image, label
+
+
+def _decoded(samples, batch_size):
+    for images, labels in samples.batch(batch_size, drop_remainder=False).prefetch(2).as_numpy_iterator():
         yield images, labels
+
+
+def _stream(dataset, sampler, epoch, start_step, num_workers, size, deterministic):
+    shards, stream, perms, _ = sampler.plan(epoch)
+    order, flips = sampler.epoch_order(epoch)
+    first, end = start_step * sampler.batch_size, len(order)
+    if first >= end:
+        return
+    window = sampler.window
+    table = np.zeros((len(perms), window), np.int32)           # window k's permutation in its first len(p) cells
+    for k, p in enumerate(perms):
+        table[k, :len(p)] = p
+    table = tf.constant(table)
+    files = [dataset.set.shards[s] for s in shards]
+    records = (tf.data.Dataset.from_tensor_slices(files)
+               .interleave(tf.data.TFRecordDataset, cycle_length=len(files), block_length=1,
+                           num_parallel_calls=len(files), deterministic=deterministic)
+               .batch(window).enumerate()
+               .map(lambda k, w: tf.gather(w, table[tf.cast(k, tf.int32), :tf.shape(w)[0]]))
+               .unbatch().take(end).skip(first))
+    parsed = records.map(lambda r: tf.io.parse_single_example(r, FEATURES), num_parallel_calls=max(1, num_workers),
+                         deterministic=deterministic)
+
+    def load(data, label, index, flip):
+        """The record's own bytes; an unusable image is replaced as load_sample replaces it."""
+        index, label = int(index), int(label)
+        if deterministic and label != dataset.labels[index]:
+            raise RuntimeError(f"{dataset.source(index)}: the stream read label {label} where the index has "
+                               f"{dataset.labels[index]}: the native reader and StreamSampler disagree")
+        try:
+            return finish_sample(face_crop(data, dataset.source(index)), bool(flip), size), np.int64(label)
+        except UnusableImageError:
+            image, label = load_sample(dataset, index, bool(flip), size)
+            return image, np.int64(label)
+
+    keys = tf.data.Dataset.from_tensor_slices((order[first:], flips[first:]))
+    samples = tf.data.Dataset.zip(parsed, keys).map(
+        lambda ex, key: _numpy(load, [ex["image/encoded"], ex["image/class/label"], key[0], key[1]]),
+        num_parallel_calls=max(1, num_workers), deterministic=deterministic)
+    try:
+        yield from _decoded(samples, sampler.batch_size)
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as err:
+        _locate(dataset, stream, err)
+
+
+def _locate(dataset, stream, err):
+    """TensorFlow's message names neither shard nor record: find the damaged record among those the stream read
+    with the common reader, which raises the TFRecordError naming shard, record and byte offset."""
+    for index in stream:
+        dataset.set.read(int(index))
+    raise err

@@ -83,7 +83,7 @@ class TFTwin:
 
     def batches(self, dataset, sampler, epoch, start_step):
         return data.batches(dataset, sampler, epoch, start_step, num_workers=self.cfg.data.num_workers,
-                            size=self.cfg.backbone.input_size)
+                            size=self.cfg.backbone.input_size, deterministic=self.cfg.data.deterministic)
 
     def _make_step(self, frozen: bool):
         """One step: this worker's replica computes the loss and gradients (collectives inside strategy.run),

@@ -3,7 +3,7 @@ import logging
 
 import numpy as np
 
-from .images import UnusableImageError
+from .images import DamagedDataError, UnusableImageError
 from .transforms import resize
 
 log = logging.getLogger("twinface.data")
@@ -21,7 +21,8 @@ def load_sample(dataset, index: int, flip: bool, size: int = None):
 
     Any failure to read one image (undecodable, not square, a vanished file, a damaged record) skips it: it is
     reported once per process with the running count, and replaced by the next readable sample, so a long run
-    never dies on one bad file and the batch keeps its size.
+    never dies on one bad file and the batch keeps its size. Damage to the storage itself (DamagedDataError)
+    stops the run instead.
     """
     n = len(dataset)
     for attempt in range(min(n, MAX_CONSECUTIVE_SKIPS)):
@@ -29,6 +30,8 @@ def load_sample(dataset, index: int, flip: bool, size: int = None):
         try:
             image = dataset.image(i)
             break
+        except DamagedDataError:
+            raise
         except Exception as err:                   # one image's failure, whatever it is, costs only that image
             source = dataset.source(i)
             if source not in _skipped:
@@ -38,7 +41,11 @@ def load_sample(dataset, index: int, flip: bool, size: int = None):
     else:
         raise UnusableImageError(f"{MAX_CONSECUTIVE_SKIPS} consecutive unusable images from {dataset.source(index)} "
                                  "on: is the data set broken?")
-    label = int(dataset.labels[i])                 # the label of the image actually returned
+    return finish_sample(image, flip, size), int(dataset.labels[i])   # the label of the image actually returned
+
+
+def finish_sample(image: np.ndarray, flip: bool, size: int = None) -> np.ndarray:
+    """A 112x112 crop resized to `size` (if given) and mirrored when `flip`: the last step of every loader."""
     if size:
         image = resize(image, size)
-    return (np.ascontiguousarray(image[:, ::-1]) if flip else image), label
+    return np.ascontiguousarray(image[:, ::-1]) if flip else image

@@ -6,7 +6,8 @@ from tqdm import tqdm
 
 from twinface.atomic import Outputs, check_destination, writing
 from twinface.data.folder import scan_image_folder, write_image_folder
-from twinface.data.images import decode_image, encode_image, fit_square, usable_samples
+from twinface.data import tfrecord
+from twinface.data.images import declared_size, decode_image, encode_image, fit_square, image_ext, usable_samples
 from twinface.data.recordio import InsightFaceRec, write_insightface_rec
 from twinface.data.verification_bin import save_bin
 
@@ -21,6 +22,19 @@ def _is_pickle(path) -> bool:
     return _read_bytes(path, 1) == b"\x80"
 
 
+def _folder_samples(src_root, skipped: list, class_names: list, desc: str, progress: bool):
+    """(label, bytes) of a folder's usable images; identities left without images are dropped and the following
+    labels move down (labels stay 0..C-1). Fills `skipped` and the kept `class_names` as it goes."""
+    samples, names = scan_image_folder(src_root)
+    new_label = {}
+    files = tqdm(samples, desc=desc, unit="img", disable=not progress)
+    for label, data in usable_samples(((p, lab, _read_bytes(p)) for p, lab in files), skipped):
+        if label not in new_label:
+            new_label[label] = len(new_label)
+            class_names.append(names[label])
+        yield new_label[label], data
+
+
 def folder_to_rec(src_root, dst_prefix, progress=True, overwrite=False) -> dict:
     """Pack an image folder into dst_prefix.rec/.idx (insightface layout), storing each file's bytes as they are.
 
@@ -28,19 +42,11 @@ def folder_to_rec(src_root, dst_prefix, progress=True, overwrite=False) -> dict:
     and the following labels move down, so the .rec keeps labels 0..C-1. The pair appears (or replaces an
     earlier RecordIO pair, with overwrite) only once complete; see twinface.atomic.
     """
-    dst_prefix = os.fspath(dst_prefix)
-    samples, class_names = scan_image_folder(src_root)
-    skipped, new_label = [], {}
-
-    def readable_samples():
-        files = tqdm(samples, desc="folder -> rec", unit="img", disable=not progress)
-        for label, data in usable_samples(((p, lab, _read_bytes(p)) for p, lab in files), skipped):
-            yield new_label.setdefault(label, len(new_label)), data
-
-    stats = write_insightface_rec(dst_prefix, readable_samples(), writer="twinface data folder2rec",
-                                  overwrite=overwrite, inputs=[src_root])
-    return {**stats, "num_skipped": len(skipped), "skipped": skipped,
-            "class_names": [class_names[old] for old in new_label]}
+    skipped, class_names = [], []
+    stats = write_insightface_rec(os.fspath(dst_prefix),
+                                  _folder_samples(src_root, skipped, class_names, "folder -> rec", progress),
+                                  writer="twinface data folder2rec", overwrite=overwrite, inputs=[src_root])
+    return {**stats, "num_skipped": len(skipped), "skipped": skipped, "class_names": class_names}
 
 
 def rec_to_folder(src_prefix, dst_root, progress=True, overwrite=False) -> dict:
@@ -154,3 +160,53 @@ def folder_to_bin(src_root, dst_path, num_pairs=6000, seed=0, image_size=112, ov
     save_bin(dst_path, [encoded[int(i)] for pair in pairs for i in pair], issame)
     return {"num_pairs": int(len(pairs)), "num_same": int(issame.sum()), "num_images": len(encoded),
             "num_resized": resized}
+
+
+def _write_tfrecord(dst_dir, samples, shards, writer, inputs, overwrite, class_names=None) -> dict:
+    """(label, bytes) samples -> a sharded TFRecord data set; the image bytes are copied, never re-encoded."""
+    count = 0
+    with tfrecord.TFRecordWriter(dst_dir, shards, writer, class_names=class_names, overwrite=overwrite,
+                                 inputs=inputs) as out:
+        for label, data in samples:
+            ext = image_ext(data)
+            size = declared_size(data) or decode_image(data, f"image {count}").shape[1::-1]
+            out.write(data, label, size=(size[1], size[0]), fmt="jpeg" if ext == ".jpg" else ext[1:])
+            count += 1
+        if not count:
+            raise ValueError(f"{dst_dir}: no usable images to write")
+    return {"num_images": count, "num_shards": shards}
+
+
+def rec_to_tfrecord(src_prefix, dst_dir, shards=8, progress=True, overwrite=False) -> dict:
+    """`twinface data rec2tfrecord`: an insightface .rec as TFRecord shards, record order and labels kept
+    (training from either reads the same samples in the same order). Unusable images are skipped and listed."""
+    rec = InsightFaceRec(src_prefix)
+    rec.labels                                   # every label checked before anything is written
+    skipped = []
+    records = usable_samples(((rec.source(i), *rec.record(i)) for i in tqdm(range(len(rec)), desc="rec -> tfrecord",
+                                                                             unit="img", disable=not progress)),
+                             skipped)
+    stats = _write_tfrecord(dst_dir, records, shards, "twinface data rec2tfrecord",
+                            [rec.reader.rec_path, rec.reader.idx_path], overwrite)
+    return {**stats, "num_classes": rec.num_classes, "num_skipped": len(skipped), "skipped": skipped}
+
+
+def folder_to_tfrecord(src_root, dst_dir, shards=8, progress=True, overwrite=False) -> dict:
+    """`twinface data folder2tfrecord`: an image folder as TFRecord shards; the identity folder names are kept
+    in the index (tfrecord2folder restores them)."""
+    skipped, class_names = [], []
+    stats = _write_tfrecord(dst_dir, _folder_samples(src_root, skipped, class_names, "folder -> tfrecord", progress),
+                            shards, "twinface data folder2tfrecord", [src_root], overwrite, class_names)
+    return {**stats, "num_classes": len(class_names), "num_skipped": len(skipped), "skipped": skipped}
+
+
+def tfrecord_to_folder(src_dir, dst_root, progress=True, overwrite=False) -> dict:
+    """`twinface data tfrecord2folder`: the images as files, bytes unchanged, in identity folders named as the
+    index recorded them (%05d labels otherwise); written as rec2folder writes (atomic)."""
+    records = tfrecord.TFRecordSet(src_dir, progress)
+    samples = (records.read(i)[::-1] for i in tqdm(range(len(records)), desc="tfrecord -> folder", unit="img",
+                                                   disable=not progress))
+    with Outputs([dst_root], "twinface data tfrecord2folder", directory=True, overwrite=overwrite,
+                 inputs=[src_dir]) as (tmp,), writing(dst_root):
+        count = write_image_folder(tmp, samples, records.class_names)
+    return {"num_images": count, "num_classes": int(len(np.unique(records.labels)))}

@@ -20,6 +20,11 @@ _ENCODE_EXTS = (".jpg", ".jpeg", ".png")
 _SIGNATURES = ((b"\xff\xd8\xff", ".jpg"), (b"\x89PNG\r\n\x1a\n", ".png"), (b"BM", ".bmp"))
 
 
+class DamagedDataError(ValueError):
+    """Damage to the storage itself (a TFRecord CRC mismatch, a truncated shard): training stops on it rather
+    than skipping it, unless the config says data.damaged_records: skip."""
+
+
 class UnusableImageError(ValueError):
     """An image training cannot use; the message names its source (a path or "x.rec record 17")."""
 

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .batches import describe_failure
-from .images import UnusableImageError
+from .images import DamagedDataError, UnusableImageError
 from .transforms import resize
 
 log = logging.getLogger("twinface.data")
@@ -30,6 +30,8 @@ class InMemoryDataset:
         def load(i):
             try:
                 self.pixels[i] = resize(dataset.image(i), size)
+            except DamagedDataError:
+                raise
             except Exception as err:            # any one image's failure: raised again whenever it is asked for
                 self.unusable[i] = err
 
@@ -58,6 +60,10 @@ class InMemoryDataset:
 
     def source(self, i):
         return self.base.source(i)
+
+    @property
+    def shard_of(self):                         # the stream sampler keeps the order of the shards it came from
+        return getattr(self.base, "shard_of", None)
 
     def image(self, i):
         if i in self.unusable:

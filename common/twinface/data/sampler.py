@@ -124,8 +124,74 @@ class IdentitySampler:
             yield index, flips
 
 
-def sampler_for(cfg, labels: np.ndarray, rank: int = 0, world_size: int = 1):
-    """The config's sampler (data.sampler): shuffled epochs, or P x K identity batches."""
+class StreamSampler:
+    """Sequential reading of sharded data (TFRecord) with a window shuffle, the same order in both twins; the TF
+    twin reads it natively (tf.data interleave over the shards), the torch twin through the index.
+
+    Rank r owns shards r, r + world_size, ... for the whole run (ranks read disjoint shards). Each epoch it
+    reads them in an order drawn from (seed, epoch, rank), one record from each in turn (tf.data's interleave,
+    block length 1), cuts that stream into windows of `window` records and permutes each window; flips come
+    from the same generator. Every rank runs the same number of steps: the smallest rank's records // batch.
+    `shard_of[i]` is the shard of record i; a shard's records appear in the order of their indices.
+    """
+
+    def __init__(self, shard_of: np.ndarray, batch_size: int, window: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, flip: bool = True):
+        shard_of = np.asarray(shard_of)
+        num_shards = int(shard_of.max()) + 1 if len(shard_of) else 0
+        if num_shards < world_size:
+            raise ValueError(f"data.sampler stream: {num_shards} shard(s) cannot give each of {world_size} ranks its "
+                             "own; write the data set with --shards of at least the number of processes")
+        self.records = [np.flatnonzero(shard_of == s) for s in range(num_shards)]
+        per_rank = [sum(len(self.records[s]) for s in range(r, num_shards, world_size)) for r in range(world_size)]
+        if min(per_rank) < batch_size:
+            raise ValueError(f"data.sampler stream: rank {int(np.argmin(per_rank))} holds {min(per_rank)} records, "
+                             f"fewer than one batch of {batch_size}")
+        self.steps = min(per_rank) // batch_size
+        self.batch_size, self.window, self.seed, self.rank, self.flip = batch_size, window, seed, rank, flip
+        self.shards = list(range(rank, num_shards, world_size))
+
+    def steps_per_epoch(self) -> int:
+        return self.steps
+
+    def plan(self, epoch: int):
+        """(shard order, stream, window permutations, flips): the stream lists record indices in reading order;
+        the epoch's order is each window of it permuted, cut to steps x batch."""
+        rng = np.random.default_rng([self.seed, epoch, self.rank])
+        shards = rng.permutation(self.shards)
+        columns = [self.records[s] for s in shards]
+        longest = max(len(c) for c in columns)
+        grid = np.full((longest, len(columns)), -1, np.int64)       # row k: record k of each shard, in turn
+        for j, c in enumerate(columns):
+            grid[:len(c), j] = c
+        stream = grid[grid >= 0]
+        perms = [rng.permutation(min(self.window, len(stream) - start)) for start in range(0, len(stream),
+                                                                                           self.window)]
+        flips = rng.random(self.steps * self.batch_size) < 0.5 if self.flip else np.zeros(self.steps * self.batch_size,
+                                                                                           bool)
+        return shards, stream, perms, flips
+
+    def epoch_order(self, epoch: int):
+        shards, stream, perms, flips = self.plan(epoch)
+        order = np.concatenate([stream[k * self.window + p] for k, p in enumerate(perms)])
+        return order[:len(flips)], flips
+
+    def batches(self, epoch: int, start_step: int = 0):
+        order, flips = self.epoch_order(epoch)
+        for step in range(start_step, self.steps):
+            sl = slice(step * self.batch_size, (step + 1) * self.batch_size)
+            yield order[sl], flips[sl]
+
+
+def sampler_for(cfg, dataset, rank: int = 0, world_size: int = 1):
+    """The config's sampler (data.sampler): shuffled epochs, P x K identity batches, or shard streaming."""
+    labels = dataset.labels
+    if cfg.data.sampler == "stream":
+        shard_of = getattr(dataset, "shard_of", None)
+        if shard_of is None:
+            raise ValueError(f"data.sampler stream reads sharded data (a TFRecord data set); {cfg.data.path} is not")
+        return StreamSampler(shard_of, cfg.train.batch_size, cfg.data.stream_window, seed=cfg.seed, rank=rank,
+                             world_size=world_size, flip=cfg.data.flip)
     if cfg.data.sampler == "identity":
         return IdentitySampler(labels, cfg.train.batch_size, cfg.data.images_per_identity, seed=cfg.seed,
                                rank=rank, world_size=world_size, flip=cfg.data.flip)
