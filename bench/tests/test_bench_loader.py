@@ -1,5 +1,5 @@
-"""The loader section end to end on a tiny set (96 JPEGs, one default-workers row per format and twin, one
-MobileFaceNet training row): real child processes, every row measured, the ratios following from the rows, the
+"""The loader section end to end on a tiny set (96 JPEGs, one default-workers row per format, sampler and twin,
+one MobileFaceNet training row): real child processes, every row measured, the ratios following from the rows, the
 three files written."""
 import argparse
 import json
@@ -11,7 +11,8 @@ import pytest
 from twinface_bench import loader
 from twinface_bench.cli import add_parser, run
 
-FORMATS = ("folder", "rec")
+FORMATS = ("folder", "rec", "tfrecord")
+SOURCES = [(f, "epoch") for f in FORMATS] + [("tfrecord", "stream")]      # TFRecord also streamed
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +28,8 @@ def result(tmp_path_factory):
 def test_every_row_measured(result):
     res, _, lines = result
     assert [r for r in res["rows"] + res["training"] + res["limits"] if "error" in r] == []
-    assert sorted((r["format"], r["framework"], r["workers"]) for r in res["rows"]) == sorted(
-        (f, fw, loader.DEFAULT_WORKERS) for f in FORMATS for fw in ("torch", "tf"))
+    assert sorted((r["format"], r["sampler"], r["framework"], r["workers"]) for r in res["rows"]) == sorted(
+        (f, s, fw, loader.DEFAULT_WORKERS) for f, s in SOURCES for fw in ("torch", "tf"))
     assert res["data"]["images"] == 96 and set(res["data"]["paths"]) == set(FORMATS)
     for r in res["rows"]:
         assert r["images_per_s"] > 0 and r["first_batch_s"] > 0 and r["default"], r
@@ -60,8 +61,9 @@ def test_files_written(result):
     res, out, _ = result
     assert json.loads((out / "loader.json").read_text()) == json.loads(json.dumps(res))
     table = (out / "loader.md").read_text()
-    assert table.count("| torch DataLoader | 2 (default) |") == len(FORMATS)
-    assert table.count("| tf.data | 2 (default) |") == len(FORMATS)
+    assert table.count("| torch DataLoader | 2 (default) |") == len(SOURCES)
+    assert table.count("| tf.data | 2 (default) |") == len(SOURCES)
+    assert table.count("| TFRecord, stream sampler | ") == 2
     for t in res["targets"]:
         assert f"| {t['what']} | {t['ratio']:.2f} | {t['target']} | {'met' if t['met'] else 'NOT MET'} |" in table
     assert "ERROR" not in table
@@ -76,7 +78,7 @@ def test_worker_counts():
 
 
 def test_failed_child_is_an_error_row_naming_it(tmp_path):
-    spec = {"task": "loader", "framework": "torch", "format": "rec", "path": str(tmp_path / "none.rec"), "workers": 0,
+    spec = {"task": "loader", "framework": "torch", "format": "rec", "sampler": "epoch", "path": str(tmp_path / "none.rec"), "workers": 0,
             "batch": 8, "passes": 1}
     row = loader.run_child(spec, 60.0)
     assert (row["section"], row["framework"], row["format"], row["workers"]) == ("loader", "torch", "rec", 0)

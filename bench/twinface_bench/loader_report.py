@@ -11,6 +11,8 @@ LOADER_NAMES = {"torch": "torch DataLoader", "tf": "tf.data"}
 
 def progress_line(row) -> str:
     what = row["section"] + "".join(f" {row[k]}" for k in ("framework", "format", "model") if k in row)
+    if row.get("sampler") == "stream":
+        what += " (stream sampler)"
     if "workers" in row:
         what += f", {row['workers']} workers"
     if "error" in row:
@@ -32,6 +34,11 @@ def write_all(result, out_dir):
     with open(os.path.join(out_dir, "loader.md"), "w") as f:
         f.write(markdown(result))
     chart(result, os.path.join(out_dir, "loader.png"))
+
+
+def source(row) -> str:
+    """The format, and the sampler where it is not the default."""
+    return FORMAT_NAMES[row["format"]] + (", stream sampler" if row.get("sampler") == "stream" else "")
 
 
 def _format_name(fmt, options):
@@ -69,7 +76,7 @@ def markdown(result) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        cells = [FORMAT_NAMES[r["format"]], LOADER_NAMES[r["framework"]], r["workers"]]
+        cells = [source(r), LOADER_NAMES[r["framework"]], r["workers"]]
         if "error" in r:
             lines.append(f"| {' | '.join(map(str, cells))} | ERROR: {r['error']} |")
             continue
@@ -105,9 +112,9 @@ def chart(result, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     limit = result["limit"].get("limit_images_per_s")
-    formats = list(dict.fromkeys(r["format"] for r in result["rows"]))
+    sources = list(dict.fromkeys(source(r) for r in result["rows"]))
     training = [r for r in result["training"] if "error" not in r]
-    panels = [(FORMAT_NAMES[f], [r for r in result["rows"] if r["format"] == f and "error" not in r]) for f in formats]
+    panels = [(s, [r for r in result["rows"] if source(r) == s and "error" not in r]) for s in sources]
     heights = [len(p) + 2 for _, p in panels] + ([2 * len(training) + 2] if training else [])
     fig, axes = plt.subplots(len(heights), 1, figsize=(8, 1.0 + 0.3 * sum(heights)), squeeze=False,
                              gridspec_kw={"height_ratios": heights})

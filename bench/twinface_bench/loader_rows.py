@@ -6,6 +6,7 @@ so torch's and TensorFlow's threads never share a process, and each row's peak R
 set (generated once), the decode limit, one twin's loader at one worker count over one format, and one twin's
 training step fed by its loader against the same batches held in memory.
 """
+import dataclasses
 import json
 import math
 import os
@@ -35,7 +36,7 @@ def data(spec) -> dict:
                    progress=False)
     paths = {"folder": os.path.join(root, "train"), "rec": os.path.join(root, "train.rec")}
     if "tfrecord" in spec["formats"]:
-        from twinface.data.tfrecord import rec_to_tfrecord
+        from twinface.data.convert import rec_to_tfrecord
         paths["tfrecord"] = os.path.join(spec["dir"], "tfrecord")
         rec_to_tfrecord(os.path.join(root, "train"), paths["tfrecord"], shards=spec["shards"], progress=False)
     dataset = open_dataset(paths["rec"])
@@ -77,10 +78,14 @@ def _twin_batches(framework):
 
 
 def _sampler(spec, dataset):
-    """The trainer's sampler (shuffled epochs, random flips) for this batch size."""
+    """The trainer's sampler for this batch size: shuffled epochs (the default) or, for TFRecord, the stream
+    sampler (shards read in turn, window-shuffled; the TF twin's native tf.data reader); random flips."""
     cfg = train_config({"model": spec.get("model", "r18"), "input_size": IMAGE_SIZE, "num_features": 512,
                         "batch": spec["batch"]})
-    return cfg, sampler_for(cfg, dataset.labels, 0, 1)
+    if spec["sampler"] != cfg.data.sampler:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=spec["format"],
+                                                                sampler=spec["sampler"]))
+    return cfg, sampler_for(cfg, dataset, 0, 1)
 
 
 def loader(spec) -> dict:
@@ -112,7 +117,7 @@ def loader(spec) -> dict:
 
 
 def _row_key(spec):
-    return {k: spec[k] for k in ("framework", "format", "workers")}
+    return {k: spec[k] for k in ("framework", "format", "sampler", "workers")}
 
 
 def _build_twin(framework, cfg, num_classes):
