@@ -30,7 +30,7 @@ def _cores():
 
 @dataclasses.dataclass
 class LoaderOptions:
-    images: int = 8192
+    images: int = 4096
     images_per_identity: int = 16
     formats: tuple = FORMATS
     frameworks: tuple = FRAMEWORKS
