@@ -19,7 +19,7 @@ SOURCES = [(f, "epoch") for f in FORMATS] + [("tfrecord", "stream")]      # TFRe
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("loader")
     opts = loader.LoaderOptions(images=96, formats=FORMATS, workers=(loader.DEFAULT_WORKERS,), batch=16, passes=1,
-                                train_model="mbf", train_batch=8, train_steps=1, train_frameworks=("torch",),
+                                train_model="mbf", train_batch=8, train_steps=2, train_frameworks=("torch",),
                                 timeout_s=120.0, out=str(out))
     lines = []
     return loader.run_loader(opts, log=lines.append), out, lines
@@ -47,9 +47,10 @@ def test_ratios_follow_from_the_rows(result):
         assert r["vs_limit"] == pytest.approx(r["images_per_s"] / limit["limit_images_per_s"])
     [train] = res["training"]
     assert train["framework"] == "torch" and train["format"] == "rec" and train["workers"] == loader.DEFAULT_WORKERS
-    assert len(train["memory_steps_s"]) == 2 and len(train["loader_steps_s"]) == 1 and len(train["losses"]) == 5
-    assert all(math.isfinite(x) for x in train["losses"])
+    assert len(train["memory_steps_s"]) == len(train["loader_steps_s"]) == len(train["loader_wait_s"]) == 2
+    assert len(train["losses"]) == 2 + 2 * 2 and all(math.isfinite(x) for x in train["losses"])
     assert train["memory_images_per_s"] == pytest.approx(8 * 2 / sum(train["memory_steps_s"]))
+    assert all(0 < wait < step for wait, step in zip(train["loader_wait_s"], train["loader_steps_s"]))
     assert train["ratio"] == pytest.approx(train["loader_images_per_s"] / train["memory_images_per_s"])
     targets = res["targets"]
     assert len(targets) == len(res["rows"]) + 1
@@ -78,8 +79,8 @@ def test_worker_counts():
 
 
 def test_failed_child_is_an_error_row_naming_it(tmp_path):
-    spec = {"task": "loader", "framework": "torch", "format": "rec", "sampler": "epoch", "path": str(tmp_path / "none.rec"), "workers": 0,
-            "batch": 8, "passes": 1}
+    spec = {"task": "loader", "framework": "torch", "format": "rec", "sampler": "epoch",
+            "path": str(tmp_path / "none.rec"), "workers": 0, "batch": 8, "passes": 1}
     row = loader.run_child(spec, 60.0)
     assert (row["section"], row["framework"], row["format"], row["workers"]) == ("loader", "torch", "rec", 0)
     assert "exit code 1" in row["error"] and "none.rec" in row["error"]
@@ -88,8 +89,10 @@ def test_failed_child_is_an_error_row_naming_it(tmp_path):
 def test_cli_flag_is_opt_in():
     parser = add_parser(argparse.ArgumentParser().add_subparsers())
     assert parser.parse_args([]).loader is False
-    args = parser.parse_args(["--loader", "--loader-images", "512", "--loader-workers", "0,2", "--loader-formats", "rec"])
-    assert args.loader and args.loader_images == 512 and args.loader_workers == (0, 2) and args.loader_formats == ("rec",)
+    args = parser.parse_args(["--loader", "--loader-images", "512", "--loader-workers", "0,2",
+                              "--loader-formats", "rec"])
+    assert args.loader and args.loader_images == 512 and args.loader_workers == (0, 2)
+    assert args.loader_formats == ("rec",)
     with pytest.raises(ValueError, match="--loader-formats: unknown 'lmdb'"):
         run(parser.parse_args(["--loader", "--loader-formats", "lmdb"]))
     with pytest.raises(ValueError, match="--loader-workers >= 0"):

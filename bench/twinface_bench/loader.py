@@ -41,7 +41,7 @@ class LoaderOptions:
     tfrecord_stream: bool = True                           # TFRecord rows also under data.sampler stream
     train_model: str = "r18"
     train_batch: int = 64
-    train_steps: int = 3                                   # timed per phase: memory, loader, memory
+    train_steps: int = 4                                   # timed steps from memory, and as many fed by the loader
     train_format: str = "rec"
     train_frameworks: tuple = FRAMEWORKS
     seed: int = 0
@@ -157,8 +157,9 @@ def derive(result: dict) -> None:
         r["vs_limit"] = r["images_per_s"] / limit
         if r["default"]:
             goal = TARGETS["loader_vs_limit"]
-            targets.append({"what": f"{r['framework']} default loader ({r['workers']} workers), {r['format']}"
-                                    f"{', stream sampler' if r['sampler'] == 'stream' else ''}, x decode limit", "ratio": r["vs_limit"], "target": f">= {goal}",
+            stream = ", stream sampler" if r["sampler"] == "stream" else ""
+            targets.append({"what": f"{r['framework']} default loader ({r['workers']} workers), {r['format']}{stream}, "
+                                    "x decode limit", "ratio": r["vs_limit"], "target": f">= {goal}",
                             "met": r["vs_limit"] >= goal})
     for r in result["training"]:
         if "error" in r:

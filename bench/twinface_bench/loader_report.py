@@ -29,11 +29,11 @@ def progress_line(row) -> str:
 
 
 def write_all(result, out_dir):
-    with open(os.path.join(out_dir, "loader.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(out_dir, "loader.md"), "w") as f:
-        f.write(markdown(result))
-    chart(result, os.path.join(out_dir, "loader.png"))
+    base = os.path.join(out_dir, "loader.")
+    for ext, text in (("json", json.dumps(result, indent=1)), ("md", markdown(result))):
+        with open(base + ext, "w") as f:
+            f.write(text)
+    chart(result, base + "png")
 
 
 def source(row) -> str:
@@ -85,7 +85,7 @@ def markdown(result) -> str:
                      f"{_fmt(r.get('vs_limit'), 2)} | {_fmt(r['first_batch_s'], 2)} | {_fmt(r['peak_rss_mb'], 0)} |")
     if result["training"]:
         lines += ["", f"### Training step fed by the loader vs the same batches in memory (ArcFace head, SGD; "
-                  f"images/s over {o['train_steps']} steps per phase, memory phases before and after)", "",
+                  f"images/s over {o['train_steps']} steps of each, alternating)", "",
                   "| twin | model | batch | fed from | loader images/s | memory images/s | ratio | wait for batch ms "
                   "(mean) | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
         for r in result["training"]:

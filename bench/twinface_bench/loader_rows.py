@@ -99,7 +99,8 @@ def loader(spec) -> dict:
         start = time.perf_counter()
         count, t0 = 0, None
         for images, labels in batches(dataset, sampler, epoch, num_workers=spec["workers"], size=IMAGE_SIZE):
-            if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3) or images.dtype != np.uint8 or len(labels) != len(images):
+            if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3) or images.dtype != np.uint8 \
+                    or len(labels) != len(images):
                 raise ValueError(f"{spec['framework']} loader on {spec['path']}: batch {images.dtype} {images.shape} "
                                  f"with {len(labels)} labels, expected uint8 [B, {IMAGE_SIZE}, {IMAGE_SIZE}, 3]")
             if t0 is None:
@@ -132,9 +133,9 @@ def _build_twin(framework, cfg, num_classes):
 
 def train(spec) -> dict:
     """The twin's train_step fed by its own loader (twin.batches: data.num_workers, as the trainer calls it)
-    against the same batches already in memory, in one process: memory, loader, memory again (load that comes
-    and goes hits both). Each phase times `steps` steps; a loader step includes waiting for its batch. The first
-    step (tracing, allocation) and the loader's first batch (its workers' start-up) are not timed."""
+    against the same batches already in memory, in one process, `steps` of each. The first step (tracing,
+    allocation) and the loader's first batch (its workers' start-up) are not timed; a loader step includes
+    waiting for its batch."""
     dataset = open_dataset(spec["path"])
     cfg, sampler = _sampler(spec, dataset)
     twin = _build_twin(spec["framework"], cfg, dataset.num_classes)
@@ -150,26 +151,25 @@ def train(spec) -> dict:
     step(*held[0])
     feed = twin.batches(dataset, sampler, 0, 0)
     step(*next(feed))
-
-    def phase(next_batch):
-        times, waits = [], []
-        for i in range(1, k + 1):
+    times = {"memory": [], "loader": []}
+    waits = []
+    for i in range(1, k + 1):
+        # Memory and loader steps alternate, the order flipping every pair (ABBA), so load from other processes
+        # that comes and goes hits both alike. The loader replaces a batch it hands out at once (its workers or
+        # tf.data's prefetch start on the next), so that work lands in the loader step's time.
+        for fed_by in ("memory", "loader") if i % 2 else ("loader", "memory"):
             t0 = time.perf_counter()
-            batch = next_batch(i)
-            waits.append(time.perf_counter() - t0)
+            batch = held[i] if fed_by == "memory" else next(feed)
+            if fed_by == "loader":
+                waits.append(time.perf_counter() - t0)
             step(*batch)
-            times.append(time.perf_counter() - t0)
-        return times, waits
-
-    memory_a, _ = phase(lambda i: held[i])
-    fed, waits = phase(lambda i: next(feed))
-    memory_b, _ = phase(lambda i: held[i])
+            times[fed_by].append(time.perf_counter() - t0)
     feed.close()
     bad = [i for i, loss in enumerate(losses) if not math.isfinite(loss)]
     if bad:
         raise RuntimeError(f"{spec['framework']} {spec['model']}: training step {bad[0]} returned loss "
                            f"{losses[bad[0]]}; a skipped update would time faster than training")
-    memory = memory_a + memory_b
+    memory, fed = times["memory"], times["loader"]
     return {"section": "training", **_row_key(spec), "model": spec["model"], "batch": spec["batch"],
             "classes": dataset.num_classes, "memory_images_per_s": spec["batch"] * len(memory) / sum(memory),
             "loader_images_per_s": spec["batch"] * len(fed) / sum(fed), "memory_steps_s": memory,
