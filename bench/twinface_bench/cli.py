@@ -45,7 +45,7 @@ def add_parser(subparsers):
                    help=f"head section: timed steps after {h.warmup} warm-up (default {h.steps})")
     lo = LoaderOptions()
     p.add_argument("--loader", action="store_true",
-                   help="only the data loader section (opt-in, ~10 min): 112x112 JPEGs from a folder, .rec and "
+                   help="only the data loader section (opt-in, ~7 min): 112x112 JPEGs from a folder, .rec and "
                         "TFRecord through each twin's loader against the decode limit, and a training step fed by "
                         "the loader; writes loader.md, loader.json and loader.png")
     p.add_argument("--loader-images", type=int, default=lo.images, help=f"loader section: images (default {lo.images})")
