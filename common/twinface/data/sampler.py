@@ -142,7 +142,8 @@ class StreamSampler:
         if num_shards < world_size:
             raise ValueError(f"data.sampler stream: {num_shards} shard(s) cannot give each of {world_size} ranks its "
                              "own; write the data set with --shards of at least the number of processes")
-        self.records = [np.flatnonzero(shard_of == s) for s in range(num_shards)]
+        order = np.argsort(shard_of, kind="stable")             # each shard's records, ascending: its file order
+        self.records = np.split(order, np.cumsum(np.bincount(shard_of, minlength=num_shards))[:-1])
         per_rank = [sum(len(self.records[s]) for s in range(r, num_shards, world_size)) for r in range(world_size)]
         if min(per_rank) < batch_size:
             raise ValueError(f"data.sampler stream: rank {int(np.argmin(per_rank))} holds {min(per_rank)} records, "

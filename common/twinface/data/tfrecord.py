@@ -4,7 +4,7 @@ A data set is a directory of shards `train-00000-of-00004.tfrecord` ... and `ind
 tf.train.Example: image/encoded (the image file's bytes, never re-encoded), image/format, image/class/label,
 image/height, image/width and optionally image/landmarks (10 floats: five x, y pairs in image pixels).
 Record i of the data set sits in shard i % S, so ranks that stream disjoint shards still see every identity.
-The index holds, per record, its shard, byte offset and label (16 bytes a record: memory stays that of the
+The index holds, per record, its shard, byte offset and label (20 bytes a record: memory stays that of the
 index, whatever the data set's size) and per shard its record count and byte size, so the data set has an
 exact length and random access without a scan. Framing: uint64 length, uint32 masked CRC-32C of the length,
 the data, uint32 masked CRC-32C of the data; every read checks both.
@@ -256,6 +256,16 @@ def write_index(root, overwrite: bool = False, progress: bool = True) -> dict:
     return {"num_images": int(len(index["label"])), "num_shards": int(len(index["shards"])), "index": path}
 
 
+def _positions_in_groups(groups: np.ndarray) -> np.ndarray:
+    """For each element, how many earlier elements share its group (its record index in its shard)."""
+    order = np.argsort(groups, kind="stable")
+    counts = np.bincount(groups)
+    firsts = np.repeat(np.cumsum(counts) - counts, counts)
+    positions = np.empty(len(groups), np.int32)
+    positions[order] = np.arange(len(groups)) - firsts
+    return positions
+
+
 class TFRecordSet:
     """Random access to a TFRecord data set through its index; files are opened lazily per process and thread
     (data workers and tf.data threads each get their own handles)."""
@@ -274,11 +284,7 @@ class TFRecordSet:
         self.class_names = index["class_names"].tolist() if "class_names" in index else None
         self.shard, self.offset, self.labels = index["shard"], index["offset"], index["label"]
         self._check(index)
-        # record index inside its shard: the position among the earlier records of the same shard
-        self.record_in_shard = np.zeros(len(self.shard), np.int64)
-        for s in range(len(self.shards)):
-            where = np.flatnonzero(self.shard == s)
-            self.record_in_shard[where] = np.arange(len(where))
+        self.record_in_shard = _positions_in_groups(self.shard)
         self._files = {}
 
     def _check(self, index):
