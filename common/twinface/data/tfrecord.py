@@ -266,6 +266,26 @@ def _positions_in_groups(groups: np.ndarray) -> np.ndarray:
     return positions
 
 
+INDEX_KEYS = {"shards": "U", "shard_records": "i", "shard_bytes": "i", "shard": "i", "offset": "i", "label": "i"}
+
+
+def _load_index(path) -> dict:
+    """index.npz, its arrays checked by name and kind (no pickles: an object array is refused unread)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            index = {k: z[k] for k in z.files}
+    except Exception as err:                    # not a zip, a damaged member, a pickled array
+        raise ValueError(f"{path}: not a readable TFRecord index ({type(err).__name__}: {err}); rebuild it with "
+                         f"`twinface data tfrecord-index {os.path.dirname(path)} --overwrite`") from None
+    for key, kind in INDEX_KEYS.items():
+        if key not in index or index[key].dtype.kind != kind or index[key].ndim != 1:
+            raise ValueError(f"{path}: expected a 1-d {'string' if kind == 'U' else 'integer'} array {key!r}, "
+                             f"got {index[key].dtype} {index[key].shape}" if key in index else
+                             f"{path}: no {key!r} array; rebuild it with `twinface data tfrecord-index "
+                             f"{os.path.dirname(path)} --overwrite`")
+    return index
+
+
 class TFRecordSet:
     """Random access to a TFRecord data set through its index; files are opened lazily per process and thread
     (data workers and tf.data threads each get their own handles)."""
@@ -274,8 +294,7 @@ class TFRecordSet:
         self.root = os.fspath(root)
         path = os.path.join(self.root, INDEX)
         if os.path.isfile(path):
-            with np.load(path, allow_pickle=False) as z:
-                index = {k: z[k] for k in z.files}
+            index = _load_index(path)
         else:
             log.warning(f"{self.root}: no {INDEX}; scanning the shards once (`twinface data tfrecord-index "
                         f"{self.root}` saves it)")
@@ -288,17 +307,29 @@ class TFRecordSet:
         self._files = {}
 
     def _check(self, index):
-        for path, records, size in zip(self.shards, index["shard_records"], index["shard_bytes"]):
+        where = f"{self.root}/{INDEX}"
+        names, n = index["shards"].tolist(), len(self.shard)
+        if len(index["shard_records"]) != len(names) or len(index["shard_bytes"]) != len(names):
+            raise ValueError(f"{where}: {len(names)} shards but {len(index['shard_records'])} record counts and "
+                             f"{len(index['shard_bytes'])} sizes")
+        for name in names:
+            if os.path.basename(name) != name or not name.endswith(".tfrecord"):
+                raise ValueError(f"{where}: shard name {name!r} is not a .tfrecord file name in {self.root}")
+        if not (len(self.offset) == len(self.labels) == n == int(index["shard_records"].sum())):
+            raise ValueError(f"{where}: inconsistent: {n} shard entries, {len(self.offset)} offsets, "
+                             f"{len(self.labels)} labels, the shards hold {int(index['shard_records'].sum())} records")
+        if n and (self.shard.min() < 0 or self.shard.max() >= len(names) or self.offset.min() < 0
+                  or np.any(np.bincount(self.shard, minlength=len(names)) != index["shard_records"])):
+            raise ValueError(f"{where}: record shards or offsets disagree with the shard list and counts")
+        for path, size in zip(self.shards, index["shard_bytes"]):
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path}: shard listed in {self.root}/{INDEX} is missing")
+                raise FileNotFoundError(f"{path}: shard listed in {where} is missing")
             actual = os.path.getsize(path)
             if actual != size:
                 raise ValueError(f"{path}: {actual} bytes, but {INDEX} says {size} (truncated, or the index is "
                                  f"stale: rebuild it with `twinface data tfrecord-index {self.root} --overwrite`)")
-        n = len(self.shard)
-        if not (len(self.offset) == len(self.labels) == n and int(index["shard_records"].sum()) == n):
-            raise ValueError(f"{self.root}/{INDEX}: inconsistent ({n} records listed, shards hold "
-                             f"{int(index['shard_records'].sum())})")
+        if n and np.any(self.offset > index["shard_bytes"][self.shard] - _HEAD):
+            raise ValueError(f"{where}: a record offset lies past the end of its shard")
         if n and (self.labels.min() < 0 or len(np.unique(self.labels)) != self.labels.max() + 1):
             raise ValueError(f"{self.root}: labels must be 0..C-1 without gaps (they span {self.labels.min()}.."
                              f"{self.labels.max()} over {len(np.unique(self.labels))} classes)")
