@@ -247,3 +247,11 @@ def test_the_config_picks_the_stream_sampler_only_for_tfrecord(tfr):
     with pytest.raises(config.ConfigError, match="data.sampler' is stream, which reads TFRecord shards in turn; it "
                                                  "needs data.source tfrecord, not rec"):
         config.from_dict({"data": {"source": "rec", "sampler": "stream"}})
+
+
+def test_source_tfrecord_refuses_another_format(rec):
+    from twinface.trainer import prepare_data
+    cfg = config.from_dict({"data": {"source": "tfrecord", "path": os.path.dirname(rec)}})
+    with pytest.raises(ValueError, match="data.source' is tfrecord, but .* holds no .tfrecord shards "
+                                         r"\(it reads as RecDataset\)"):
+        prepare_data(cfg)

@@ -78,6 +78,9 @@ def prepare_data(cfg):
         dataset = dataset_mod.open_dataset(os.path.join(cfg.data.path, "train.rec"))
     else:
         dataset = dataset_mod.open_dataset(cfg.data.path, cfg.data.damaged_records)
+        if cfg.data.source == "tfrecord" and not isinstance(dataset, dataset_mod.TFRecordDataset):
+            raise ValueError(f"config key 'data.source' is tfrecord, but {cfg.data.path} holds no .tfrecord shards "
+                             f"(it reads as {type(dataset).__name__})")
     if cfg.data.num_classes and cfg.data.num_classes != dataset.num_classes:
         raise ValueError(f"config key 'data.num_classes' is {cfg.data.num_classes} but {cfg.data.path} holds "
                          f"{dataset.num_classes} identities (set 0 to read it from the data)")
