@@ -43,7 +43,7 @@ def test_tensorflow_parses_our_records(tfr):
 def test_landmarks_are_a_float_list_tensorflow_reads(tmp_path):
     points = np.arange(10, dtype=np.float32) * 1.5
     with tfrecord.TFRecordWriter(tmp_path / "lm", 1, "test", overwrite=False) as w:
-        w.write(encode_image(np.zeros((4, 4, 3), np.uint8), ".png"), 0, landmarks=points, size=(4, 4), fmt="png")
+        w.write(encode_image(np.zeros((4, 4, 3), np.uint8), ".png"), 0, (4, 4), "png", landmarks=points)
     (raw,) = list(tf.data.TFRecordDataset(str(tmp_path / "lm" / tfrecord.shard_names(1)[0])))
     ex = tf.io.parse_single_example(raw, {"image/landmarks": tf.io.FixedLenFeature([10], tf.float32)})
     assert np.array_equal(ex["image/landmarks"].numpy(), points)

@@ -170,7 +170,7 @@ def _write_tfrecord(dst_dir, samples, shards, writer, inputs, overwrite, class_n
         for label, data in samples:
             ext = image_ext(data)
             size = declared_size(data) or decode_image(data, f"image {count}").shape[1::-1]
-            out.write(data, label, size=(size[1], size[0]), fmt="jpeg" if ext == ".jpg" else ext[1:])
+            out.write(data, label, (size[1], size[0]), "jpeg" if ext == ".jpg" else ext[1:])
             count += 1
         if not count:
             raise ValueError(f"{dst_dir}: no usable images to write")

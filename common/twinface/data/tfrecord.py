@@ -15,6 +15,7 @@ import os
 import re
 import struct
 import threading
+from array import array
 
 import google_crc32c
 import numpy as np
@@ -172,12 +173,13 @@ class TFRecordWriter:
         self._sizes = [0] * num_shards
         self._counts = [0] * num_shards
         self.class_names = class_names
-        self._shard, self._offset, self._labels = [], [], []
+        # 20 bytes a record, not Python ints: the index of millions of images stays ~100 MB while it is built
+        self._shard, self._offset, self._labels = array("i"), array("q"), array("q")
 
-    def write(self, data: bytes, label: int, landmarks=None, size=None, fmt="jpeg") -> None:
+    def write(self, data: bytes, label: int, size, fmt: str = "jpeg", landmarks=None) -> None:
+        """Append one image (its bytes as they are); size = (height, width), fmt its format's name."""
         s = len(self._shard) % len(self._files)
-        height, width = size
-        record = frame(encode_example(data, label, fmt, height, width, landmarks))
+        record = frame(encode_example(data, label, fmt, *size, landmarks))
         with writing(self.dst_dir):
             self._files[s].write(record)
         self._shard.append(s)
@@ -194,8 +196,8 @@ class TFRecordWriter:
                 extra = {} if self.class_names is None else {"class_names": np.array(self.class_names, str)}
                 np.savez(os.path.join(self._tmp, INDEX), shards=np.array(self.names, str),
                          shard_records=np.array(self._counts, np.int64), shard_bytes=np.array(self._sizes, np.int64),
-                         shard=np.array(self._shard, np.int32), offset=np.array(self._offset, np.int64),
-                         label=np.array(self._labels, np.int64), **extra)
+                         shard=np.frombuffer(self._shard, np.int32), offset=np.frombuffer(self._offset, np.int64),
+                         label=np.frombuffer(self._labels, np.int64), **extra)
             self._outputs.commit()
         finally:
             self.abort()
