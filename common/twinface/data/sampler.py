@@ -161,11 +161,10 @@ class StreamSampler:
         rng = np.random.default_rng([self.seed, epoch, self.rank])
         shards = rng.permutation(self.shards)
         columns = [self.records[s] for s in shards]
-        longest = max(len(c) for c in columns)
-        grid = np.full((longest, len(columns)), -1, np.int64)       # row k: record k of each shard, in turn
-        for j, c in enumerate(columns):
-            grid[:len(c), j] = c
-        stream = grid[grid >= 0]
+        # round k takes record k of every shard still running, in the drawn shard order: sort by (k, column)
+        position = np.concatenate([np.arange(len(c)) for c in columns])
+        column = np.concatenate([np.full(len(c), j) for j, c in enumerate(columns)])
+        stream = np.concatenate(columns)[np.lexsort((column, position))]
         perms = [rng.permutation(min(self.window, len(stream) - start)) for start in range(0, len(stream),
                                                                                            self.window)]
         flips = rng.random(self.steps * self.batch_size) < 0.5 if self.flip else np.zeros(self.steps * self.batch_size,
