@@ -147,3 +147,19 @@ def test_triplet_loss_trains_over_two_processes(framework, tmp_path, data_dir):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["finished"] and summary["steps"] == 36 // 12 and summary["skipped_steps"]["no_valid_triplet"] == 0
     assert "identity sampler: 2 identities x 3 images" in (tmp_path / "run" / "train.log").read_text()
+
+
+@pytest.mark.parametrize("framework", ["torch", "tf"])
+def test_tfrecord_shards_stream_to_two_processes(framework, tmp_path, data_dir):
+    """A TFRecord data set read as streams over 2 processes, nothing cached (the TF twin reads the shards with
+    tf.data): rank r reads only its own shards, every rank runs the same steps; the run trains and evaluates."""
+    from twinface.data.convert import rec_to_tfrecord
+    rec_to_tfrecord(os.path.join(data_dir, "train"), tmp_path / "tfr", shards=4, progress=False)  # 9 records each
+    cfg = _config_file(tmp_path, data_dir, data={"source": "tfrecord", "path": str(tmp_path / "tfr"),
+                                                 "sampler": "stream", "stream_window": 5, "memory_cache_gb": 0},
+                       val={"bins": [os.path.join(data_dir, "val.bin")]}, train={"batch_size": 6, "epochs": 1})
+    twinface("train", "--framework", framework, "--config", cfg, "--nproc", "2", "--output", str(tmp_path / "run"))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["finished"] and summary["steps"] == 18 // 6
+    assert "stream sampler: rank 0 reads shards [0, 2] (18 records, 18 used per epoch)" in \
+        (tmp_path / "run" / "train.log").read_text()

@@ -80,7 +80,7 @@ def test_records_are_tf_train_examples_with_the_documented_features(tfr):
     records = tfrecord.TFRecordSet(tfr)
     shard, _, offset = records.where(0)
     with open(shard, "rb") as f:
-        data = tfrecord.read_framed(f, shard, 0, offset)
+        data = tfrecord.read_framed(lambda n, at: os.pread(f.fileno(), n, at), shard, 0, offset)
     ex = tfrecord.Example()
     ex.ParseFromString(data)
     feature = ex.features.feature
@@ -151,7 +151,8 @@ def test_a_truncated_shard_is_refused_at_open_and_found_by_a_scan(tfr, tmp_path)
     shard = dst / tfrecord.shard_names(3)[2]
     size = os.path.getsize(shard)
     os.truncate(shard, size - 100)
-    with pytest.raises(ValueError, match=f"{shard}: {size - 100} bytes, but index.npz says {size}"):
+    with pytest.raises(tfrecord.TFRecordError, match=rf"{shard}: record 11 at byte offset \d+: truncated: the shard is "
+                                                     f"{size - 100} bytes, index.npz says {size}"):
         TFRecordDataset(dst)
     os.remove(dst / tfrecord.INDEX)
     with pytest.raises(tfrecord.TFRecordError, match=rf"{shard}: record 11 at byte offset \d+: truncated"):
@@ -191,7 +192,7 @@ def test_conversions_never_overwrite_without_the_flag_and_leave_nothing_when_the
     assert not os.path.exists(tmp_path / "half") and os.listdir(tmp_path) == ["mine"]
 
 
-def test_twins_read_the_same_samples_in_the_same_order_from_rec_and_tfrecord(rec, tfr):
+def test_rec_and_its_tfrecord_copy_give_the_same_samples_in_sampler_order(rec, tfr):
     """The sampler decides the order in common; both data sets hold the same records in the same order."""
     a, b = open_dataset(rec + ".rec"), open_dataset(tfr)
     sampler = EpochSampler(len(a), 8, seed=3)
@@ -247,3 +248,110 @@ def test_the_config_picks_the_stream_sampler_only_for_tfrecord(tfr):
     with pytest.raises(config.ConfigError, match="data.sampler' is stream, which reads TFRecord shards in turn; it "
                                                  "needs data.source tfrecord, not rec"):
         config.from_dict({"data": {"source": "rec", "sampler": "stream"}})
+
+
+def test_source_tfrecord_refuses_another_format(rec):
+    from twinface.trainer import prepare_data
+    cfg = config.from_dict({"data": {"source": "tfrecord", "path": os.path.dirname(rec)}})
+    with pytest.raises(ValueError, match="data.source' is tfrecord, but .* holds no .tfrecord shards "
+                                         r"\(it reads as RecDataset\)"):
+        prepare_data(cfg)
+
+
+def _rewrite_index(root, **arrays):
+    path = os.path.join(root, tfrecord.INDEX)
+    with np.load(path) as z:
+        index = {k: z[k] for k in z.files}
+    np.savez(path, **{**index, **arrays})
+
+
+def _copy(tfr, dst):
+    subprocess.run(["cp", "-r", tfr, dst], check=True)
+    return dst
+
+
+@pytest.mark.parametrize("names", [["../../escaped"] + [f"id{i}" for i in range(5)], ["a"] * 6, ["."] + list("bcdef"),
+                                   list("abc")])
+def test_class_names_in_the_index_must_be_folder_names_one_per_identity(tfr, tmp_path, names):
+    dst = _copy(tfr, tmp_path / "set")
+    _rewrite_index(dst, class_names=np.array(names))
+    with pytest.raises(ValueError, match="class_names must be unique folder names"):
+        convert.tfrecord_to_folder(dst, tmp_path / "out", progress=False)
+    assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path.parent / "escaped")
+
+
+def test_offsets_out_of_file_order_are_refused(tfr, tmp_path):
+    dst = _copy(tfr, tmp_path / "set")
+    records = tfrecord.TFRecordSet(dst)
+    offset, label = records.offset.copy(), records.labels.copy()
+    offset[[0, 3]], label[[0, 3]] = offset[[3, 0]], label[[3, 0]]     # records 0 and 3: shard 0, swapped
+    _rewrite_index(dst, offset=offset, label=label)
+    with pytest.raises(ValueError, match="record offsets do not follow each other through their shards"):
+        open_dataset(dst)
+
+
+def test_an_identity_without_usable_images_keeps_its_label_as_in_the_rec(tmp_path):
+    rng = np.random.default_rng(1)
+    samples = [(label, encode_image(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))) for label in (0, 0, 2, 2)]
+    samples[2:2] = [(1, b"garbage"), (1, b"garbage too")]
+    from twinface.data.recordio import write_insightface_rec
+    write_insightface_rec(str(tmp_path / "gap"), samples)
+    stats = convert.rec_to_tfrecord(tmp_path / "gap", tmp_path / "tfr", shards=2, progress=False)
+    assert (stats["num_images"], stats["num_classes"], stats["num_skipped"]) == (4, 3, 2)
+    dataset = open_dataset(tmp_path / "tfr")
+    assert dataset.num_classes == InsightFaceRec(tmp_path / "gap").num_classes == 3
+    assert dataset.labels.tolist() == [0, 0, 2, 2]
+    assert convert.tfrecord_to_folder(tmp_path / "tfr", tmp_path / "back", progress=False)["num_images"] == 4
+
+
+def test_a_truncated_shard_is_named_by_its_first_lost_record_and_skipped_on_request(tfr, tmp_path, caplog):
+    dst = _copy(tfr, tmp_path / "set")
+    records = tfrecord.TFRecordSet(dst)
+    shard, k, offset = records.where(7)                      # shard 1, its record 2 of 4
+    os.truncate(shard, offset + 20)
+    with pytest.raises(tfrecord.TFRecordError, match=f"{shard}: record {k} at byte offset {offset}: truncated: "
+                                                     "the shard is"):
+        open_dataset(dst)
+    with caplog.at_level(logging.WARNING, "twinface.data"):
+        dataset = open_dataset(dst, damaged="skip")
+    assert "will be skipped (data.damaged_records: skip)" in caplog.text
+    image, label = batches.load_sample(dataset, 7, False)
+    assert label == dataset.labels[8]                        # 7 (cut off) and later records of shard 1 are skipped
+    assert batches.load_sample(dataset, 4, False)[1] == dataset.labels[4]
+
+
+def test_a_read_failure_of_the_storage_stops_the_run_naming_the_record(tfr, monkeypatch):
+    import errno
+    dataset = open_dataset(tfr)
+
+    def failing(fd, n, at):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(tfrecord.os, "pread", failing)
+    shard, k, offset = dataset.set.where(5)
+    with pytest.raises(tfrecord.TFRecordError, match=f"{shard}: record {k} at byte offset {offset}: cannot read: "
+                                                     "Input/output error"):
+        batches.load_sample(dataset, 5, False)
+
+
+def test_reindexing_keeps_identity_names_and_the_writers_numbering(tmp_path):
+    for name, count in (("alice", 3), ("bob", 3), ("carol", 2)):
+        os.makedirs(tmp_path / "src" / name)
+        for i in range(count):
+            (tmp_path / "src" / name / f"{i}.png").write_bytes(encode_image(np.full((8, 8, 3), 30 * i, np.uint8), ".png"))
+    convert.folder_to_tfrecord(tmp_path / "src", tmp_path / "tfr", shards=3, progress=False)
+    before = tfrecord.TFRecordSet(tmp_path / "tfr")
+    tfrecord.write_index(tmp_path / "tfr", overwrite=True, progress=False)
+    after = tfrecord.TFRecordSet(tmp_path / "tfr")
+    assert after.class_names == before.class_names == ["alice", "bob", "carol"]
+    assert np.array_equal(after.labels, before.labels) and np.array_equal(after.offset, before.offset)
+
+
+def test_more_shards_than_the_process_may_open_is_a_clear_error(rec, tmp_path):
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100)); "
+            "from twinface.data.convert import rec_to_tfrecord; "
+            f"rec_to_tfrecord({rec!r}, {str(tmp_path / 'many')!r}, shards=200, progress=False)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 1 and "writing 200 shards needs 200 open files, but this process may open at most 100" \
+        in run.stderr
+    assert os.listdir(tmp_path) == []                                    # its temporary directory is gone

@@ -36,7 +36,7 @@ from . import schedule
 from . import atomic
 from .data import dataset as dataset_mod
 from .data.memory import InMemoryDataset, maybe_in_memory
-from .data.sampler import IdentitySampler, sampler_for
+from .data.sampler import IdentitySampler, StreamSampler, sampler_for
 
 
 class TrainingDiverged(RuntimeError):
@@ -78,6 +78,9 @@ def prepare_data(cfg):
         dataset = dataset_mod.open_dataset(os.path.join(cfg.data.path, "train.rec"))
     else:
         dataset = dataset_mod.open_dataset(cfg.data.path, cfg.data.damaged_records)
+        if cfg.data.source == "tfrecord" and not isinstance(dataset, dataset_mod.TFRecordDataset):
+            raise ValueError(f"config key 'data.source' is tfrecord, but {cfg.data.path} holds no .tfrecord shards "
+                             f"(it reads as {type(dataset).__name__})")
     if cfg.data.num_classes and cfg.data.num_classes != dataset.num_classes:
         raise ValueError(f"config key 'data.num_classes' is {cfg.data.num_classes} but {cfg.data.path} holds "
                          f"{dataset.num_classes} identities (set 0 to read it from the data)")
@@ -271,6 +274,11 @@ class Trainer:
                           f"{sampler.short_identities} of {sampler.num_identities} identities have fewer than "
                           f"{sampler.k} images and are drawn with replacement: {sampler.short_draws(0)} of {draws} "
                           f"identity draws in epoch 1")
+        if isinstance(sampler, StreamSampler):
+            read = sum(len(sampler.records[s]) for s in sampler.shards)
+            self.log.info(f"stream sampler: rank {self.twin.rank} reads shards {sampler.shards} ({read} records, "
+                          f"{sampler.steps_per_epoch() * sampler.batch_size} used per epoch), windows of "
+                          f"{sampler.window} records permuted")
 
     def _measure_loader(self, dataset, sampler, batches: int = 8):
         """The data pipeline alone, once: it should outrun the training step by a wide margin."""

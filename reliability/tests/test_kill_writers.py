@@ -1,4 +1,4 @@
-"""kill -9 during the writers: `data rec2folder` and `data folder2rec` (at every step of the final swap,
+"""kill -9 during the writers: `data rec2folder`, `data folder2rec` and `data rec2tfrecord` (at every step of the final swap,
 mid-rmtree and mid-write), `convert` and `export` (mid-write, during verification, around the rename).
 
 What must hold after each kill: no output that looks complete but is not; the previous destination intact (or,
@@ -19,9 +19,10 @@ import torch
 
 from twinface.atomic import MARKER, clean_stale
 from twinface.cli import main as twinface_main
-from twinface.data.convert import folder_to_rec, rec_to_folder
+from twinface.data.convert import folder_to_rec, rec_to_folder, rec_to_tfrecord
 from twinface.data.images import encode_image
 from twinface.data.recordio import InsightFaceRec
+from twinface.data.tfrecord import TFRecordSet
 from twinface_convert.convert import convert
 from twinface_torch.calibrate import trained_like
 
@@ -152,6 +153,36 @@ def test_rec2folder_killed(sets, subtests, faults):
             rec_to_folder(sets / "recs" / "new", dst, progress=False, overwrite=True)
             assert _tree(dst) == new and os.listdir(out) == ["dst"]
     row.record(faults, "kill -9 during data rec2folder")
+
+
+def _records(root):
+    """(label, bytes) of every record of a TFRecord data set, None when there is none."""
+    if not os.path.exists(root):
+        return None
+    records = TFRecordSet(root, progress=False)
+    return [records.read(i)[::-1] for i in range(len(records))]
+
+
+def test_rec2tfrecord_killed(sets, subtests, faults):
+    row = Row(subtests)
+    rec_to_tfrecord(sets / "recs" / "old", sets / "expected_old", shards=2, progress=False)
+    rec_to_tfrecord(sets / "recs" / "new", sets / "expected_new", shards=3, progress=False)
+    old, new = _records(sets / "expected_old"), _records(sets / "expected_new")
+    for kill_in, kill_at, hook in [("before", 3, {"hook": "twinface.data.tfrecord:encode_example"}), ("swap", 0, {}),
+                                   ("swap", 1, {}), ("rmtree", 0, {})]:
+        with row.fault(kill_in=kill_in, kill_at=kill_at):
+            out = sets / f"tfr_{kill_in}_{kill_at}"
+            out.mkdir()
+            dst = out / "dst"
+            rec_to_tfrecord(sets / "recs" / "old", dst, shards=2, progress=False)
+            assert _kill("twinface.data.convert:rec_to_tfrecord", [sets / "recs" / "new", dst], kill_in, kill_at,
+                         {**DATA, "shards": 3}, **hook)
+            clean_stale(out)
+            row.check_kept(_records(dst), old, new)
+            assert _records(dst) == (new if kill_in == "rmtree" else old)
+            rec_to_tfrecord(sets / "recs" / "new", dst, shards=3, progress=False, overwrite=True)
+            assert _records(dst) == new and os.listdir(out) == ["dst"]
+    row.record(faults, "kill -9 during data rec2tfrecord")
 
 
 # The swap of a .rec pair makes 6 calls: link .idx aside, move .rec aside, new .idx in, new .rec in (the

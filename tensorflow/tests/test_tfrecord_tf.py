@@ -1,5 +1,6 @@
 """TFRecord in the TF twin: TensorFlow reads what twinface writes and vice versa; the native stream reader
 follows StreamSampler's order exactly; damage is named by shard, record and byte offset."""
+import logging
 import os
 import subprocess
 
@@ -11,7 +12,7 @@ from twinface.data import convert, tfrecord
 from twinface.data.batches import load_sample
 from twinface.data.dataset import open_dataset
 from twinface.data.images import encode_image
-from twinface.data.sampler import StreamSampler
+from twinface.data.sampler import EpochSampler, StreamSampler
 from twinface.testing import tiny_dataset
 from twinface_tf import data
 
@@ -43,7 +44,7 @@ def test_tensorflow_parses_our_records(tfr):
 def test_landmarks_are_a_float_list_tensorflow_reads(tmp_path):
     points = np.arange(10, dtype=np.float32) * 1.5
     with tfrecord.TFRecordWriter(tmp_path / "lm", 1, "test", overwrite=False) as w:
-        w.write(encode_image(np.zeros((4, 4, 3), np.uint8), ".png"), 0, landmarks=points, size=(4, 4), fmt="png")
+        w.write(encode_image(np.zeros((4, 4, 3), np.uint8), ".png"), 0, (4, 4), "png", landmarks=points)
     (raw,) = list(tf.data.TFRecordDataset(str(tmp_path / "lm" / tfrecord.shard_names(1)[0])))
     ex = tf.io.parse_single_example(raw, {"image/landmarks": tf.io.FixedLenFeature([10], tf.float32)})
     assert np.array_equal(ex["image/landmarks"].numpy(), points)
@@ -71,11 +72,16 @@ def _expected(dataset, sampler, epoch, start_step, size):
 
 
 @pytest.mark.parametrize("rank, world, window, start", [(0, 1, 5, 0), (0, 1, 64, 2), (1, 2, 4, 1)])
-def test_the_native_stream_follows_the_stream_sampler(tfr, rank, world, window, start):
+def test_the_native_stream_follows_the_stream_sampler(tfr, rank, world, window, start, monkeypatch):
     dataset = open_dataset(tfr)
     sampler = StreamSampler(dataset.shard_of, 4, window, seed=7, rank=rank, world_size=world)
-    got = list(data.batches(dataset, sampler, 1, start, num_workers=2, size=32))
     want = list(_expected(dataset, sampler, 1, start, 32))
+
+    def not_the_native_path(i):
+        raise AssertionError("the TFRecord stream went through the common reader")
+
+    monkeypatch.setattr(dataset.set, "read", not_the_native_path)
+    got = list(data.batches(dataset, sampler, 1, start, num_workers=2, size=32))
     assert len(got) == len(want) == sampler.steps_per_epoch() - start
     for (gi, gl), (wi, wl) in zip(got, want):
         assert np.array_equal(gl, wl) and np.array_equal(gi, wi)
@@ -83,22 +89,39 @@ def test_the_native_stream_follows_the_stream_sampler(tfr, rank, world, window, 
 
 def test_the_native_stream_without_determinism_still_reads_every_record_once(tfr):
     dataset = open_dataset(tfr)
-    sampler = StreamSampler(dataset.shard_of, 4, 36, seed=0)       # one window: the epoch is all 36 records
-    labels = np.concatenate([lab for _, lab in data.batches(dataset, sampler, 0, deterministic=False)])
-    assert sorted(labels) == sorted(dataset.labels)
+    sampler = StreamSampler(dataset.shard_of, 4, 36, seed=0, flip=False)   # one window: all 36 records
+    images = np.concatenate([im for im, _ in data.batches(dataset, sampler, 0, deterministic=False)])
+    digest = sorted(hash(im.tobytes()) for im in images)
+    assert digest == sorted(hash(dataset.image(i).tobytes()) for i in range(36))
 
 
-def test_a_damaged_record_in_the_native_stream_is_named(tfr, tmp_path):
+def _damaged_copy(tfr, tmp_path, record):
     dst = tmp_path / "damaged"
     subprocess.run(["cp", "-r", tfr, dst], check=True)
-    records = tfrecord.TFRecordSet(dst)
-    shard, k, offset = records.where(7)
+    shard, k, offset = tfrecord.TFRecordSet(dst).where(record)
     raw = bytearray(open(shard, "rb").read())
     raw[offset + 12 + 30] ^= 0xFF
     open(shard, "wb").write(bytes(raw))
+    return dst, f"{shard}: record {k} at byte offset {offset}: data CRC"
+
+
+@pytest.mark.parametrize("kind", ["stream", "epoch"])
+def test_a_damaged_record_is_named_by_either_tf_reader(tfr, tmp_path, kind):
+    dst, says = _damaged_copy(tfr, tmp_path, 7)
     dataset = open_dataset(dst)
-    sampler = StreamSampler(dataset.shard_of, 4, 8, seed=0)
-    with pytest.raises(tfrecord.TFRecordError, match=f"{shard}: record {k} at byte offset {offset}: data CRC"):
+    sampler = (StreamSampler(dataset.shard_of, 4, 8, seed=0) if kind == "stream"
+               else EpochSampler(len(dataset), 4, seed=0))
+    with pytest.raises(tfrecord.TFRecordError, match=says):
         list(data.batches(dataset, sampler, 0))
-    skipping = open_dataset(dst, damaged="skip")      # read through the common reader: skipped like a bad image
-    assert sum(len(lab) for _, lab in data.batches(skipping, sampler, 0)) == 4 * sampler.steps_per_epoch()
+
+
+def test_skipping_damaged_records_replaces_them_and_says_so(tfr, tmp_path, caplog):
+    dst, says = _damaged_copy(tfr, tmp_path, 7)
+    skipping = open_dataset(dst, damaged="skip")
+    sampler = StreamSampler(skipping.shard_of, 4, 8, seed=0)
+    with caplog.at_level(logging.WARNING, "twinface.data"):
+        got = list(data.batches(skipping, sampler, 0))
+    assert "skipped an unusable image" in caplog.text and says in caplog.text
+    want = list(_expected(skipping, sampler, 0, 0, None))
+    assert all(np.array_equal(g[1], w[1]) and np.array_equal(g[0], w[0]) for g, w in zip(got, want))
+    assert 7 in np.concatenate([idx for idx, _ in sampler.batches(0)])       # the damaged record was due

@@ -4,8 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from twinface.testing import (check_fp16_overflow_backs_off, check_nan_guard, check_resume_matches_uninterrupted, check_training_outputs,
-                              check_truncated_state_is_named, tiny_dataset)
+from twinface.testing import (check_fp16_overflow_backs_off, check_nan_guard, check_resume_matches_uninterrupted,
+                              check_tfrecord_trains_like_rec, check_training_outputs, check_truncated_state_is_named,
+                              tiny_dataset)
 from twinface_tf.backbones import get_model
 from twinface_tf.train import TFTwin
 
@@ -28,6 +29,10 @@ def _reloaded(path):
     model = get_model("mbf", num_features=32, input_size=32)
     model.load_weights(str(path))
     return _weights_of_model(model)
+
+
+def test_training_from_tfrecord_equals_training_from_rec(data, tmp_path):
+    check_tfrecord_trains_like_rec(TFTwin, _weights, data, tmp_path)
 
 
 def test_training_writes_every_output(data, tmp_path):

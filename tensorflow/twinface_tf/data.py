@@ -10,8 +10,9 @@ import tensorflow as tf
 
 from twinface.data.batches import finish_sample, load_sample
 from twinface.data.dataset import TFRecordDataset, face_crop
-from twinface.data.images import UnusableImageError
+from twinface.data.images import DamagedDataError, UnusableImageError
 from twinface.data.sampler import StreamSampler
+from twinface.data.tfrecord import INDEX, TFRecordError
 
 FEATURES = {"image/encoded": tf.io.FixedLenFeature([], tf.string),
             "image/class/label": tf.io.FixedLenFeature([], tf.int64)}
@@ -35,21 +36,36 @@ def batches(dataset, sampler, epoch: int, start_step: int = 0, num_workers: int 
         image, label = load_sample(dataset, int(index), bool(flip), size)
         return image, np.int64(label)
 
+    raised = []
     keys = tf.data.Dataset.from_tensor_slices((indices, flips))
-    yield from _decoded(keys.map(lambda i, f: _numpy(load, [i, f]), num_parallel_calls=max(1, num_workers),
-                                 deterministic=True), sampler.batch_size)
+    yield from _decoded(keys.map(lambda i, f: _numpy(load, [i, f], raised), num_parallel_calls=max(1, num_workers),
+                                 deterministic=True), sampler.batch_size, raised)
 
 
-def _numpy(fn, args):
-    image, label = tf.numpy_function(fn, args, [tf.uint8, tf.int64])
+def _numpy(fn, args, raised: list):
+    """fn in a numpy_function; a DamagedDataError it raises is kept in `raised` (tf.data would turn it into an
+    anonymous InvalidArgumentError) for _decoded to raise as itself."""
+    def call(*a):
+        try:
+            return fn(*a)
+        except DamagedDataError as err:
+            raised.append(err)
+            raise
+
+    image, label = tf.numpy_function(call, args, [tf.uint8, tf.int64])
     image.set_shape([None, None, 3])
     label.set_shape([])
     return image, label
 
 
-def _decoded(samples, batch_size):
-    for images, labels in samples.batch(batch_size, drop_remainder=False).prefetch(2).as_numpy_iterator():
-        yield images, labels
+def _decoded(samples, batch_size, raised: list):
+    try:
+        for images, labels in samples.batch(batch_size, drop_remainder=False).prefetch(2).as_numpy_iterator():
+            yield images, labels
+    except tf.errors.OpError:
+        if raised:
+            raise raised[0] from None
+        raise
 
 
 def _stream(dataset, sampler, epoch, start_step, num_workers, size, deterministic):
@@ -58,7 +74,7 @@ def _stream(dataset, sampler, epoch, start_step, num_workers, size, deterministi
     first, end = start_step * sampler.batch_size, len(order)
     if first >= end:
         return
-    window = sampler.window
+    window = min(sampler.window, len(stream))
     table = np.zeros((len(perms), window), np.int32)           # window k's permutation in its first len(p) cells
     for k, p in enumerate(perms):
         table[k, :len(p)] = p
@@ -77,27 +93,29 @@ def _stream(dataset, sampler, epoch, start_step, num_workers, size, deterministi
         """The record's own bytes; an unusable image is replaced as load_sample replaces it."""
         index, label = int(index), int(label)
         if deterministic and label != dataset.labels[index]:
-            raise RuntimeError(f"{dataset.source(index)}: the stream read label {label} where the index has "
-                               f"{dataset.labels[index]}: the native reader and StreamSampler disagree")
+            raise TFRecordError(*dataset.set.where(index), f"the stream read label {label} where {INDEX} has "
+                                f"{dataset.labels[index]} (the index does not describe this shard: stale?)")
         try:
             return finish_sample(face_crop(data, dataset.source(index)), bool(flip), size), np.int64(label)
         except UnusableImageError:
             image, label = load_sample(dataset, index, bool(flip), size)
             return image, np.int64(label)
 
+    raised = []
     keys = tf.data.Dataset.from_tensor_slices((order[first:], flips[first:]))
     samples = tf.data.Dataset.zip(parsed, keys).map(
-        lambda ex, key: _numpy(load, [ex["image/encoded"], ex["image/class/label"], key[0], key[1]]),
+        lambda ex, key: _numpy(load, [ex["image/encoded"], ex["image/class/label"], key[0], key[1]], raised),
         num_parallel_calls=max(1, num_workers), deterministic=deterministic)
     try:
-        yield from _decoded(samples, sampler.batch_size)
+        yield from _decoded(samples, sampler.batch_size, raised)
     except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as err:
         _locate(dataset, stream, err)
 
 
 def _locate(dataset, stream, err):
-    """TensorFlow's message names neither shard nor record: find the damaged record among those the stream read
-    with the common reader, which raises the TFRecordError naming shard, record and byte offset."""
+    """TensorFlow's message names neither shard nor record: find the damaged record with the common reader
+    (which raises the TFRecordError naming shard, record and byte offset) among all the rank's records, as
+    the native reader reads (and checks) them all, the epoch's unused tail and a resumed epoch's head too."""
     for index in stream:
         dataset.set.read(int(index))
     raise err

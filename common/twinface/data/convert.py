@@ -162,15 +162,16 @@ def folder_to_bin(src_root, dst_path, num_pairs=6000, seed=0, image_size=112, ov
             "num_resized": resized}
 
 
-def _write_tfrecord(dst_dir, samples, shards, writer, inputs, overwrite, class_names=None) -> dict:
+def _write_tfrecord(dst_dir, samples, shards, writer, inputs, overwrite, class_names=None,
+                    num_classes=None) -> dict:
     """(label, bytes) samples -> a sharded TFRecord data set; the image bytes are copied, never re-encoded."""
     count = 0
-    with tfrecord.TFRecordWriter(dst_dir, shards, writer, class_names=class_names, overwrite=overwrite,
-                                 inputs=inputs) as out:
+    with tfrecord.TFRecordWriter(dst_dir, shards, writer, class_names=class_names, num_classes=num_classes,
+                                 overwrite=overwrite, inputs=inputs) as out:
         for label, data in samples:
             ext = image_ext(data)
             size = declared_size(data) or decode_image(data, f"image {count}").shape[1::-1]
-            out.write(data, label, size=(size[1], size[0]), fmt="jpeg" if ext == ".jpg" else ext[1:])
+            out.write(data, label, (size[1], size[0]), "jpeg" if ext == ".jpg" else ext[1:])
             count += 1
         if not count:
             raise ValueError(f"{dst_dir}: no usable images to write")
@@ -178,8 +179,9 @@ def _write_tfrecord(dst_dir, samples, shards, writer, inputs, overwrite, class_n
 
 
 def rec_to_tfrecord(src_prefix, dst_dir, shards=8, progress=True, overwrite=False) -> dict:
-    """`twinface data rec2tfrecord`: an insightface .rec as TFRecord shards, record order and labels kept
-    (training from either reads the same samples in the same order). Unusable images are skipped and listed."""
+    """`twinface data rec2tfrecord`: an insightface .rec as TFRecord shards, record order, labels and class count
+    kept (training from either reads the same samples in the same order, into the same head). Unusable images
+    are skipped and listed."""
     rec = InsightFaceRec(src_prefix)
     rec.labels                                   # every label checked before anything is written
     skipped = []
@@ -187,7 +189,7 @@ def rec_to_tfrecord(src_prefix, dst_dir, shards=8, progress=True, overwrite=Fals
                                                                              unit="img", disable=not progress)),
                              skipped)
     stats = _write_tfrecord(dst_dir, records, shards, "twinface data rec2tfrecord",
-                            [rec.reader.rec_path, rec.reader.idx_path], overwrite)
+                            [rec.reader.rec_path, rec.reader.idx_path], overwrite, num_classes=rec.num_classes)
     return {**stats, "num_classes": rec.num_classes, "num_skipped": len(skipped), "skipped": skipped}
 
 
@@ -209,4 +211,4 @@ def tfrecord_to_folder(src_dir, dst_root, progress=True, overwrite=False) -> dic
     with Outputs([dst_root], "twinface data tfrecord2folder", directory=True, overwrite=overwrite,
                  inputs=[src_dir]) as (tmp,), writing(dst_root):
         count = write_image_folder(tmp, samples, records.class_names)
-    return {"num_images": count, "num_classes": int(len(np.unique(records.labels)))}
+    return {"num_images": count, "num_classes": records.num_classes}

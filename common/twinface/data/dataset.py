@@ -91,7 +91,7 @@ class TFRecordDataset(FaceDataset):
     skipped and counted like an undecodable image."""
 
     def __init__(self, root, damaged: str = "fail"):
-        self.set, self.damaged = TFRecordSet(root), damaged
+        self.set, self.damaged = TFRecordSet(root, damaged=damaged), damaged
 
     def __len__(self) -> int:
         return len(self.set)
@@ -115,6 +115,10 @@ class TFRecordDataset(FaceDataset):
     def shard_of(self) -> np.ndarray:
         return self.set.shard
 
+    @property
+    def num_classes(self) -> int:
+        return self.set.num_classes
+
 
 def open_dataset(path, damaged: str = "fail") -> FaceDataset:
     """A directory holding train.rec, a prefix.rec file (or its prefix), a TFRecord directory (shards and
@@ -131,5 +135,5 @@ def open_dataset(path, damaged: str = "fail") -> FaceDataset:
     if os.path.isdir(path) and any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(path)):
         return FolderDataset(path)
     raise ValueError(f"{path}: not a data set twinface can read; supported: a directory with train.rec + "
-                     "train.idx, a directory of .tfrecord shards, a file prefix.rec (+ prefix.idx) or its prefix, or a directory of identity folders "
-                     "(root/<identity>/<image>.jpg|png|bmp|webp)")
+                     "train.idx, a directory of .tfrecord shards, a file prefix.rec (+ prefix.idx) or its prefix, "
+                     "or a directory of identity folders (root/<identity>/<image>.jpg|png|bmp|webp)")

@@ -142,7 +142,8 @@ class StreamSampler:
         if num_shards < world_size:
             raise ValueError(f"data.sampler stream: {num_shards} shard(s) cannot give each of {world_size} ranks its "
                              "own; write the data set with --shards of at least the number of processes")
-        self.records = [np.flatnonzero(shard_of == s) for s in range(num_shards)]
+        order = np.argsort(shard_of, kind="stable")             # each shard's records, ascending: its file order
+        self.records = np.split(order, np.cumsum(np.bincount(shard_of, minlength=num_shards))[:-1])
         per_rank = [sum(len(self.records[s]) for s in range(r, num_shards, world_size)) for r in range(world_size)]
         if min(per_rank) < batch_size:
             raise ValueError(f"data.sampler stream: rank {int(np.argmin(per_rank))} holds {min(per_rank)} records, "
@@ -160,11 +161,10 @@ class StreamSampler:
         rng = np.random.default_rng([self.seed, epoch, self.rank])
         shards = rng.permutation(self.shards)
         columns = [self.records[s] for s in shards]
-        longest = max(len(c) for c in columns)
-        grid = np.full((longest, len(columns)), -1, np.int64)       # row k: record k of each shard, in turn
-        for j, c in enumerate(columns):
-            grid[:len(c), j] = c
-        stream = grid[grid >= 0]
+        # round k takes record k of every shard still running, in the drawn shard order: sort by (k, column)
+        position = np.concatenate([np.arange(len(c)) for c in columns])
+        column = np.concatenate([np.full(len(c), j) for j, c in enumerate(columns)])
+        stream = np.concatenate(columns)[np.lexsort((column, position))]
         perms = [rng.permutation(min(self.window, len(stream) - start)) for start in range(0, len(stream),
                                                                                            self.window)]
         flips = rng.random(self.steps * self.batch_size) < 0.5 if self.flip else np.zeros(self.steps * self.batch_size,
