@@ -6,6 +6,7 @@ import signal
 import sys
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from twinface.data.batches import load_sample
@@ -39,7 +40,8 @@ def _die_with_parent(parent_pid: int, worker_id: int):
 
 
 def _collate(samples):
-    return np.stack([s[0] for s in samples]), np.array([s[1] for s in samples], np.int64)
+    # tensors travel from the workers through shared memory; numpy arrays would be pickled through a pipe
+    return torch.from_numpy(np.stack([s[0] for s in samples])), torch.tensor([s[1] for s in samples], dtype=torch.int64)
 
 
 def batches(dataset, sampler, epoch: int, start_step: int = 0, num_workers: int = 2, size: int = None):
@@ -49,4 +51,5 @@ def batches(dataset, sampler, epoch: int, start_step: int = 0, num_workers: int 
     loader = DataLoader(_Samples(dataset, size), batch_sampler=keys, num_workers=num_workers, collate_fn=_collate,
                         worker_init_fn=functools.partial(_die_with_parent, os.getpid()),
                         prefetch_factor=4 if num_workers else None, persistent_workers=False)
-    yield from loader
+    for images, labels in loader:
+        yield images.numpy(), labels.numpy()
