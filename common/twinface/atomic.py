@@ -115,6 +115,26 @@ class Outputs:
             self.discard()
 
 
+class OutputsWriter:
+    """A writer of open files inside `self._outputs`: `with` closes and commits them on success (close()),
+    closes and discards them on an exception (abort()). Subclasses list their files in `_handles()`."""
+
+    def _handles(self) -> list:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        for f in self._handles():
+            with contextlib.suppress(OSError):     # its flush fails again on a full disk; the file goes anyway
+                f.close()
+        self._outputs.discard()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.abort() if exc_type else self.close()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str, suffix: str = ""):
     """One file the caller owns (a checkpoint, a run's config): a temporary path beside `path` that replaces

@@ -49,6 +49,13 @@ def folder_to_rec(src_root, dst_prefix, progress=True, overwrite=False) -> dict:
     return {**stats, "num_skipped": len(skipped), "skipped": skipped, "class_names": class_names}
 
 
+def _rec_samples(rec, skipped: list, desc: str, progress: bool):
+    """(label, bytes) of a .rec's usable images, every label checked before the first is read; fills `skipped`."""
+    rec.labels
+    images = tqdm(range(len(rec)), desc=desc, unit="img", disable=not progress)
+    return usable_samples(((rec.source(i), *rec.record(i)) for i in images), skipped)
+
+
 def rec_to_folder(src_prefix, dst_root, progress=True, overwrite=False) -> dict:
     """Unpack an insightface .rec into dst_root/<%05d label>/<%06d>.jpg, bytes unchanged.
 
@@ -56,12 +63,8 @@ def rec_to_folder(src_prefix, dst_root, progress=True, overwrite=False) -> dict:
     overwrite it replaces only an earlier rec2folder output (or an empty directory), which stays intact until
     that rename. See twinface.atomic.
     """
-    rec = InsightFaceRec(src_prefix)
-    rec.labels                                   # every label checked before anything is written
-    skipped = []
-    records = usable_samples(((rec.source(i), *rec.record(i)) for i in tqdm(range(len(rec)), desc="rec -> folder",
-                                                                             unit="img", disable=not progress)),
-                             skipped)
+    rec, skipped = InsightFaceRec(src_prefix), []
+    records = _rec_samples(rec, skipped, "rec -> folder", progress)
     with Outputs([dst_root], "twinface data rec2folder", directory=True, overwrite=overwrite,
                  inputs=[rec.reader.rec_path, rec.reader.idx_path]) as (tmp,), writing(dst_root):
         count = write_image_folder(tmp, records)
@@ -182,12 +185,8 @@ def rec_to_tfrecord(src_prefix, dst_dir, shards=8, progress=True, overwrite=Fals
     """`twinface data rec2tfrecord`: an insightface .rec as TFRecord shards, record order, labels and class count
     kept (training from either reads the same samples in the same order, into the same head). Unusable images
     are skipped and listed."""
-    rec = InsightFaceRec(src_prefix)
-    rec.labels                                   # every label checked before anything is written
-    skipped = []
-    records = usable_samples(((rec.source(i), *rec.record(i)) for i in tqdm(range(len(rec)), desc="rec -> tfrecord",
-                                                                             unit="img", disable=not progress)),
-                             skipped)
+    rec, skipped = InsightFaceRec(src_prefix), []
+    records = _rec_samples(rec, skipped, "rec -> tfrecord", progress)
     stats = _write_tfrecord(dst_dir, records, shards, "twinface data rec2tfrecord",
                             [rec.reader.rec_path, rec.reader.idx_path], overwrite, num_classes=rec.num_classes)
     return {**stats, "num_classes": rec.num_classes, "num_skipped": len(skipped), "skipped": skipped}

@@ -6,7 +6,6 @@ dmlc's writer splits a record wherever the magic appears at a 4-byte aligned off
 The .idx file holds "key<TAB>byte offset" lines. A record payload starts with struct '<IfQQ'
 (flag, label, id, id2); when flag > 0, `flag` float32 labels follow, then the encoded image.
 """
-import contextlib
 import logging
 import numbers
 import os
@@ -17,7 +16,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from twinface.atomic import Outputs, writing
+from twinface.atomic import Outputs, OutputsWriter, writing
 from twinface.data.images import decode_image
 
 log = logging.getLogger("twinface.data")
@@ -89,7 +88,7 @@ def _default_idx(rec_path):
     return os.path.splitext(rec_path)[0] + ".idx"
 
 
-class RecordWriter:
+class RecordWriter(OutputsWriter):
     """Writes rec_path and its .idx into temporary siblings that replace both together on a clean close
     (twinface.atomic.Outputs), so an interrupted run never leaves a half-written or mismatched pair under the
     final names. `checks` go to twinface.atomic.check_destination (default: replace a RecordIO pair)."""
@@ -135,17 +134,8 @@ class RecordWriter:
         finally:
             self.abort()
 
-    def abort(self) -> None:
-        for f in (self._rec, self._idx):
-            with contextlib.suppress(OSError):     # its flush fails again on a full disk; the file goes anyway
-                f.close()
-        self._outputs.discard()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        self.abort() if exc_type else self.close()
+    def _handles(self) -> list:
+        return [self._rec, self._idx]
 
 
 class RecordReader:

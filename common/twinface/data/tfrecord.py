@@ -9,7 +9,6 @@ index, whatever the data set's size) and per shard its record count and byte siz
 exact length and random access without a scan. Framing: uint64 length, uint32 masked CRC-32C of the length,
 the data, uint32 masked CRC-32C of the data; every read checks both.
 """
-import contextlib
 import functools
 import logging
 import os
@@ -22,7 +21,7 @@ import google_crc32c
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-from twinface.atomic import Outputs, atomic_path, check_destination, writing
+from twinface.atomic import Outputs, OutputsWriter, atomic_path, check_destination, writing
 from twinface.data.images import DamagedDataError
 
 log = logging.getLogger("twinface.data")
@@ -170,7 +169,7 @@ def allow_open_files(n: int, what: str) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 
-class TFRecordWriter:
+class TFRecordWriter(OutputsWriter):
     """Writes a sharded data set and its index into a temporary directory that replaces `dst_dir` on a clean
     close (twinface.atomic.Outputs): an interrupted conversion leaves nothing under the final name."""
 
@@ -222,17 +221,8 @@ class TFRecordWriter:
         finally:
             self.abort()
 
-    def abort(self) -> None:
-        for f in self._files:
-            with contextlib.suppress(OSError):
-                f.close()
-        self._outputs.discard()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        self.abort() if exc_type else self.close()
+    def _handles(self) -> list:
+        return self._files
 
 
 def is_tfrecord_dir(path) -> bool:
