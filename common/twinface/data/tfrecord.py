@@ -12,7 +12,6 @@ the data, uint32 masked CRC-32C of the data; every read checks both.
 import functools
 import logging
 import os
-import re
 import struct
 import threading
 from array import array
@@ -27,7 +26,6 @@ from twinface.data.images import DamagedDataError
 log = logging.getLogger("twinface.data")
 
 INDEX = "index.npz"
-SHARD = re.compile(r"^(?P<name>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.tfrecord$")
 _LENGTH = struct.Struct("<Q")
 _CRC = struct.Struct("<I")
 _HEAD = 12                              # length + its CRC
@@ -226,7 +224,7 @@ class TFRecordWriter(OutputsWriter):
 
 
 def is_tfrecord_dir(path) -> bool:
-    return os.path.isdir(path) and any(SHARD.match(n) or n.endswith(".tfrecord") for n in os.listdir(path))
+    return os.path.isdir(path) and any(n.endswith(".tfrecord") for n in os.listdir(path))
 
 
 def _shard_files(root) -> list:
