@@ -186,7 +186,6 @@ class TFRecordWriter(OutputsWriter):
             self.abort()
             raise
         self._sizes = [0] * num_shards
-        self._counts = [0] * num_shards
         self.class_names, self.num_classes = class_names, num_classes
         # 20 bytes a record, not Python ints: the index of millions of images stays ~100 MB while it is built
         self._shard, self._offset, self._labels = array("i"), array("q"), array("q")
@@ -201,7 +200,6 @@ class TFRecordWriter(OutputsWriter):
         self._offset.append(self._sizes[s])
         self._labels.append(label)
         self._sizes[s] += len(record)
-        self._counts[s] += 1
 
     def close(self) -> None:
         try:
@@ -211,9 +209,11 @@ class TFRecordWriter(OutputsWriter):
                 extra = {} if self.class_names is None else {"class_names": np.array(self.class_names, str)}
                 if self.num_classes is not None:        # identities without usable images keep their label
                     extra["num_classes"] = np.array([self.num_classes], np.int64)
+                shard = np.frombuffer(self._shard, np.int32)
                 np.savez(os.path.join(self._tmp, INDEX), shards=np.array(self.names, str),
-                         shard_records=np.array(self._counts, np.int64), shard_bytes=np.array(self._sizes, np.int64),
-                         shard=np.frombuffer(self._shard, np.int32), offset=np.frombuffer(self._offset, np.int64),
+                         shard_records=np.bincount(shard, minlength=len(self.names)).astype(np.int64),
+                         shard_bytes=np.array(self._sizes, np.int64), shard=shard,
+                         offset=np.frombuffer(self._offset, np.int64),
                          label=np.frombuffer(self._labels, np.int64), **extra)
             self._outputs.commit()
         finally:
@@ -240,7 +240,6 @@ def scan_index(root, progress: bool = True) -> dict:
     else shard by shard."""
     from tqdm import tqdm
     names = _shard_files(root)
-    allow_open_files(1, "scanning")
     offsets, labels = [], []
     bar = tqdm(total=sum(os.path.getsize(os.path.join(root, n)) for n in names), unit="B", unit_scale=True,
                desc="index tfrecord", disable=not progress)
@@ -284,9 +283,9 @@ def write_index(root, overwrite: bool = False, progress: bool = True) -> dict:
     return {"num_images": int(len(index["label"])), "num_shards": int(len(index["shards"])), "index": path}
 
 
-def _positions_in_groups(groups: np.ndarray) -> np.ndarray:
-    """For each element, how many earlier elements share its group (its record index in its shard)."""
-    order = np.argsort(groups, kind="stable")
+def _positions_in_groups(groups: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """For each element, how many earlier elements share its group (its record index in its shard); `order` is
+    np.argsort(groups, kind="stable")."""
     counts = np.bincount(groups)
     firsts = np.repeat(np.cumsum(counts) - counts, counts)
     positions = np.empty(len(groups), np.int32)
@@ -342,14 +341,15 @@ class TFRecordSet:
             index = scan_index(self.root, progress)
         self.shards = [os.path.join(self.root, n) for n in index["shards"].tolist()]
         self.shard, self.offset, self.labels = index["shard"], index["offset"], index["label"]
-        self._check(index, damaged)
+        order = np.argsort(self.shard, kind="stable")           # each shard's records, in index order
+        self._check(index, damaged, order)
         self.num_classes = int(index["num_classes"][0]) if "num_classes" in index else \
             (int(self.labels.max()) + 1 if len(self.labels) else 0)
         self.class_names = index["class_names"].tolist() if "class_names" in index else None
-        self.record_in_shard = _positions_in_groups(self.shard)
+        self.record_in_shard = _positions_in_groups(self.shard, order)
         self._fds, self._lock = {}, threading.Lock()
 
-    def _check(self, index, damaged):
+    def _check(self, index, damaged, order):
         where = f"{self.root}/{INDEX}"
         names, n = index["shards"].tolist(), len(self.shard)
         sizes = index["shard_bytes"]
@@ -367,7 +367,6 @@ class TFRecordSet:
             raise ValueError(f"{where}: the records' shards disagree with the shard list and its record counts")
         # each shard's records in index order: the first at byte 0, each at least one empty record after the
         # last, the last inside the shard (the stream reader relies on index order being file order)
-        order = np.argsort(self.shard, kind="stable")
         shard, offset = self.shard[order], self.offset[order]
         same = shard[1:] == shard[:-1]
         if n and (np.any(offset[np.r_[True, ~same]] != 0) or np.any(np.diff(offset)[same] < _MIN_RECORD)
