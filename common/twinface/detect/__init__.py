@@ -1,0 +1,1 @@
+"""Face detection (MTCNN cascade, framework-neutral numpy) and the photo -> aligned crop pipeline."""
