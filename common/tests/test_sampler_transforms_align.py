@@ -1,3 +1,4 @@
+import cv2
 import numpy as np
 import pytest
 
@@ -65,9 +66,46 @@ def test_similarity_transform_recovers_a_known_warp_and_aligns():
     pts = align.ARCFACE_TEMPLATE * 2.0 + 40
     for x, y in pts:
         big[int(round(y)) - 1:int(round(y)) + 2, int(round(x)) - 1:int(round(x)) + 2] = 255
-    out = align.align_face(big, pts)
+    out = align.norm_crop(big, pts)
     assert out.shape == (112, 112, 3)
     for x, y in align.ARCFACE_TEMPLATE:
         assert out[int(round(y)), int(round(x))].max() > 100
     with pytest.raises(ValueError, match=r"\(5, 2\)"):
-        align.align_face(big, pts[:4])
+        align.norm_crop(big, pts[:4])
+
+
+def _least_squares_similarity(src, dst):
+    """The same fit by hand: x' = a x - b y + tx, y' = b x + a y + ty, linear least squares in (a, b, tx, ty)."""
+    rows, rhs = [], []
+    for (x, y), (u, v) in zip(src, dst):
+        rows += [[x, -y, 1, 0], [y, x, 0, 1]]
+        rhs += [u, v]
+    a, b, tx, ty = np.linalg.lstsq(np.array(rows), np.array(rhs), rcond=None)[0]
+    return np.array([[a, -b, tx], [b, a, ty]])
+
+
+@pytest.mark.parametrize("size", [112, 224, 128, 256, 96])
+def test_estimate_norm_matches_a_hand_solved_least_squares_fit(size):
+    rng = np.random.default_rng(size)
+    angle = 0.4
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    photo_points = align.ARCFACE_TEMPLATE @ (2.3 * rot).T + [300.0, 120.0] + rng.normal(0, 1.5, (5, 2))
+    m = align.estimate_norm(photo_points, size)
+    expected_template = (align.ARCFACE_TEMPLATE.astype(np.float64) * size / 112.0 if size % 112 == 0
+                         else align.ARCFACE_TEMPLATE.astype(np.float64) * size / 128.0 + [8.0 * size / 128.0, 0.0])
+    np.testing.assert_allclose(align.template(size), expected_template, rtol=1e-6)
+    expected_template = align.template(size).astype(np.float64)
+    np.testing.assert_allclose(m, _least_squares_similarity(photo_points, expected_template), atol=1e-9)
+
+
+def test_norm_crop_on_exact_template_points_is_insightfaces_warp():
+    # points already on the 128 template: identity warp, so the crop is the image's top-left 128 x 128
+    image = np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    m = align.estimate_norm(align.template(128), 128)
+    np.testing.assert_allclose(m, [[1, 0, 0], [0, 1, 0]], atol=1e-9)
+    np.testing.assert_array_equal(align.norm_crop(image, align.template(128), 128), image[:128, :128])
+    # 112 template points taken to 224: a pure 2x zoom, the same pixels cv2.warpAffine gives for that matrix
+    out = align.norm_crop(image, align.template(112), 224)
+    np.testing.assert_array_equal(out, cv2.warpAffine(image, np.array([[2.0, 0, 0], [0, 2.0, 0]]), (224, 224)))
+    with pytest.raises(ValueError, match="finite"):
+        align.estimate_norm(np.full((5, 2), np.nan))

@@ -1,4 +1,9 @@
-"""5-point similarity alignment onto the 112x112 ArcFace template (insightface's norm_crop, in numpy + OpenCV)."""
+"""5-point similarity alignment onto the ArcFace template: insightface's estimate_norm / norm_crop, in numpy + OpenCV.
+
+A size that is a multiple of 112 scales the 112 template; any other size follows insightface's rule for 128:
+the template scaled by size / 128 and moved right by 8 * size / 128 (insightface itself accepts only multiples
+of 112 or 128; the same formula serves the rest). The warp is bilinear with a black border, as insightface's.
+"""
 import cv2
 import numpy as np
 
@@ -10,7 +15,8 @@ ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 7
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """Least-squares similarity (rotation, uniform scale, translation) mapping src -> dst (Umeyama 1991).
 
-    Returns the 2x3 matrix for cv2.warpAffine.
+    Returns the 2x3 float64 matrix for cv2.warpAffine (skimage's SimilarityTransform.estimate, which insightface
+    uses, solves the same problem the same way).
     """
     src = np.asarray(src, np.float64)
     dst = np.asarray(dst, np.float64)
@@ -27,13 +33,29 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     var_s = (s ** 2).sum() / len(src)
     scale = (sig * np.diag(sign)).sum() / var_s
     t = mu_d - scale * rot @ mu_s
-    return np.hstack([scale * rot, t[:, None]]).astype(np.float32)
+    return np.hstack([scale * rot, t[:, None]])
 
 
-def align_face(image: np.ndarray, landmarks: np.ndarray, size: int = 112) -> np.ndarray:
-    """Warp `image` so its 5 landmarks land on the ArcFace template (scaled to `size`)."""
-    landmarks = np.asarray(landmarks, np.float32)
+def template(size: int = 112) -> np.ndarray:
+    """The 5 landmark positions in a size x size crop, in float32 arithmetic as insightface computes them."""
+    if size % 112 == 0:
+        return ARCFACE_TEMPLATE * np.float32(size / 112.0)
+    ratio = np.float32(size / 128.0)
+    dst = ARCFACE_TEMPLATE * ratio
+    dst[:, 0] += np.float32(8.0) * ratio
+    return dst
+
+
+def estimate_norm(landmarks: np.ndarray, size: int = 112) -> np.ndarray:
+    """The 2x3 matrix taking the 5 landmarks (eyes, nose, mouth corners; x, y) onto the template."""
+    landmarks = np.asarray(landmarks, np.float64)
     if landmarks.shape != (5, 2):
         raise ValueError(f"landmarks: expected shape (5, 2) (eyes, nose, mouth corners), got {landmarks.shape}")
-    matrix = similarity_transform(landmarks, ARCFACE_TEMPLATE * (size / 112.0))
-    return cv2.warpAffine(image, matrix, (size, size), borderValue=0.0)
+    if not np.isfinite(landmarks).all():
+        raise ValueError("landmarks: not all finite")
+    return similarity_transform(landmarks, template(size))
+
+
+def norm_crop(image: np.ndarray, landmarks: np.ndarray, size: int = 112) -> np.ndarray:
+    """The aligned size x size face crop, as insightface's norm_crop."""
+    return cv2.warpAffine(image, estimate_norm(landmarks, size), (size, size), borderValue=0.0)

@@ -104,6 +104,8 @@ def _add_data(sub):
     c = verbs.add_parser("folder2rec", help="image folder (one sub-folder per identity) -> insightface .rec/.idx")
     c.add_argument("src"), c.add_argument("dst_prefix", help="writes DST_PREFIX.rec and DST_PREFIX.idx")
     c.add_argument("--overwrite", action="store_true")
+    _add_detect_args(c, "the folder holds photos: align the largest face of each into DST_PREFIX.aligned/ "
+                        "(resumable, with its report) and pack those crops")
     c = verbs.add_parser("rec2folder", help="insightface .rec/.idx -> image folder")
     c.add_argument("src_prefix", help="PREFIX of PREFIX.rec/.idx (or the .rec path)"), c.add_argument("dst")
     c.add_argument("--overwrite", action="store_true")
@@ -153,8 +155,13 @@ def _run_data(args):
         stats = synth.generate(out, formats=tuple(args.formats.split(",")), overwrite=args.overwrite, **params)
         _print_stats(stats)
     elif args.data_verb == "folder2rec":
-        with reading(args.src):
-            _print_stats(convert.folder_to_rec(args.src, args.dst_prefix, overwrite=args.overwrite))
+        src = args.src
+        if args.detect:
+            src = f"{args.dst_prefix}.aligned"
+            with reading(args.src):
+                _print_stats(_align(args, args.src, src, overwrite=args.overwrite))
+        with reading(src):
+            _print_stats(convert.folder_to_rec(src, args.dst_prefix, overwrite=args.overwrite))
     elif args.data_verb == "rec2folder":
         with reading(args.src_prefix):
             _print_stats(convert.rec_to_folder(args.src_prefix, args.dst, overwrite=args.overwrite))
@@ -185,6 +192,50 @@ def _run_data(args):
 def _print_stats(stats: dict):
     for key, value in stats.items():
         print(f"{key}: {value}")
+
+
+def _add_detect_args(p, detect_help=None):
+    """The detector's options; `detect_help` adds --detect (the inputs are photos), else detection is the verb."""
+    if detect_help:
+        p.add_argument("--detect", action="store_true", help=detect_help)
+        p.add_argument("--detector", choices=["torch", "tf", "onnx"], help="runtime of the MTCNN nets (default: "
+                       "--framework where it is given, else torch)")
+    p.add_argument("--min-size", type=_bounded(float, 12.0), default=20.0,
+                   help="smallest face side searched, in photo pixels (default 20)")
+    p.add_argument("--min-score", type=_bounded(float, 0.0, 1.0), default=0.95,
+                   help="keep a face whose final (O-Net) score reaches this (default 0.95; docs/detect.md)")
+
+
+def _aligner(args, faces="largest", size=112):
+    from .detect.cascade import DetectParams
+    from .detect.faces import FaceAligner, load_detector_nets
+    framework = getattr(args, "detector", None) or getattr(args, "framework", None) or "torch"
+    return FaceAligner(load_detector_nets(framework), DetectParams(min_face_size=args.min_size),
+                       min_score=args.min_score, faces=faces, size=size)
+
+
+def _align(args, src, dst, overwrite, faces="largest", size=112) -> dict:
+    from .detect.align_folder import align_folder
+    return align_folder(src, dst, _aligner(args, faces, size), overwrite=overwrite)
+
+
+def _add_align(sub):
+    p = sub.add_parser("align", help="photos -> aligned face crops (MTCNN + insightface's 5-point alignment), "
+                                     "same folder tree, with landmarks.json and a report of photos without a face")
+    p.add_argument("src", help="folder of photos (any size; jpg, png, webp, bmp), searched recursively")
+    p.add_argument("dst", help="output folder; a re-run into it resumes, skipping photos already done")
+    p.add_argument("--faces", choices=["largest", "all"], default="largest",
+                   help="crop the largest face of each photo (default) or every face, as STEM_K.jpg by score")
+    p.add_argument("--size", type=_bounded(int, 16), default=112, help="crop side (default 112; docs/detect.md)")
+    p.add_argument("--framework", choices=["torch", "tf", "onnx"], default="torch",
+                   help="runtime of the MTCNN nets (default torch)")
+    p.add_argument("--overwrite", action="store_true", help="start over in DST (only a twinface align output)")
+    _add_detect_args(p)
+
+
+def _run_align(args):
+    with reading(args.src):
+        _print_stats(_align(args, args.src, args.dst, args.overwrite, args.faces, args.size))
 
 
 def _add_eval(sub):
@@ -281,6 +332,8 @@ def _add_embed(sub):
                                                     "paths (one a line)")
     p.add_argument("--out", required=True, help="output .npy; the image paths go to a .names.txt beside it")
     p.add_argument("--raw", action="store_true", help="keep raw vectors (default: L2-normalised)")
+    _add_detect_args(p, "the images are photos: embed the largest face of each (detected, aligned); photos "
+                        "without one are listed on stderr and left out")
 
 
 def _image_paths(spec: str):
@@ -310,54 +363,76 @@ def _load_embedder(args):
                              num_features=args.num_features)
 
 
-def _embed_paths(embed, paths, flip: bool, batch_size: int, verb: str, progress: bool = True):
-    """Embeddings (raw, flip-summed when `flip`) of image files, decoded batch by batch. Images that are not
-    square are squashed to 112x112 like the others, and said so on stderr: they are not aligned crops."""
+def _embed_paths(embed, paths, flip: bool, batch_size: int, verb: str, progress: bool = True, aligner=None):
+    """(embeddings, paths embedded): raw, flip-summed when `flip`, of image files decoded batch by batch. With an
+    aligner each file is a photo and its largest face is embedded; photos without one are left out. Without,
+    images that are not square are squashed to 112x112 like the others, and said so on stderr: they are not
+    aligned crops."""
     import numpy as np
     from tqdm import tqdm
     from .data.images import read_image
     from .data.transforms import hflip, resize
-    chunks, squashed = [], []
+    chunks, squashed, kept, faceless = [], [], [], []
     for start in tqdm(range(0, len(paths), batch_size), desc="embed", unit="batch", disable=not progress):
         images = []
         for path in paths[start:start + batch_size]:
             image = read_image(path)
-            if image.shape[0] != image.shape[1]:
+            if aligner:
+                faces, below = aligner.find(image)
+                if not len(faces):
+                    faceless.append(f"{path} ({f'{below} below --min-score' if below else 'no face'})")
+                    continue
+                image = aligner.crops(image, faces)[0]
+            elif image.shape[0] != image.shape[1]:
                 squashed.append(f"{path} ({image.shape[1]}x{image.shape[0]})")
             images.append(resize(image, 112))
-        images = np.stack(images)
-        emb = np.asarray(embed(images), np.float32)
-        chunks.append(emb + np.asarray(embed(hflip(images)), np.float32) if flip else emb)
+            kept.append(path)
+        if images:
+            images = np.stack(images)
+            emb = np.asarray(embed(images), np.float32)
+            chunks.append(emb + np.asarray(embed(hflip(images)), np.float32) if flip else emb)
     if squashed:
         print(f"twinface {verb}: warning: {len(squashed)} of {len(paths)} images are not square and were squashed "
-              f"to 112x112, aspect ratio lost, so their embeddings are unreliable; align the faces first. "
-              f"E.g. {', '.join(squashed[:3])}", file=sys.stderr)
-    return np.concatenate(chunks)
+              f"to 112x112, aspect ratio lost, so their embeddings are unreliable; align the faces first "
+              f"(twinface align, or --detect). E.g. {', '.join(squashed[:3])}", file=sys.stderr)
+    if faceless:
+        print(f"twinface {verb}: {len(faceless)} of {len(paths)} photos have no face and are left out: "
+              f"{', '.join(faceless)}", file=sys.stderr)
+    if not chunks:
+        raise ValueError(f"no face found in any of the {len(paths)} photos")
+    return np.concatenate(chunks), kept
 
 
 def _run_embed(args):
     from .eval.embeddings import l2_normalize, save_embeddings
     paths = _image_paths(args.images)
     embed = _load_embedder(args)
-    emb = _embed_paths(embed, paths, not args.no_flip, args.batch_size, args.verb)
+    aligner = _aligner(args) if args.detect else None
+    emb, paths = _embed_paths(embed, paths, not args.no_flip, args.batch_size, args.verb, aligner=aligner)
     out = save_embeddings(args.out, emb if args.raw else l2_normalize(emb), names=paths)
     print(f"wrote {out}: {emb.shape[0]} embeddings of dimension {emb.shape[1]}")
 
 
 def _add_verify(sub):
-    p = sub.add_parser("verify", help="same person or not: similarity of two aligned face images")
+    p = sub.add_parser("verify", help="same person or not: similarity of two aligned face images (or photos, --detect)")
     _add_model_args(p)
     p.add_argument("images", nargs=2, metavar="IMAGE")
     p.add_argument("--threshold", type=_bounded(float, 0.0, 4.0), default=1.4,
                    help="same person when the squared L2 distance of the normalised embeddings is below this "
                         "(0 to 4; insightface's protocol; `twinface eval` prints the best one per set). Default 1.4")
+    _add_detect_args(p, "the images are photos: compare their largest faces (detected, aligned)")
 
 
 def _run_verify(args):
     import numpy as np
     from .eval.embeddings import l2_normalize
     embed = _load_embedder(args)
-    a, b = l2_normalize(_embed_paths(embed, list(args.images), not args.no_flip, 2, args.verb, progress=False))
+    aligner = _aligner(args) if args.detect else None
+    emb, kept = _embed_paths(embed, list(args.images), not args.no_flip, 2, args.verb, progress=False, aligner=aligner)
+    if len(kept) < 2:
+        missing = [p for p in args.images if p not in kept]
+        raise ValueError(f"{missing[0]}: no face found (see --min-size, --min-score); cannot compare")
+    a, b = l2_normalize(emb)
     cos = float(np.dot(a, b))
     dist = float(np.sum((a - b) ** 2))
     same = dist < args.threshold
@@ -442,7 +517,8 @@ def _run_bench(args):
     return run(args)
 
 
-VERBS = {"train": (_add_train, _run_train), "convert": (_add_convert, _run_convert), "bench": (_add_bench, _run_bench), "embed": (_add_embed, _run_embed), "verify": (_add_verify, _run_verify),
+VERBS = {"train": (_add_train, _run_train), "convert": (_add_convert, _run_convert), "bench": (_add_bench, _run_bench),
+         "embed": (_add_embed, _run_embed), "verify": (_add_verify, _run_verify), "align": (_add_align, _run_align),
          "data": (_add_data, _run_data), "eval": (_add_eval, _run_eval), "export": (_add_export, _run_export),
          "parity": (_add_parity, _run_parity)}
 
