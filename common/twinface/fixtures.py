@@ -96,6 +96,16 @@ def mtcnn_state_dicts() -> dict:
     return out
 
 
+def mtcnn_onnx_dir() -> str:
+    """The directory holding pnet.onnx, rnet.onnx and onet.onnx, which fetch() exports from the torch twin."""
+    path = os.path.join(fixture_dir(), "mtcnn", "onnx")
+    missing = [net for net in MTCNN_NETS if not os.path.isfile(os.path.join(path, f"{net}.onnx"))]
+    if missing:
+        raise FileNotFoundError(f"{os.path.join(path, missing[0] + '.onnx')}: MTCNN ONNX graph missing; export "
+                                f"them with `make setup` (or `{sys.executable} -m twinface.fixtures`)")
+    return path
+
+
 def _sha256_file(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -166,6 +176,10 @@ def fetch(refetch: bool = False, log=print) -> str:
             _write(os.path.join(root, name), data[member])
     if refetch or not os.path.isfile(os.path.join(root, "mtcnn", "weights.npz")):
         _write_weights_npz(root)
+    onnx_dir = os.path.join(root, "mtcnn", "onnx")
+    if refetch or not all(os.path.isfile(os.path.join(onnx_dir, f"{net}.onnx")) for net in MTCNN_NETS):
+        from twinface_torch.mtcnn import export_onnx          # setup has torch; the graphs come from its twin
+        export_onnx(onnx_dir)
     log(f"fixtures: {len(_expected())} files checked in {root}")
     return root
 

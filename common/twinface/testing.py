@@ -445,3 +445,42 @@ def subcentre_reference(embeddings, weight, labels, subcenters, head, s=64.0):
     cos = np.clip(unit(embeddings) @ unit(weight).T, -1, 1).reshape(len(labels), -1, subcenters).max(axis=2)
     cos[rows, labels] = SUBCENTRE_TARGETS[head](cos[rows, labels])
     return s * cos
+
+
+# -- MTCNN, for both twins' tests ----------------------------------------------------------------------------------
+PNET_SIZES = ((12, 12), (13, 17), (37, 50), (50, 37))   # odd and even sides: ceil-mode pooling pads or does not
+
+
+def check_mtcnn_shapes(nets) -> None:
+    """The detector-nets interface's shapes (twinface.detect.nets) on odd and even PNet sizes, probabilities in
+    [0, 1]; floor-mode pooling would give one cell fewer on the odd sides."""
+    rng = np.random.default_rng(0)
+    for h, w in PNET_SIZES:
+        prob, offsets = nets.pnet(rng.uniform(-1, 1, (2, h, w, 3)).astype(np.float32))
+        cells = tuple(-(-(side - 2) // 2) - 4 for side in (h, w))
+        assert prob.shape == (2, *cells) and offsets.shape == (2, *cells, 4), (h, w, prob.shape, offsets.shape)
+        assert 0 <= prob.min() and prob.max() <= 1
+    for stage, size, widths in (("rnet", 24, (4,)), ("onet", 48, (4, 10))):
+        prob, *rest = getattr(nets, stage)(rng.uniform(-1, 1, (3, size, size, 3)).astype(np.float32))
+        assert prob.shape == (3,) and [r.shape for r in rest] == [(3, k) for k in widths], stage
+
+
+def check_mtcnn_strict_loading(load_nets) -> None:
+    """A missing, an extra or a wrong-shaped tensor is refused in one line naming it (and both shapes)."""
+    import pytest
+    from .fixtures import mtcnn_state_dicts
+
+    def altered(net, change):
+        state = mtcnn_state_dicts()
+        change(state[net])
+        return state
+
+    with pytest.raises(ValueError, match=r"^mtcnn rnet: tensor 'dense4\.bias' is missing"):
+        load_nets(altered("rnet", lambda s: s.pop("dense4.bias")))
+    with pytest.raises(ValueError, match=r"^mtcnn onet: unexpected tensor 'dense7\.weight'"):
+        load_nets(altered("onet", lambda s: s.update({"dense7.weight": np.zeros((1, 256), np.float32)})))
+    for net, name, shape, expected in (("pnet", "prelu1.weight", (11,), (10,)),
+                                       ("rnet", "dense4.weight", (128, 575), (128, 576))):
+        with pytest.raises(ValueError) as error:
+            load_nets(altered(net, lambda s: s.update({name: np.zeros(shape, np.float32)})))
+        assert str(error.value) == f"mtcnn {net}: tensor '{name}' has shape {shape}, the net expects {expected}"

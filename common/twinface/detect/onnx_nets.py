@@ -1,0 +1,39 @@
+"""The detector-nets interface (twinface.detect.nets) over onnxruntime, framework-neutral: the three graphs
+twinface_torch.mtcnn.export_onnx writes (NHWC in, the interface's outputs), which `make setup` exports to
+twinface.fixtures.mtcnn_onnx_dir()."""
+import os
+
+import numpy as np
+
+from twinface.fixtures import MTCNN_NETS as NETS
+
+
+class OnnxDetectorNets:
+    name = "onnx"
+
+    def __init__(self, onnx_dir: str, threads: int = 0):
+        """`threads`: onnxruntime's intra-op threads (0: its default, one per core)."""
+        import onnxruntime as ort
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.sessions = {}
+        for name in NETS:
+            path = os.path.join(onnx_dir, f"{name}.onnx")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path}: MTCNN {name} graph missing; write the three with "
+                                        f"twinface_torch.mtcnn.export_onnx (make setup puts them in "
+                                        f"twinface.fixtures.mtcnn_onnx_dir())")
+            self.sessions[name] = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+    def _run(self, name, x):
+        session = self.sessions[name]
+        return tuple(session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(x, np.float32)}))
+
+    def pnet(self, images):
+        return self._run("pnet", images)
+
+    def rnet(self, crops):
+        return self._run("rnet", crops)
+
+    def onet(self, crops):
+        return self._run("onet", crops)
