@@ -78,15 +78,22 @@ def _open_destination(dst: str, settings: dict, overwrite: bool) -> dict:
 
 
 def _read_journal(path: str) -> dict:
+    """The finished photos' entries. A line a kill cut short is cut off (its photo is redone), so that the next
+    entry appended starts on a line of its own."""
     entries = {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:       # the line a kill cut short: that photo is redone
-                    continue
-                entries[entry["photo"]] = entry
+    if not os.path.isfile(path):
+        return entries
+    with open(path, "rb+") as f:
+        data = f.read()
+        whole = data[:data.rfind(b"\n") + 1]
+        if len(whole) < len(data):
+            f.truncate(len(whole))
+    for line in whole.decode("utf-8", "replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        entries[entry["photo"]] = entry
     return entries
 
 
@@ -138,6 +145,8 @@ def align_folder(src: str, dst: str, aligner: FaceAligner, overwrite: bool = Fal
     # an existing dst is resumed (or, with overwrite, replaced) only when twinface align wrote it
     dst = atomic.check_destination(dst, overwrite=True, directory=True, inputs=[src],
                                    what="a twinface align output (it holds no .twinface-output)")
+    if (os.path.realpath(dst) + os.sep).startswith(os.path.realpath(src).rstrip(os.sep) + os.sep):
+        raise ValueError(f"{dst}: inside the photo folder {src}; its crops would be taken for photos next time")
     done = _open_destination(dst, settings_of(aligner), overwrite)
     current = set(photos)
     for rel, entry in done.items():                # crops of photos gone from src, or changed since
