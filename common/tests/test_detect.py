@@ -216,3 +216,31 @@ def test_cli_align_and_folder2rec_detect(photos, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "num_images: 2" in out and os.path.isfile(tmp_path / "train.rec")
     assert os.path.isfile(tmp_path / "train.aligned" / REPORT)
+
+
+# -- photos straight to embeddings ---------------------------------------------------------------------------------
+def test_embed_and_verify_photos_with_detect(tmp_path, capsys, aligner):
+    from twinface.embedders import OnnxEmbedder
+    from twinface.eval.embeddings import l2_normalize, load_embeddings
+    from twinface.testing import pool_onnx
+    model = pool_onnx(tmp_path / "pool.onnx")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("obama.jpg", "biden.jpg"):
+        shutil.copy(fixtures.photo(name), photos / name)
+    (photos / "wall.png").write_bytes(encode_image(np.full((200, 300, 3), 128, np.uint8), ".png"))
+    cli.main(["embed", "--weights", model, "--images", str(photos), "--out", str(tmp_path / "emb"), "--detect"])
+    captured = capsys.readouterr()
+    assert "1 of 3 photos have no face" in captured.err and "wall.png (no face)" in captured.err
+    emb, names = load_embeddings(str(tmp_path / "emb.npy"))
+    assert [os.path.basename(n) for n in names] == ["biden.jpg", "obama.jpg"]
+    # the embedding is that of the aligned crop (flip-summed), not of the photo
+    image = read_image(photos / "obama.jpg")
+    crop = aligner.crops(image, aligner.find(image)[0])[0][None]
+    embed = OnnxEmbedder(model)
+    np.testing.assert_allclose(emb[1], l2_normalize(embed(crop) + embed(crop[:, :, ::-1]))[0], atol=1e-5)
+
+    cli.main(["verify", "--weights", model, str(photos / "obama.jpg"), str(photos / "obama.jpg"), "--detect"])
+    assert "cosine similarity 1.0000" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"wall\.png: no face found \(see --min-size, --min-score\)"):
+        cli.main(["verify", "--weights", model, str(photos / "obama.jpg"), str(photos / "wall.png"), "--detect"])

@@ -198,8 +198,8 @@ def _add_detect_args(p, detect_help=None):
     """The detector's options; `detect_help` adds --detect (the inputs are photos), else detection is the verb."""
     if detect_help:
         p.add_argument("--detect", action="store_true", help=detect_help)
-        p.add_argument("--detector", choices=["torch", "tf", "onnx"], help="runtime of the MTCNN nets (default: "
-                       "--framework where it is given, else torch)")
+        p.add_argument("--detector", choices=["torch", "tf", "onnx"], help="runtime of the MTCNN nets (default: the "
+                       "model's framework; torch for folder2rec)")
     p.add_argument("--min-size", type=_bounded(float, 12.0), default=20.0,
                    help="smallest face side searched, in photo pixels (default 20)")
     p.add_argument("--min-score", type=_bounded(float, 0.0, 1.0), default=0.95,
@@ -209,8 +209,11 @@ def _add_detect_args(p, detect_help=None):
 def _aligner(args, faces="largest", size=112):
     from .detect.cascade import DetectParams
     from .detect.faces import FaceAligner, load_detector_nets
-    framework = getattr(args, "detector", None) or getattr(args, "framework", None) or "torch"
-    return FaceAligner(load_detector_nets(framework), DetectParams(min_face_size=args.min_size),
+    framework = getattr(args, "detector", None) or getattr(args, "framework", None)
+    if not framework and getattr(args, "weights", None):      # embed / verify: the runtime the model runs in
+        from .embedders import detect_framework
+        framework = detect_framework(args.weights)
+    return FaceAligner(load_detector_nets(framework or "torch"), DetectParams(min_face_size=args.min_size),
                        min_score=args.min_score, faces=faces, size=size)
 
 

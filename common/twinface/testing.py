@@ -484,3 +484,22 @@ def check_mtcnn_strict_loading(load_nets) -> None:
         with pytest.raises(ValueError) as error:
             load_nets(altered(net, lambda s: s.update({name: np.zeros(shape, np.float32)})))
         assert str(error.value) == f"mtcnn {net}: tensor '{name}' has shape {shape}, the net expects {expected}"
+
+
+def check_verify_photos(tmp_path, capsys, monkeypatch, framework: str, save_weights) -> None:
+    """`twinface verify a.jpg b.jpg --detect --weights <backbone>` end to end in one twin: MTCNN of the same
+    framework as the weights finds and aligns the faces, the backbone (`save_weights(path)` writes a fresh mbf)
+    embeds them, and the verdict line comes out."""
+    import re
+    from . import cli, fixtures
+    from .detect import faces
+    used = []
+    load = faces.load_detector_nets
+    monkeypatch.setattr(faces, "load_detector_nets", lambda name: used.append(name) or load(name))
+    weights = save_weights(str(tmp_path / ("mbf.pth" if framework == "torch" else "mbf.weights.h5")))
+    cli.main(["verify", "--weights", weights, "--arch", "mbf", fixtures.photo("obama.jpg"),
+              fixtures.photo("obama2.jpg"), "--detect"])
+    out = capsys.readouterr().out
+    assert used == [framework]
+    assert re.fullmatch(r"cosine similarity -?\d\.\d{4}, squared L2 distance \d\.\d{4} \(threshold 1\.4\): "
+                        r"(SAME person|DIFFERENT people)\n", out), out
