@@ -143,11 +143,9 @@ def _download(spec: str, filename: str, sha: str, flags: list, scratch: str) -> 
 def _write_weights_npz(root: str) -> None:
     """mtcnn/weights.npz from the three .pt state dicts (torch.load(weights_only=True): tensors only), so that
     neither twin needs the other's framework to read the detector."""
-    import torch
-    arrays = {}
-    for net in MTCNN_NETS:
-        state = torch.load(os.path.join(root, "mtcnn", f"{net}.pt"), map_location="cpu", weights_only=True)
-        arrays.update({f"{net}/{k}": v.numpy().astype(np.float32) for k, v in state.items()})
+    from twinface_torch.mtcnn import read_state_dict    # setup has torch; common never imports it itself
+    arrays = {f"{net}/{k}": v for net in MTCNN_NETS
+              for k, v in read_state_dict(os.path.join(root, "mtcnn", f"{net}.pt")).items()}
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     _write(os.path.join(root, "mtcnn", "weights.npz"), buffer.getvalue())
