@@ -65,6 +65,93 @@ def test_params_refuse_nonsense():
         cascade.DetectParams(scale_factor=1.2)
 
 
+# -- the original's arithmetic, written independently in its own 1-based conventions ---------------------------
+def _original_nms(b, threshold, method):
+    x1, y1, x2, y2, score = b.T[:5]
+    area, order, pick = (x2 - x1 + 1) * (y2 - y1 + 1), np.argsort(-b[:, 4], kind="stable"), []
+    while order.size:
+        i, rest = order[0], order[1:]
+        pick.append(i)
+        w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + 1)
+        h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + 1)
+        inter = w * h
+        overlap = inter / (np.minimum(area[i], area[rest]) if method == "min" else area[i] + area[rest] - inter)
+        order = rest[overlap <= threshold]
+    return np.array(pick, int)
+
+
+def _original_bbreg(b, reg):
+    w, h = b[:, 2] - b[:, 0] + 1, b[:, 3] - b[:, 1] + 1
+    return np.concatenate([b[:, :4] + reg * np.stack([w, h, w, h], 1), b[:, 4:5]], 1)
+
+
+def _original_rerec(b):
+    w, h = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+    side = np.maximum(w, h)
+    x1, y1 = b[:, 0] + w * 0.5 - side * 0.5, b[:, 1] + h * 0.5 - side * 0.5
+    return np.concatenate([np.stack([x1, y1, x1 + side, y1 + side], 1), b[:, 4:5]], 1)
+
+
+def _original_crops(img, b, size):
+    height, width = img.shape[:2]
+    out = np.zeros((len(b), size, size, 3), np.uint8)
+    for k, (x1, y1, x2, y2) in enumerate(b[:, :4].astype(np.int64)):      # 1-based, inclusive
+        tmp = np.zeros((y2 - y1 + 1, x2 - x1 + 1, 3), np.uint8)
+        sx1, sy1, sx2, sy2 = max(x1, 1), max(y1, 1), min(x2, width), min(y2, height)
+        tmp[sy1 - y1:sy2 - y1 + 1, sx1 - x1:sx2 - x1 + 1] = img[sy1 - 1:sy2, sx1 - 1:sx2]
+        out[k] = cv2.resize(tmp, (size, size), interpolation=cv2.INTER_AREA)
+    return out
+
+
+def _original_detect(img, nets, minsize=20.0, th=(0.6, 0.7, 0.7), factor=0.709):
+    """MTCNN's detect_face as its MATLAB release and facenet's port compute it: boxes (1-based, inclusive) with
+    scores, and landmarks (0-based)."""
+    from twinface.detect.nets import normalise
+    h, w = img.shape[:2]
+    scale, short, found = 12.0 / minsize, min(h, w) * 12.0 / minsize, []
+    while short >= 12:
+        im = cv2.resize(img, (int(np.ceil(w * scale)), int(np.ceil(h * scale))), interpolation=cv2.INTER_AREA)
+        prob, off = (o[0] for o in nets.pnet(normalise(im)[None]))
+        ys, xs = np.where(prob >= th[0])
+        cell = np.stack([xs, ys], 1).astype(float)
+        b = np.hstack([np.fix((2 * cell + 1) / scale), np.fix((2 * cell + 12) / scale), prob[ys, xs][:, None],
+                       off[ys, xs]])
+        found.append(b[_original_nms(b, 0.5, "union")])
+        scale, short = scale * factor, short * factor
+    b = np.concatenate(found)
+    b = b[_original_nms(b, 0.7, "union")]
+    rw, rh = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+    b = np.concatenate([b[:, :4] + b[:, 5:9] * np.stack([rw, rh, rw, rh], 1), b[:, 4:5]], 1)
+    b[:, :4] = np.fix(_original_rerec(b)[:, :4])
+    prob, off = nets.rnet(normalise(_original_crops(img, b, 24)))
+    ok = prob > th[1]
+    b, off = np.hstack([b[ok, :4], prob[ok][:, None]]), off[ok]
+    pick = _original_nms(b, 0.7, "union")
+    b = _original_rerec(_original_bbreg(b[pick], off[pick]))
+    b[:, :4] = np.fix(b[:, :4])
+    prob, off, points = nets.onet(normalise(_original_crops(img, b, 48)))
+    ok = prob > th[2]
+    b, off, points = np.hstack([b[ok, :4], prob[ok][:, None]]), off[ok], points[ok]
+    bw, bh = b[:, 2] - b[:, 0] + 1, b[:, 3] - b[:, 1] + 1
+    landmarks = np.stack([bw[:, None] * points[:, :5] + b[:, 0:1] - 1, bh[:, None] * points[:, 5:] + b[:, 1:2] - 1], 2)
+    b = _original_bbreg(b, off)
+    pick = _original_nms(b, 0.7, "min")
+    return b[pick], landmarks[pick]
+
+
+@pytest.mark.parametrize("name", ["t1.jpg", "obama.jpg", "biden.jpg"])
+def test_cascade_computes_what_the_original_computes(nets, name):
+    """Same faces, boxes (the original's 1-based inclusive corners (a, b, c, d) are (a - 1, b - 1, c, d) here)
+    and landmarks as the original MTCNN arithmetic on the same nets."""
+    image = read_image(fixtures.photo(name))
+    faces = cascade.detect_faces(image, nets)
+    boxes, landmarks = _original_detect(image, nets)
+    assert len(faces) == len(boxes) >= 1
+    np.testing.assert_allclose(faces.boxes, boxes[:, :4] - [1, 1, 0, 0], atol=1e-3)
+    np.testing.assert_allclose(faces.scores, boxes[:, 4], atol=1e-6)
+    np.testing.assert_allclose(faces.landmarks, landmarks, atol=1e-3)
+
+
 # -- real photos ---------------------------------------------------------------------------------------------------
 def _check_landmarks(faces):
     for box, points in zip(faces.boxes, faces.landmarks):
@@ -78,7 +165,7 @@ def _check_landmarks(faces):
 def test_group_photo_every_face_found_once(nets):
     image = read_image(fixtures.photo("t1.jpg"))
     faces, below = FaceAligner(nets, faces="all").find(image)
-    assert len(faces) == 6 and below >= 1          # the original thresholds also pass a few non-faces
+    assert len(faces) == 6 and below == 0
     for cx, cy in T1_FACES:
         inside = [(b[0] < cx < b[2]) and (b[1] < cy < b[3]) for b in faces.boxes]
         assert sum(inside) == 1, (cx, cy, faces.boxes)
@@ -244,3 +331,82 @@ def test_embed_and_verify_photos_with_detect(tmp_path, capsys, aligner):
     assert "cosine similarity 1.0000" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"wall\.png: no face found \(see --min-size, --min-score\)"):
         cli.main(["verify", "--weights", model, str(photos / "obama.jpg"), str(photos / "wall.png"), "--detect"])
+
+
+# -- what review found: nothing of the user's touched, nothing lost silently ---------------------------------------
+def test_align_never_takes_another_twinface_output_for_its_own(photos, tmp_path, aligner):
+    """A rec2folder output carries twinface's marker too: align must refuse it, with or without --overwrite."""
+    theirs = tmp_path / "trainset"
+    (theirs / "00000").mkdir(parents=True)
+    (theirs / ".twinface-output").write_text(json.dumps({"writer": "twinface data rec2folder"}))
+    (theirs / "00000" / "000000.jpg").write_bytes(b"user data")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="not a twinface align output"):
+            align_folder(str(photos), str(theirs), aligner, overwrite=overwrite, progress=False)
+    assert (theirs / "00000" / "000000.jpg").read_bytes() == b"user data"
+
+
+def test_align_reports_hidden_files_follows_linked_folders_and_survives_unreadable_entries(tmp_path, aligner):
+    src, other = tmp_path / "photos", tmp_path / "elsewhere"
+    (src / "alice").mkdir(parents=True)
+    other.mkdir()
+    shutil.copy(fixtures.photo("obama2.jpg"), src / "alice" / "a.jpg")
+    shutil.copy(fixtures.photo("obama2.jpg"), src / "alice" / ".b.jpg")
+    shutil.copy(fixtures.photo("biden.jpg"), other / "c.jpg")
+    os.symlink(other, src / "bob")                              # a linked identity folder
+    os.symlink(src, src / "alice" / "loop")                     # a link back up the tree: walked once
+    os.symlink(tmp_path / "nowhere.jpg", src / "alice" / "gone.jpg")
+    (src / "alice" / "tab\there.txt").write_text("x")
+    stats = align_folder(str(src), str(tmp_path / "out"), aligner, progress=False)
+    assert stats["crops"] == 2 and stats["hidden"] == 1 and stats["unreadable"] == 1
+    assert (tmp_path / "out" / "bob" / "c.jpg").is_file()
+    report = (tmp_path / "out" / REPORT).read_text().splitlines()
+    assert report[1:] == ["alice/.b.jpg\thidden\ta hidden file or folder (name starts with '.'): not read",
+                          "alice/gone.jpg\tunreadable\tNo such file or directory",
+                          "alice/tab\\there.txt\tnot_a_photo\textension not one of .jpg, .jpeg, .png, .bmp, .webp"]
+
+
+def test_align_resume_trusts_the_disk_not_only_the_journal(tmp_path, aligner):
+    src, dst = tmp_path / "photos", tmp_path / "out"
+    (src / "x").mkdir(parents=True)
+    shutil.copy(fixtures.photo("t1.jpg"), src / "x" / "group.jpg")
+    shutil.copy(fixtures.photo("obama2.jpg"), src / "x" / "a.jpg")
+    all_faces = FaceAligner(aligner.nets, faces="all")
+    align_folder(str(src), str(dst), all_faces, progress=False)
+    # a kill between group.jpg's crops and its journal line, then group.jpg removed: its crops must go
+    lines = (dst / JOURNAL).read_text().splitlines()
+    (dst / JOURNAL).write_text("\n".join(line for line in lines if "group.jpg" not in line) + "\n")
+    os.remove(src / "x" / "group.jpg")
+    align_folder(str(src), str(dst), all_faces, progress=False)
+    assert sorted(os.listdir(dst / "x")) == ["a_0.jpg"]
+    # a crop deleted by hand: its photo is redone, not listed with a missing crop
+    os.remove(dst / "x" / "a_0.jpg")
+    stats = align_folder(str(src), str(dst), all_faces, progress=False)
+    assert stats["resumed"] == 0 and (dst / "x" / "a_0.jpg").is_file()
+    # a destination holding only align's marker (a kill before its settings were written) starts afresh
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / ".twinface-output").write_text(json.dumps({"writer": "twinface align"}))
+    assert align_folder(str(src), str(fresh), all_faces, progress=False)["crops"] == 1
+
+
+def test_align_names_what_differs_and_what_was_too_small(photos, tmp_path, aligner):
+    dst = tmp_path / "out"
+    align_folder(str(photos), str(dst), aligner, progress=False)
+    with pytest.raises(FileExistsError, match=r"other settings \(size 112 -> 224\); pass --overwrite"):
+        align_folder(str(photos), str(dst), FaceAligner(aligner.nets, size=224), progress=False)
+    params = cascade.DetectParams(min_face_size=2000)
+    align_folder(str(photos), str(tmp_path / "big"), FaceAligner(aligner.nets, params), progress=False)
+    report = (tmp_path / "big" / REPORT).read_text()
+    assert "obama/obama.jpg\tno_face\t910x1137 photo is smaller than the minimum face size 2000" in report
+
+
+def test_folder2rec_detect_checks_the_rec_first_and_keeps_the_alignment(photos, tmp_path, capsys):
+    os.remove(photos / "group" / "t1.jpg")
+    args = ["data", "folder2rec", str(photos), str(tmp_path / "train"), "--detect", "--detector", "onnx"]
+    cli.main(args)
+    with pytest.raises(SystemExit, match=r"train\.idx: already exists; pass --overwrite"):
+        cli.main(args)
+    capsys.readouterr()
+    cli.main(args + ["--overwrite"])
+    assert "resumed: 4" in capsys.readouterr().out

@@ -156,10 +156,15 @@ def _run_data(args):
         _print_stats(stats)
     elif args.data_verb == "folder2rec":
         src = args.src
-        if args.detect:
+        if args.detect:       # the .rec is checked first; the crops are kept (and resumed) unless settings changed
+            from .atomic import check_destination
+            from .data.recordio import is_recordio
+            for path in (f"{args.dst_prefix}.idx", f"{args.dst_prefix}.rec"):
+                check_destination(path, overwrite=args.overwrite, recognise=is_recordio, what="a RecordIO file",
+                                  inputs=[args.src])
             src = f"{args.dst_prefix}.aligned"
             with reading(args.src):
-                _print_stats(_align(args, args.src, src, overwrite=args.overwrite))
+                _print_stats(_align(args, args.src, src, overwrite="stale" if args.overwrite else "no"))
         with reading(src):
             _print_stats(convert.folder_to_rec(src, args.dst_prefix, overwrite=args.overwrite))
     elif args.data_verb == "rec2folder":
@@ -196,14 +201,16 @@ def _print_stats(stats: dict):
 
 def _add_detect_args(p, detect_help=None):
     """The detector's options; `detect_help` adds --detect (the inputs are photos), else detection is the verb."""
+    from .detect import DEFAULT_MIN_SCORE, FRAMEWORKS
     if detect_help:
         p.add_argument("--detect", action="store_true", help=detect_help)
-        p.add_argument("--detector", choices=["torch", "tf", "onnx"], help="runtime of the MTCNN nets (default: the "
+        p.add_argument("--detector", choices=FRAMEWORKS, help="runtime of the MTCNN nets (default: the "
                        "model's framework; torch for folder2rec)")
     p.add_argument("--min-size", type=_bounded(float, 12.0), default=20.0,
                    help="smallest face side searched, in photo pixels (default 20)")
-    p.add_argument("--min-score", type=_bounded(float, 0.0, 1.0), default=0.95,
-                   help="keep a face whose final (O-Net) score reaches this (default 0.95; docs/detect.md)")
+    p.add_argument("--min-score", type=_bounded(float, 0.0, 1.0), default=DEFAULT_MIN_SCORE,
+                   help=f"keep a face whose final (O-Net) score reaches this (default {DEFAULT_MIN_SCORE}; "
+                        "docs/detect.md)")
 
 
 def _aligner(args, faces="largest", size=112):
@@ -223,14 +230,16 @@ def _align(args, src, dst, overwrite, faces="largest", size=112) -> dict:
 
 
 def _add_align(sub):
+    from .detect import FACE_MODES, FRAMEWORKS, MAX_CROP_SIZE
     p = sub.add_parser("align", help="photos -> aligned face crops (MTCNN + insightface's 5-point alignment), "
                                      "same folder tree, with landmarks.json and a report of photos without a face")
     p.add_argument("src", help="folder of photos (any size; jpg, png, webp, bmp), searched recursively")
     p.add_argument("dst", help="output folder; a re-run into it resumes, skipping photos already done")
-    p.add_argument("--faces", choices=["largest", "all"], default="largest",
+    p.add_argument("--faces", choices=FACE_MODES, default="largest",
                    help="crop the largest face of each photo (default) or every face, as STEM_K.jpg by score")
-    p.add_argument("--size", type=_bounded(int, 16), default=112, help="crop side (default 112; docs/detect.md)")
-    p.add_argument("--framework", choices=["torch", "tf", "onnx"], default="torch",
+    p.add_argument("--size", type=_bounded(int, 16, MAX_CROP_SIZE), default=112,
+                   help="crop side (default 112; docs/detect.md)")
+    p.add_argument("--framework", choices=FRAMEWORKS, default="torch",
                    help="runtime of the MTCNN nets (default torch)")
     p.add_argument("--overwrite", action="store_true", help="start over in DST (only a twinface align output)")
     _add_detect_args(p)

@@ -1,9 +1,12 @@
 """The MTCNN cascade (Zhang et al. 2016), written once in numpy; the twins only run the three nets (nets.py).
 
 P-Net scans an image pyramid for 12x12 face windows; R-Net (24x24) and O-Net (48x48) re-score, refine the
-boxes and O-Net adds five landmarks. Boxes are continuous pixel coordinates (x1, y1, x2, y2) with x2, y2
-exclusive, so a box's side is x2 - x1: the original's inclusive integer boxes (side x2 - x1 + 1) are the same
-windows. Crops for R-Net and O-Net are cut at integer corners, zero outside the image, as the original does.
+boxes and O-Net adds five landmarks. The arithmetic is the original's (Zhang et al.'s MATLAB release, as
+facenet's detect_face.py carries it), quirks included, written in 0-based coordinates: a box here is
+(x1, y1, x2, y2) with x2, y2 exclusive, i.e. the original's 1-based inclusive box (a, b, c, d) is
+(a - 1, b - 1, c, d) here, and the original's side c - a + 1 is x2 - x1. Its quirks: P-Net windows start at
+floor((2j + 1) / scale) (1-based), the first regression scales by the side minus one, and boxes are truncated to
+integers (np.fix, 1-based) before R-Net and O-Net crop them and before the landmarks are decoded.
 """
 from dataclasses import dataclass, field
 
@@ -84,10 +87,16 @@ def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, mode: str = "un
     return np.asarray(keep, np.int64)
 
 
-def regress(boxes: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Boxes moved by the nets' regression, in units of each box's width and height."""
-    size = np.concatenate([boxes[:, 2:4] - boxes[:, 0:2]] * 2, axis=1)
+def regress(boxes: np.ndarray, offsets: np.ndarray, shrink: float = 0.0) -> np.ndarray:
+    """Boxes moved by the nets' regression, in units of each box's width and height (less `shrink`: the
+    original's first regression uses the side minus one)."""
+    size = np.concatenate([boxes[:, 2:4] - boxes[:, 0:2]] * 2, axis=1) - shrink
     return boxes + offsets * size
+
+
+def snap(boxes: np.ndarray) -> np.ndarray:
+    """The original's np.fix of its 1-based corners (truncation toward zero), in this file's coordinates."""
+    return np.concatenate([np.fix(boxes[:, 0:2] + 1) - 1, np.fix(boxes[:, 2:4])], axis=1)
 
 
 def square(boxes: np.ndarray) -> np.ndarray:
@@ -98,10 +107,10 @@ def square(boxes: np.ndarray) -> np.ndarray:
 
 
 def crops(image: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
-    """[K, size, size, 3] uint8: each box cut at integer corners (zero outside the image), resized."""
+    """[K, size, size, 3] uint8: each (snapped, integer) box cut out, zero outside the image, resized."""
     height, width = image.shape[:2]
     out = np.zeros((len(boxes), size, size, 3), np.uint8)
-    for k, (x1, y1, x2, y2) in enumerate(np.round(boxes).astype(np.int64)):
+    for k, (x1, y1, x2, y2) in enumerate(boxes.astype(np.int64)):
         if x2 <= x1 or y2 <= y1:
             continue
         patch = np.zeros((y2 - y1, x2 - x1, 3), np.uint8)
@@ -116,7 +125,7 @@ def _windows(prob: np.ndarray, offsets: np.ndarray, scale: float, threshold: flo
     """P-Net cells above the threshold as (boxes in image pixels, scores, offsets)."""
     ys, xs = np.nonzero(prob >= threshold)
     corner = np.stack([xs, ys], axis=1).astype(np.float64) * STRIDE
-    boxes = np.concatenate([corner / scale, (corner + CELL) / scale], axis=1)
+    boxes = np.concatenate([np.fix((corner + 1) / scale) - 1, np.fix((corner + CELL) / scale)], axis=1)
     return boxes, prob[ys, xs].astype(np.float64), offsets[ys, xs].astype(np.float64)
 
 
@@ -134,7 +143,7 @@ def _stage1(image, nets, params) -> tuple:
         return np.zeros((0, 4)), np.zeros(0)
     boxes, scores, offs = (np.concatenate(parts) for parts in zip(*found))
     keep = nms(boxes, scores, params.nms[1])
-    return square(regress(boxes[keep], offs[keep])), scores[keep]
+    return snap(square(regress(boxes[keep], offs[keep], shrink=1.0))), scores[keep]
 
 
 def _run_batched(net, images: np.ndarray) -> list:
@@ -155,7 +164,7 @@ def detect_faces(image: np.ndarray, nets: DetectorNets, params: DetectParams = N
     ok = prob > params.thresholds[1]
     boxes, scores, offsets = boxes[ok], prob[ok].astype(np.float64), offsets[ok].astype(np.float64)
     keep = nms(boxes, scores, params.nms[2])
-    boxes = square(regress(boxes[keep], offsets[keep]))
+    boxes = snap(square(regress(boxes[keep], offsets[keep])))
     if not len(boxes):
         return Faces()
     prob, offsets, points = _run_batched(nets.onet, crops(image, boxes, 48))

@@ -10,11 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import align
+from . import DEFAULT_MIN_SCORE, FACE_MODES, FRAMEWORKS, MAX_CROP_SIZE
 from .cascade import DetectParams, Faces, detect_faces
-
-FRAMEWORKS = ("torch", "tf", "onnx")
-FACE_MODES = ("largest", "all")
-DEFAULT_MIN_SCORE = 0.95
 
 
 def load_detector_nets(framework: str = "torch"):
@@ -47,8 +44,8 @@ class FaceAligner:
             raise ValueError(f"faces: expected one of {', '.join(FACE_MODES)}, got {self.faces!r}")
         if not 0 <= self.min_score <= 1:
             raise ValueError(f"min_score: expected a probability in [0, 1], got {self.min_score}")
-        if self.size < 16:
-            raise ValueError(f"size: expected at least 16 pixels, got {self.size}")
+        if not 16 <= self.size <= MAX_CROP_SIZE:
+            raise ValueError(f"size: expected 16 to {MAX_CROP_SIZE} pixels, got {self.size}")
 
     def find(self, image: np.ndarray) -> tuple:
         """(faces kept, number of detections below min_score)."""
