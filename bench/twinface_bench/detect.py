@@ -82,7 +82,8 @@ class Row:
         line = self.proc.stdout.readline() if ready else ""
         if line:
             return json.loads(line)
-        self.proc.kill()
+        if not ready:
+            self.proc.kill()
         code = self.proc.wait()
         self.stderr.seek(0)
         tail = [x.strip() for x in self.stderr.read().splitlines() if x.strip()][-3:]
