@@ -33,7 +33,10 @@ def test_every_row_measured(result):
         assert 0 < r["p90_ms"] and 0 < r["median_ms"] <= r["p90_ms"]
         assert all(v > 0 for v in r["stages_ms"].values()), r["stages_ms"]
         assert sum(r["stages_ms"].values()) == pytest.approx(r["mean_ms"])
-        assert r["pnet_calls"] == 10                             # 640x480, min face 20 px, factor 0.709
+        # 640x480, min face 20 px, factor 0.709: 10 pyramid levels; the group photo's P-Net candidates fill two
+        # R-Net batches (cascade.CROP_BATCH = 256 crops), what R-Net passes one O-Net batch
+        assert r["calls_per_photo"] == {"pnet": 10, "rnet": 2, "onet": 1}
+        assert r["passes_ms"] == [[pytest.approx(r["median_ms"])]]
         assert r["photo_median_ms"] == {"t1.jpg": pytest.approx(r["median_ms"])}
     assert len(lines) == 3 + 1 + 3                               # each row's start, the round, each row's result
 

@@ -21,7 +21,7 @@ from twinface.data.images import read_image
 from twinface.detect.faces import FRAMEWORKS as RUNTIMES
 
 from . import detect_report
-from .detect_rows import HEIGHT, WIDTH
+from .detect_rows import HEIGHT, NETS, WIDTH
 from .measure import summarize
 from .run import CHILD_ENV, machine
 
@@ -121,14 +121,16 @@ class Row:
 
 def summary(passes: list, names: list) -> dict:
     """Median / p90 ms over every detection (photos x passes), photos/s, the mean ms of each stage per photo
-    (means add up to the mean total; medians would not), P-Net calls per photo, and each photo's median ms."""
+    (means add up to the mean total; medians would not), each net's calls per photo, each photo's median ms and
+    every detection's ms (per pass, per photo)."""
     flat = [t for times in passes for t in times]
     ms = np.array([t["ms"] for t in flat])
     stats = summarize(list(ms / 1e3), 1)
     return {"median_ms": stats["p50_ms"], "p90_ms": stats["p90_ms"], "mean_ms": float(ms.mean()),
             "photos_per_s": stats["images_per_s"], "detections": len(flat), "passes": len(passes),
             "stages_ms": {s: float(np.mean([t[s] for t in flat])) for s in STAGES},
-            "pnet_calls": float(np.mean([t["pnet_calls"] for t in flat])),
+            "calls_per_photo": {net: float(np.mean([t[f"{net}_calls"] for t in flat])) for net in NETS},
+            "passes_ms": [[t["ms"] for t in times] for times in passes],
             "photo_median_ms": {name: float(np.median([times[i]["ms"] for times in passes]))
                                 for i, name in enumerate(names)}}
 

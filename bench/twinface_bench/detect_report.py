@@ -57,7 +57,7 @@ def markdown(result) -> str:
     width, height = result["size"]
     ok = [r for r in rows if "error" not in r]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
-    calls = sorted({r["pnet_calls"] for r in ok})
+    calls = sorted({r["calls_per_photo"]["pnet"] for r in ok})
     sizes = ", ".join(f"{p['name']} {p['size'][0]}x{p['size'][1]}" for p in result["photos"])
     lines = [
         f"Run {result['started']}, {result['seconds'] / 60:.1f} min. Machine: {m['cpu']}, {m['cores']} cores, "
