@@ -105,7 +105,7 @@ def chart(result, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     ok = [r for r in result["rows"] if "error" not in r]
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * max(len(ok), 1)))
+    fig, ax = plt.subplots(figsize=(9.5, 1.2 + 0.45 * max(len(ok), 1)))
     left = [0.0] * len(ok)
     for stage, name in STAGE_NAMES.items():
         values = [r["stages_ms"][stage] for r in ok]
@@ -119,7 +119,7 @@ def chart(result, path):
     width, height = result["size"]
     ax.set_xlabel(f"ms per {width}x{height} photo (mean, by stage)")
     ax.set_title(f"MTCNN detection, {len(result['photos'])} photos letterboxed to {width}x{height}", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))           # beside the bars, not on them
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
