@@ -1,9 +1,6 @@
 """detect.json (everything), detect.md (the tables) and detect.png (stage bars per row) from one detection-section
 result (detect.py)."""
-import json
-import os
-
-from .report import _fmt, _kernels_line
+from .report import _fmt, _kernels_line, load_text, write_section
 
 RUNTIME_NAMES = {"torch": "torch twin", "tf": "TF twin (tf.function)", "onnx": "onnxruntime (torch export)"}
 STAGE_NAMES = {"pnet_ms": "P-Net pyramid", "rnet_ms": "R-Net", "onet_ms": "O-Net", "cascade_ms": "numpy cascade"}
@@ -40,15 +37,7 @@ def progress_line(row) -> str:
 
 
 def write_all(result, out_dir):
-    base = os.path.join(out_dir, "detect.")
-    for ext, text in (("json", json.dumps(result, indent=1)), ("md", markdown(result))):
-        with open(base + ext, "w") as f:
-            f.write(text)
-    chart(result, base + "png")
-
-
-def _load(values):
-    return "/".join(f"{x:.2f}" for x in values)
+    write_section(result, out_dir, "detect", markdown, chart)
 
 
 def markdown(result) -> str:
@@ -61,8 +50,8 @@ def markdown(result) -> str:
     sizes = ", ".join(f"{p['name']} {p['size'][0]}x{p['size'][1]}" for p in result["photos"])
     lines = [
         f"Run {result['started']}, {result['seconds'] / 60:.1f} min. Machine: {m['cpu']}, {m['cores']} cores, "
-        f"{m['memory_gib']} GiB; {versions}; load average (1/5/15 min) {_load(m['load_start'])} at the start, "
-        f"{_load(m['load_end'])} at the end.",
+        f"{m['memory_gib']} GiB; {versions}; load average (1/5/15 min) {load_text(m['load_start'])} at the start, "
+        f"{load_text(m['load_end'])} at the end.",
         _kernels_line(m.get("kernels")),
         f"Photos: {len(names)} ({sizes}), "
         f"each **scaled to fit {width}x{height} and padded with black** (letterboxed, not cropped: every face stays "
