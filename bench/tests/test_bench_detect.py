@@ -77,6 +77,8 @@ def test_unknown_runtime_is_refused_naming_the_known_ones(tmp_path):
     assert parser.parse_args([]).detect is False
     with pytest.raises(ValueError, match="unknown runtime 'openvino'; known: torch, tf, onnx"):
         run(parser.parse_args(["--detect", "--detect-runtimes", "torch,openvino", "--out", str(tmp_path)]))
+    with pytest.raises(ValueError, match="distinct file names, got t1.jpg, t1.jpg"):
+        detect.run_detect(detect.DetectOptions(photos=("t1.jpg", fixtures.photo("t1.jpg")), out=str(tmp_path)))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -148,6 +148,8 @@ def run_detect(opts: DetectOptions, log=print) -> dict:
     paths = [photo_path(name) for name in opts.photos]
     photos = [{"name": os.path.basename(p), "size": list(read_image(p).shape[1::-1])} for p in paths]
     names = [p["name"] for p in photos]
+    if len(set(names)) < len(names):                    # rows report per photo by file name
+        raise ValueError(f"detect bench: photos need distinct file names, got {', '.join(names)}")
     rows = []
 
     def clock():
