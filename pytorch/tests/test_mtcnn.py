@@ -7,7 +7,8 @@ import torch
 
 from twinface import fixtures
 from twinface.detect.onnx_nets import OnnxDetectorNets
-from twinface.testing import check_mtcnn_shapes, check_mtcnn_strict_loading
+from twinface.detect.nets import normalise
+from twinface.testing import check_mtcnn_shapes, check_mtcnn_strict_loading, face_crop
 from twinface_torch import mtcnn
 
 
@@ -38,6 +39,18 @@ def test_bad_weights_are_named():
     check_mtcnn_strict_loading(mtcnn.load_nets)
 
 
+def test_a_real_face_is_a_face_with_its_landmarks_in_place(nets):
+    # A (N, H, W, C) flatten instead of Caffe's (N, W, H, C) still loads, but RNet then gives this face 0.93 and
+    # ONet puts the eyes 0.04 apart vertically.
+    (rnet_prob,), _ = nets.rnet(normalise(face_crop(24)))
+    (onet_prob,), _, (landmarks,) = nets.onet(normalise(face_crop(48)))
+    x, y = landmarks[:5], landmarks[5:]
+    assert rnet_prob > 0.99 and onet_prob > 0.99, (rnet_prob, onet_prob)
+    assert x[0] < x[2] < x[1] and x[3] < x[2] < x[4], x           # left eye, nose, right eye; mouth corners
+    assert max(y[:2]) < y[2] < min(y[3:]) and abs(y[0] - y[1]) < 0.02, y   # eyes level, above nose, above mouth
+    assert ((0 < landmarks) & (landmarks < 1)).all()
+
+
 def test_pooling_rounds_up():
     x = torch.arange(25.0).reshape(1, 1, 5, 5) * -1          # every value negative: the max of the last, partial
     pool = mtcnn.PNet().pool1                                  # window is its only real element, -24
@@ -56,7 +69,7 @@ def test_export_writes_three_graphs_that_match_torch(tmp_path, nets):
 
 def test_export_leaves_no_file_past_tolerance(tmp_path, monkeypatch):
     monkeypatch.setattr(mtcnn, "ONNX_TOLERANCE", -1.0)
-    with pytest.raises(RuntimeError, match=r"pnet\.onnx: onnxruntime differs from torch by .* the file was not written"):
+    with pytest.raises(RuntimeError, match=r"pnet\.onnx: onnxruntime differs from torch by .* file was not written"):
         mtcnn.export_onnx(str(tmp_path))
     assert os.listdir(tmp_path) == []
 

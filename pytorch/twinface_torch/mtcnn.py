@@ -100,6 +100,12 @@ class ONet(_Net):
 CLASSES = {"pnet": PNet, "rnet": RNet, "onet": ONet}
 
 
+def read_state_dict(path: str) -> dict:
+    """{tensor name: float32 array} of a .pt state dict, read tensors-only (weights_only=True)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {name: tensor.numpy().astype(np.float32) for name, tensor in state.items()}
+
+
 def load_nets(state_dicts: dict = None) -> dict:
     """{"pnet": PNet, ...} in eval mode holding `state_dicts` ({net: {tensor: array}}, torch layout; default the
     facenet-pytorch fixtures)."""

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -276,3 +277,50 @@ def test_export_killed(weights, tmp_path, subtests, faults):
                    "twinface.cli:main", lambda dst: [argv("new", dst)])
     assert sha256(weights / "new.pth") == source
     row.record(faults, "kill -9 during export (torch)")
+
+
+# --- twinface align -----------------------------------------------------------------------------------------
+def _aligned(dst):
+    """What an align run leaves for the user: crops (decoded), landmarks.json, report.tsv; not its journal."""
+    out = {}
+    for rel, data in _tree(dst).items():
+        if rel.endswith(".jpg"):
+            out[rel] = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR).astype(np.int16)
+        elif rel in ("landmarks.json", "report.tsv"):
+            out[rel] = data
+    return out
+
+
+def _same_alignment(found, expected) -> bool:
+    return found.keys() == expected.keys() and all(
+        np.abs(found[k] - expected[k]).max() <= 2 if k.endswith(".jpg") else found[k] == expected[k] for k in found)
+
+
+def test_align_killed(tmp_path, subtests, faults):
+    """kill -9 at a crop's write, inside its rename, between a crop and its journal line, and at landmarks.json's
+    and report.tsv's writes; a re-run resumes and ends with what an uninterrupted run writes."""
+    from twinface import fixtures
+    src = tmp_path / "photos"
+    for person, names in {"obama": ["obama2.jpg", "32bit.png"], "biden": ["biden.jpg"]}.items():
+        (src / person).mkdir(parents=True)
+        for name in names:
+            shutil.copy(fixtures.photo(name), src / person / name)
+    (src / "biden" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    argv = lambda dst: ["align", os.fspath(src), os.fspath(dst), "--framework", "onnx"]   # noqa: E731
+    twinface_main(argv(tmp_path / "expected"))
+    expected, row = _aligned(tmp_path / "expected"), Row(subtests)
+    hook = "twinface.detect.align_folder:"
+    for moment in [{"hook": hook + "_write_crop", "kill_in": "before", "kill_at": 1},
+                   {"hook": "os:replace", "kill_in": "before", "kill_at": 3},
+                   {"hook": hook + "_write_crop", "kill_in": "after", "kill_at": 2},
+                   {"hook": hook + "_write_text", "kill_in": "before", "kill_at": 1},
+                   {"hook": hook + "_write_text", "kill_in": "before", "kill_at": 2}]:
+        with row.fault(**moment):
+            dst = tmp_path / f"dst_{moment['hook'].split(':')[1]}_{moment['kill_in']}_{moment['kill_at']}"
+            assert _kill("twinface.cli:main", [argv(dst)], **moment)
+            twinface_main(argv(dst))                             # the re-run resumes
+            found = _aligned(dst)
+            row.check_kept(_same_alignment(found, expected), False, True)
+            assert _same_alignment(found, expected)
+            assert not [f for d, _, files in os.walk(dst) for f in files if ".twinface-" in f and f != MARKER]
+    row.record(faults, "kill -9 during align")
