@@ -1,4 +1,5 @@
 """`twinface bench`: the verb, registered in twinface.cli as (add_parser, run). Importing it loads no framework."""
+from .detect import DetectOptions, run_detect
 from .head import WORKERS, HeadOptions, run_head
 from .loader import DEFAULT_WORKERS, FORMATS, FRAMEWORKS, LoaderOptions, run_loader
 from .run import CPU_RUNTIMES, MEMORY_RUNTIMES, OPT_IN_RUNTIMES, TRAIN_RUNTIMES, Options
@@ -31,7 +32,7 @@ def add_parser(subparsers):
     p.add_argument("--train-steps", type=int, default=d.train_steps, help="timed training steps after the first")
     p.add_argument("--peak-n", type=int, default=d.peak_n, help="side of the reference fp32 matrix product")
     p.add_argument("--out", default=d.out,
-                   help="writes bench.json, bench.md and bench.png here (head.* with --head, loader.* with --loader)")
+                   help="writes bench.json, bench.md and bench.png here (head.* with --head, loader.* with --loader, detect.* with --detect)")
     h = HeadOptions()
     p.add_argument("--head", action="store_true",
                    help="only the Partial FC head section (opt-in, ~15 min): classes x sample_rate 1.0/0.1 x world 1/2; "
@@ -56,6 +57,17 @@ def add_parser(subparsers):
                    help=f"loader section: formats (default {','.join(lo.formats)})")
     p.add_argument("--loader-frameworks", type=_csv, default=lo.frameworks,
                    help=f"loader section: twins of the loader and training rows (default {','.join(lo.frameworks)})")
+    de = DetectOptions()
+    p.add_argument("--detect", action="store_true",
+                   help="only the face detection section (opt-in, ~3 min): MTCNN ms per photo letterboxed to 640x480, "
+                        "torch / TF / onnxruntime at 1 thread and all cores, by stage; writes detect.md, detect.json "
+                        "and detect.png")
+    p.add_argument("--detect-photos", type=_csv, default=de.photos,
+                   help=f"detect section: fixture photo names or paths (default {','.join(de.photos)})")
+    p.add_argument("--detect-repeats", type=int, default=de.repeats,
+                   help=f"detect section: timed passes over the photos per row, interleaved (default {de.repeats})")
+    p.add_argument("--detect-runtimes", type=_csv, default=de.runtimes,
+                   help=f"detect section: runtimes (default {','.join(de.runtimes)})")
     return p
 
 
@@ -64,6 +76,8 @@ def run(args):
         return _run_head(args)
     if args.loader:
         return _run_loader(args)
+    if args.detect:
+        return _run_detect(args)
     unknown = [r for r in args.runtimes if r not in KNOWN_RUNTIMES]
     if unknown:
         raise ValueError(f"--runtimes: unknown {unknown[0]!r}; known: {', '.join(KNOWN_RUNTIMES)}")
@@ -104,3 +118,10 @@ def _run_loader(args):
     print(f"\nwrote {args.out}/loader.md, loader.json, loader.png ({result['seconds'] / 60:.1f} min)")
     for t in result["targets"]:
         print(f"target {t['what']}: {t['ratio']:.2f} ({t['target']}): {'met' if t['met'] else 'NOT MET'}")
+
+
+def _run_detect(args):
+    result = run_detect(DetectOptions(photos=args.detect_photos, runtimes=args.detect_runtimes,
+                                      repeats=args.detect_repeats, out=args.out))
+    print(f"\nwrote {args.out}/detect.md, detect.json, detect.png ({result['seconds'] / 60:.1f} min); faces per photo "
+          f"{'equal in every row' if result['faces_agree'] else 'DIFFER between rows'}")

@@ -1,9 +1,6 @@
 """loader.json (everything), loader.md (the tables) and loader.png (bars against the decode limit) from one
 loader-section result (loader.py)."""
-import json
-import os
-
-from .report import _fmt
+from .report import _fmt, load_text, write_section
 
 FORMAT_NAMES = {"folder": "image folder", "rec": ".rec/.idx", "tfrecord": "TFRecord"}
 LOADER_NAMES = {"torch": "torch DataLoader", "tf": "tf.data"}
@@ -29,11 +26,7 @@ def progress_line(row) -> str:
 
 
 def write_all(result, out_dir):
-    base = os.path.join(out_dir, "loader.")
-    for ext, text in (("json", json.dumps(result, indent=1)), ("md", markdown(result))):
-        with open(base + ext, "w") as f:
-            f.write(text)
-    chart(result, base + "png")
+    write_section(result, out_dir, "loader", markdown, chart)
 
 
 def source(row) -> str:
@@ -45,16 +38,12 @@ def _format_name(fmt, options):
     return FORMAT_NAMES[fmt] + (f" in {options['shards']} shards" if fmt == "tfrecord" else "")
 
 
-def _load(values):
-    return "/".join(f"{x:.2f}" for x in values)
-
-
 def markdown(result) -> str:
     m, o, data, limit = result["machine"], result["options"], result["data"], result["limit"]
     lines = [
         f"Run {result['started']}, {result['seconds'] / 60:.1f} min. Machine: {m['cpu']}, {m['cores']} cores, "
-        f"{m['memory_gib']} GiB; load average (1/5/15 min) {_load(m['load_start'])} at the start, "
-        f"{_load(m['load_end'])} at the end.",
+        f"{m['memory_gib']} GiB; load average (1/5/15 min) {load_text(m['load_start'])} at the start, "
+        f"{load_text(m['load_end'])} at the end.",
         f"Data: {data['images']:,} synthetic 112x112 JPEG face crops ({data['jpeg_bytes_mean']:,.0f} bytes on "
         f"average), {data['identities']:,} identities, the same bytes in each format "
         f"({', '.join(_format_name(f, o) for f in data['paths'])}), on local disk (in the page cache after writing).",

@@ -55,6 +55,20 @@ def write_all(result, out_dir):
     chart(result, os.path.join(out_dir, "bench.png"))
 
 
+def write_section(result, out_dir, name, markdown, chart):
+    """An opt-in section's NAME.json (everything), NAME.md (markdown(result)) and NAME.png (chart) in out_dir."""
+    base = os.path.join(out_dir, f"{name}.")
+    for ext, text in (("json", json.dumps(result, indent=1)), ("md", markdown(result))):
+        with open(base + ext, "w") as f:
+            f.write(text)
+    chart(result, base + "png")
+
+
+def load_text(values) -> str:
+    """A load average triple as 1.00/2.00/3.00."""
+    return "/".join(f"{x:.2f}" for x in values)
+
+
 def _fmt(value, digits=1):
     return "-" if value is None else f"{value:,.{digits}f}"
 
