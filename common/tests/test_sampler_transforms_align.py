@@ -109,3 +109,15 @@ def test_norm_crop_on_exact_template_points_is_insightfaces_warp():
     np.testing.assert_array_equal(out, cv2.warpAffine(image, np.array([[2.0, 0, 0], [0, 2.0, 0]]), (224, 224)))
     with pytest.raises(ValueError, match="finite"):
         align.estimate_norm(np.full((5, 2), np.nan))
+    with pytest.raises(ValueError, match="all at one point"):
+        align.estimate_norm(np.full((5, 2), 40.0))
+
+
+def test_estimate_norm_never_mirrors_a_mirrored_face():
+    """Landmarks of a mirrored face (left and right swapped in x): the best *similarity* has no reflection, so the
+    fit is the hand-solved least squares among rotations, not an exact mirror."""
+    mirrored = align.ARCFACE_TEMPLATE.astype(np.float64) * [-1.0, 1.0] + [200.0, 0.0]
+    m = align.estimate_norm(mirrored)
+    assert np.linalg.det(m[:, :2]) > 0
+    np.testing.assert_allclose(m, _least_squares_similarity(mirrored, align.template(112).astype(np.float64)),
+                               atol=1e-9)

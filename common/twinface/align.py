@@ -31,6 +31,8 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
         sign[1, 1] = -1
     rot = u @ sign @ vt
     var_s = (s ** 2).sum() / len(src)
+    if var_s <= 1e-12 * max(1.0, float(np.abs(src).max()) ** 2):
+        raise ValueError("landmarks: all at one point; no similarity transform maps them onto the template")
     scale = (sig * np.diag(sign)).sum() / var_s
     t = mu_d - scale * rot @ mu_s
     return np.hstack([scale * rot, t[:, None]])

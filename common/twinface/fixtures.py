@@ -68,8 +68,8 @@ def fixture_path(name: str) -> str:
         raise KeyError(f"unknown fixture {name!r}; known: {', '.join(sorted(expected))}")
     path = os.path.join(fixture_dir(), name)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: fixture missing; fetch it with `make setup` (or "
-                                f"`{sys.executable} -m twinface.fixtures`)")
+        raise FileNotFoundError(f"{path}: fixture missing; fetch it with `{sys.executable} -m twinface.fixtures` "
+                                "(make setup runs it)")
     if _sha256_file(path) != expected[name]:
         raise ValueError(f"{path}: sha256 differs from the pinned one; fetch it again with "
                          f"`{sys.executable} -m twinface.fixtures --refetch`")
@@ -80,19 +80,34 @@ def photo(name: str) -> str:
     return fixture_path(f"photos/{name}")
 
 
+# sha256 of the three state dicts' arrays (names, shapes, float32 bytes): what weights.npz must hold
+MTCNN_ARRAYS_SHA256 = "9180d4b4dc25a865e91f79526e85347fe6ad0227f073f554593a9efa24df7624"
+
+
+def arrays_digest(state_dicts: dict) -> str:
+    digest = hashlib.sha256()
+    for net in MTCNN_NETS:
+        for name in sorted(state_dicts[net]):
+            array = np.ascontiguousarray(state_dicts[net][name], np.float32)
+            digest.update(f"{net}/{name}:{array.shape}".encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
 def mtcnn_state_dicts() -> dict:
     """{"pnet": {tensor name: float32 array}, ...}: facenet-pytorch's state dicts (torch layout) as numpy, read
-    from mtcnn/weights.npz, which fetch() derives from the checked .pt files."""
-    for net in MTCNN_NETS:
-        fixture_path(f"mtcnn/{net}.pt")
+    from mtcnn/weights.npz, which fetch() derives from the checked .pt files; its arrays are checked too."""
     path = os.path.join(fixture_dir(), "mtcnn", "weights.npz")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: missing; rebuild it with `{sys.executable} -m twinface.fixtures`")
+        raise FileNotFoundError(f"{path}: missing; fetch the fixtures with `{sys.executable} -m twinface.fixtures`")
     out = {net: {} for net in MTCNN_NETS}
     with np.load(path, allow_pickle=False) as npz:
         for key in npz.files:
             net, _, tensor = key.partition("/")
-            out[net][tensor] = npz[key]
+            out.setdefault(net, {})[tensor] = npz[key]
+    if set(out) != set(MTCNN_NETS) or arrays_digest(out) != MTCNN_ARRAYS_SHA256:
+        raise ValueError(f"{path}: its arrays differ from the pinned MTCNN weights; rebuild it with "
+                         f"`{sys.executable} -m twinface.fixtures --refetch`")
     return out
 
 
@@ -151,6 +166,23 @@ def _write_weights_npz(root: str) -> None:
     _write(os.path.join(root, "mtcnn", "weights.npz"), buffer.getvalue())
 
 
+def _read_text(path: str):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _onnx_source() -> str:
+    """What the ONNX graphs are exported from: the weights and the torch twin's nets (its source file, found
+    without importing it), so a change to either re-exports them."""
+    import importlib.util
+    package = importlib.util.find_spec("twinface_torch").submodule_search_locations[0]
+    with open(os.path.join(package, "mtcnn.py"), "rb") as f:
+        return hashlib.sha256(MTCNN_ARRAYS_SHA256.encode() + f.read()).hexdigest()
+
+
 def _write(path: str, data: bytes) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with atomic_path(path) as tmp, writing(path), open(tmp, "wb") as f:
@@ -177,9 +209,12 @@ def fetch(refetch: bool = False, log=print) -> str:
     if derive or not os.path.isfile(os.path.join(root, "mtcnn", "weights.npz")):
         _write_weights_npz(root)
     onnx_dir = os.path.join(root, "mtcnn", "onnx")
-    if derive or not all(os.path.isfile(os.path.join(onnx_dir, f"{net}.onnx")) for net in MTCNN_NETS):
+    source = _onnx_source()
+    if derive or _read_text(os.path.join(onnx_dir, "source.sha256")) != source or not all(
+            os.path.isfile(os.path.join(onnx_dir, f"{net}.onnx")) for net in MTCNN_NETS):
         from twinface_torch.mtcnn import export_onnx          # setup has torch; the graphs come from its twin
         export_onnx(onnx_dir)
+        _write(os.path.join(onnx_dir, "source.sha256"), source.encode())
     log(f"fixtures: {len(_expected())} files checked in {root}")
     return root
 

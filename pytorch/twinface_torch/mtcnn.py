@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from twinface.atomic import atomic_path
+from twinface.detect.nets import NetsByName
 from twinface.detect.weights import check_state
 from twinface.fixtures import MTCNN_NETS as NETS, mtcnn_state_dicts
 ONNX_TOLERANCE = 1e-5
@@ -125,7 +126,7 @@ def _numpy(outputs) -> tuple:
     return tuple(out.numpy() for out in outputs)
 
 
-class TorchDetectorNets:
+class TorchDetectorNets(NetsByName):
     """The detector-nets interface (twinface.detect.nets) over the torch twin, numpy in and out."""
     name = "torch"
 
@@ -135,15 +136,6 @@ class TorchDetectorNets:
     def _run(self, name, x):
         with torch.inference_mode():
             return _numpy(self.nets[name](torch.from_numpy(np.ascontiguousarray(x, np.float32))))
-
-    def pnet(self, images):
-        return self._run("pnet", images)
-
-    def rnet(self, crops):
-        return self._run("rnet", crops)
-
-    def onet(self, crops):
-        return self._run("onet", crops)
 
 
 # --- ONNX ---------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from twinface.detect.nets import NetsByName
 from twinface.detect.weights import check_state
 from twinface.fixtures import MTCNN_NETS as NETS, mtcnn_state_dicts
 from twinface_convert.mapping import keras_to_torch, torch_to_keras
@@ -102,7 +103,7 @@ def load_nets(state_dicts: dict = None) -> dict:
     return nets
 
 
-class TFDetectorNets:
+class TFDetectorNets(NetsByName):
     """The detector-nets interface over the TF twin. One tf.function per net with the batch (and PNet's height and
     width) left open, so an image pyramid runs one trace, not one per scale."""
     name = "tf"
@@ -115,12 +116,3 @@ class TFDetectorNets:
 
     def _run(self, name, x):
         return tuple(out.numpy() for out in self._calls[name](np.ascontiguousarray(x, np.float32)))
-
-    def pnet(self, images):
-        return self._run("pnet", images)
-
-    def rnet(self, crops):
-        return self._run("rnet", crops)
-
-    def onet(self, crops):
-        return self._run("onet", crops)

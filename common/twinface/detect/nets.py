@@ -30,3 +30,20 @@ class DetectorNets(Protocol):
 
     def onet(self, crops: np.ndarray) -> tuple:
         """[N, 48, 48, 3] -> (face probability [N], offsets [N, 4], landmarks [N, 10])."""
+
+
+class NetsByName:
+    """The interface for a runtime that runs a net by name: subclasses give `name` and `_run(net, x)`."""
+    name = None
+
+    def _run(self, net: str, x: np.ndarray) -> tuple:
+        raise NotImplementedError
+
+    def pnet(self, images):
+        return self._run("pnet", images)
+
+    def rnet(self, crops):
+        return self._run("rnet", crops)
+
+    def onet(self, crops):
+        return self._run("onet", crops)

@@ -7,8 +7,10 @@ import numpy as np
 
 from twinface.fixtures import MTCNN_NETS as NETS
 
+from .nets import NetsByName
 
-class OnnxDetectorNets:
+
+class OnnxDetectorNets(NetsByName):
     name = "onnx"
 
     def __init__(self, onnx_dir: str, threads: int = 0):
@@ -31,12 +33,3 @@ class OnnxDetectorNets:
     def _run(self, name, x):
         session = self.sessions[name]
         return tuple(session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(x, np.float32)}))
-
-    def pnet(self, images):
-        return self._run("pnet", images)
-
-    def rnet(self, crops):
-        return self._run("rnet", crops)
-
-    def onet(self, crops):
-        return self._run("onet", crops)
