@@ -3,7 +3,7 @@
 Photos are decoded by twinface.data.images (OpenCV: EXIF orientation applied, grayscale and alpha converted to
 RGB). The cascade reports every face the original MTCNN settings pass; a face is *kept* only when its O-Net
 score reaches min_score (default 0.95), because the original's 0.7 also passes face-like texture: on the test
-photos real faces score 0.979-1.000 and the two false detections 0.713 and 0.921 (docs/detect.md).
+photos real faces score 0.983-1.000 and the one false detection 0.94 (docs/detect.md).
 """
 from dataclasses import dataclass
 
