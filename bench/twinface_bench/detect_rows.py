@@ -17,7 +17,8 @@ import numpy as np
 
 from twinface.data.images import read_image
 from twinface.detect.cascade import detect_faces
-from twinface.detect.faces import DEFAULT_MIN_SCORE
+from twinface.detect import DEFAULT_MIN_SCORE
+from twinface.detect.nets import NetsByName
 
 from .measure import peak_rss_mb
 
@@ -38,7 +39,7 @@ def letterbox(image: np.ndarray) -> np.ndarray:
     return out
 
 
-class TimedNets:
+class TimedNets(NetsByName):
     """The detector-nets interface around another one, adding each net's seconds and calls to `seconds` and
     `calls`: the stage breakdown, without touching the cascade."""
 
@@ -49,21 +50,12 @@ class TimedNets:
     def reset(self):
         self.seconds, self.calls = dict.fromkeys(NETS, 0.0), dict.fromkeys(NETS, 0)
 
-    def _timed(self, net, x):
+    def _run(self, net, x):
         t0 = time.perf_counter()
         out = getattr(self.nets, net)(x)
         self.seconds[net] += time.perf_counter() - t0
         self.calls[net] += 1
         return out
-
-    def pnet(self, images):
-        return self._timed("pnet", images)
-
-    def rnet(self, crops):
-        return self._timed("rnet", crops)
-
-    def onet(self, crops):
-        return self._timed("onet", crops)
 
 
 def load_nets(runtime: str, threads: int):
