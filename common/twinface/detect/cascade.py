@@ -129,7 +129,8 @@ def _windows(prob: np.ndarray, offsets: np.ndarray, scale: float, threshold: flo
     return boxes, prob[ys, xs].astype(np.float64), offsets[ys, xs].astype(np.float64)
 
 
-def _stage1(image, nets, params) -> tuple:
+def _stage1(image, nets, params) -> np.ndarray:
+    """P-Net over the pyramid: candidate boxes, regressed, squared and snapped for R-Net."""
     height, width = image.shape[:2]
     found = []
     for scale in pyramid_scales(height, width, params):
@@ -140,10 +141,10 @@ def _stage1(image, nets, params) -> tuple:
         keep = nms(boxes, scores, params.nms[0])
         found.append((boxes[keep], scores[keep], offs[keep]))
     if not found:
-        return np.zeros((0, 4)), np.zeros(0)
+        return np.zeros((0, 4))
     boxes, scores, offs = (np.concatenate(parts) for parts in zip(*found))
     keep = nms(boxes, scores, params.nms[1])
-    return snap(square(regress(boxes[keep], offs[keep], shrink=1.0))), scores[keep]
+    return snap(square(regress(boxes[keep], offs[keep], shrink=1.0)))
 
 
 def _run_batched(net, images: np.ndarray) -> list:
@@ -157,7 +158,7 @@ def detect_faces(image: np.ndarray, nets: DetectorNets, params: DetectParams = N
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"detect_faces: expected a uint8 RGB image [H, W, 3], got {image.dtype} {image.shape}")
-    boxes, _ = _stage1(image, nets, params)
+    boxes = _stage1(image, nets, params)
     if not len(boxes):
         return Faces()
     prob, offsets = _run_batched(nets.rnet, crops(image, boxes, 24))
