@@ -16,6 +16,7 @@ from twinface.atomic import atomic_path
 from twinface.detect.nets import NetsByName
 from twinface.detect.weights import check_state
 from twinface.fixtures import MTCNN_NETS as NETS, mtcnn_state_dicts
+
 ONNX_TOLERANCE = 1e-5
 
 
