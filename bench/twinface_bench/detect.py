@@ -165,7 +165,8 @@ def run_detect(opts: DetectOptions, log=print) -> dict:
         for row in rows if i % 2 == 0 else rows[::-1]:
             if row.ok:
                 row.run_pass()
-        log(f"{clock()} {detect_report.round_line(i + 1, opts.repeats, [(r.result, r.passes[-1] if r.ok else None) for r in rows])}")
+        latest = [(r.result, r.passes[-1] if r.ok else None) for r in rows]
+        log(f"{clock()} {detect_report.round_line(i + 1, opts.repeats, latest)}")
     results = [row.finish() for row in rows]
     for r in results:
         log(f"{clock()} {detect_report.progress_line(r)}")

@@ -59,7 +59,8 @@ def markdown(result) -> str:
         f"Timed: `detect_faces` on the decoded photo (pyramid resizes, the three nets, NMS, box regression, crops, "
         f"landmarks; default MTCNN settings); {o['repeats']} passes over the photos per row after one untimed pass, "
         "the rows taking turns (order reversed every other round), each row in a process of its own. Stages: each "
-        "net's calls timed around the nets object; numpy cascade = the rest (pyramid resizes, NMS, box regression, crops, landmark decoding).",
+        "net's calls timed around the nets object; numpy cascade = the rest (pyramid resizes, NMS, box regression, "
+        "crops, landmark decoding).",
         "",
         "| runtime | threads | median ms / photo | p90 ms | photos/s | P-Net pyramid ms | R-Net ms | O-Net ms "
         "| numpy cascade ms | mean ms | load s | first pass s | peak RSS MB |",
