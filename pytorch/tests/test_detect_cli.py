@@ -5,7 +5,4 @@ from twinface_torch.checkpoint import save_backbone
 
 
 def test_verify_photos_with_torch_weights(tmp_path, capsys, monkeypatch):
-    def save(path):
-        save_backbone(get_model("mbf"), path)
-        return path
-    check_verify_photos(tmp_path, capsys, monkeypatch, "torch", save)
+    check_verify_photos(tmp_path, capsys, monkeypatch, "torch", get_model, save_backbone)

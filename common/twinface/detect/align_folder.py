@@ -118,15 +118,11 @@ def _read_journal(path: str) -> dict:
 
 
 def _write_text(path: str, text: str) -> None:
-    with atomic.atomic_path(path) as tmp, atomic.writing(path), open(tmp, "w") as f:
-        f.write(text)
+    atomic.write_bytes(path, text.encode())
 
 
 def _write_crop(path: str, crop) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    data = encode_image(crop, ".jpg", quality=95)
-    with atomic.atomic_path(path) as tmp, atomic.writing(path), open(tmp, "wb") as f:
-        f.write(data)
+    atomic.write_bytes(path, encode_image(crop, ".jpg", quality=95))
 
 
 def _crops_of(entry: dict) -> list:
@@ -228,5 +224,4 @@ def _finish(dst: str, photos: list, others: list, hidden: list, done: dict, resu
     count = {s: sum(e["status"] == s for e in entries) for s in ("ok", "no_face", "unreadable")}
     return {"photos": len(photos), "with_faces": count["ok"], "crops": sum(len(f) for f in landmarks.values()),
             "no_face": count["no_face"], "unreadable": count["unreadable"], "not_photos": len(others),
-            "hidden": len(hidden),
-            "resumed": resumed, "landmarks": os.path.join(dst, LANDMARKS), "report": os.path.join(dst, REPORT)}
+            "hidden": len(hidden), "resumed": resumed, "landmarks": os.path.join(dst, LANDMARKS), "report": os.path.join(dst, REPORT)}
