@@ -25,7 +25,8 @@ def export_tflite(model, out_path, quantization="fp32", calibration=None, calibr
                   verify_images=VERIFY_IMAGES, seed=0) -> dict:
     """Convert `model` to `out_path` and verify it; return what the check measured.
 
-    `calibration` is a data set (open_dataset: .rec, TFRecord, folder) of real face images. int8 needs it: a
+    `calibration` is a data set (open_dataset: .rec, TFRecord, folder) of real face images, or such images as a
+    uint8 NHWC array. int8 needs it: a
     seeded sample of `calibration_images` is its representative set. The verification batch is `verify_images`
     others of the same sample; without data (fp32 / fp16 only) it is seeded noise images. The file appears only
     once it passed (MIN_COSINE, the lowest cosine of the batch); otherwise nothing is left at `out_path`.
@@ -40,7 +41,7 @@ def export_tflite(model, out_path, quantization="fp32", calibration=None, calibr
         check_source, representative = f"{verify_images} seeded noise images", None
     else:
         check, representative = sample_images(calibration, verify_images, calibration_images, seed)
-        check_source = f"{len(check)} images of {calibration}"
+        check_source = f"{len(check)} images of {_name(calibration)}"
     check = to_model_input(check, "NHWC", size)
     content = _convert(model, size, quantization, representative)
     with atomic_path(out_path, suffix=".tflite") as tmp:
@@ -48,21 +49,30 @@ def export_tflite(model, out_path, quantization="fp32", calibration=None, calibr
             f.write(content)
         report = verify_tflite(tmp, model, check, quantization, out_path)
     report.update(verified_on=check_source, bytes=len(content),
-                  calibrated_on=f"{len(representative)} images of {calibration}" if quantization == "int8" else None)
+                  calibrated_on=f"{len(representative)} images of {_name(calibration)}" if quantization == "int8" else None)
     return report
 
 
 def sample_images(data, verify_images, calibration_images, seed=0):
-    """(verification images, calibration images): disjoint, seeded, uint8 NHWC, from the data set at `data`.
-    A set too small for both keeps half of it (at most verify_images) for the check."""
-    from twinface.data.dataset import open_dataset
-    dataset = open_dataset(data)
-    if len(dataset) < 2:
-        raise ValueError(f"{data}: {len(dataset)} image(s); calibration and the check need at least 2")
-    order = np.random.default_rng(seed).permutation(len(dataset))
-    n_check = min(verify_images, len(dataset) // 2)
+    """(verification images, calibration images): disjoint, seeded, uint8 NHWC, from the data set at `data` (or
+    from `data` itself, uint8 images [N, H, W, 3]). A set too small for both keeps half of it (at most
+    verify_images) for the check."""
+    if isinstance(data, np.ndarray):
+        count, image = len(data), data.__getitem__
+    else:
+        from twinface.data.dataset import open_dataset
+        dataset = open_dataset(data)
+        count, image = len(dataset), dataset.image
+    if count < 2:
+        raise ValueError(f"{_name(data)}: {count} image(s); calibration and the check need at least 2")
+    order = np.random.default_rng(seed).permutation(count)
+    n_check = min(verify_images, count // 2)
     pick = [order[:n_check], order[n_check:n_check + calibration_images]]
-    return tuple(np.stack([dataset.image(int(i)) for i in indices]) for indices in pick)
+    return tuple(np.stack([image(int(i)) for i in indices]) for indices in pick)
+
+
+def _name(data) -> str:
+    return f"{len(data)} given images" if isinstance(data, np.ndarray) else str(data)
 
 
 def _convert(model, size, quantization, representative) -> bytes:
@@ -82,7 +92,9 @@ def _convert(model, size, quantization, representative) -> bytes:
         calibration = to_model_input(representative, "NHWC", size)
         converter.representative_dataset = lambda: ([calibration[i:i + 1]] for i in range(len(calibration)))
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]   # no float fallback op
-    return converter.convert()
+    with warnings.catch_warnings():     # "Statistics for quantized inputs were expected": the input stays float
+        warnings.filterwarnings("ignore", "Statistics for quantized inputs", UserWarning)
+        return converter.convert()
 
 
 def verify_tflite(path, model, inputs, quantization, out_path) -> dict:
