@@ -142,3 +142,36 @@ def test_cli_round_trip_embed_and_eval(weights, data, tmp_path, capsys):
     capsys.readouterr()
     main(["eval", "--weights", str(out), "--bin", os.path.join(data, "val.bin")])
     assert "[val.bin]Accuracy-Flip" in capsys.readouterr().out
+
+
+def test_files_the_embedder_cannot_run_are_refused_in_one_line(data, tmp_path):
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3, 8, 8], tf.float32)])
+    def nchw(x):
+        return tf.reduce_mean(x, axis=[2, 3])
+
+    other = tmp_path / "nchw.tflite"
+    other.write_bytes(tf.lite.TFLiteConverter.from_concrete_functions([nchw.get_concrete_function()]).convert())
+    junk = tmp_path / "junk.tflite"
+    junk.write_bytes(b"junk")
+    val = os.path.join(data, "val.bin")
+    with pytest.raises(SystemExit, match=r"nchw\.tflite: input .* is float32 \[-1, 3, 8, 8\]; expected float32 "
+                                         r"\[batch, S, S, 3\]"):
+        main(["eval", "--weights", str(other), "--bin", val])
+    with pytest.raises(SystemExit, match=r"junk\.tflite: "):
+        main(["eval", "--weights", str(junk), "--bin", val])
+
+
+def test_a_file_with_a_fixed_batch_of_one_runs_image_by_image(tmp_path):
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 8, 8, 3], tf.float32)])
+    def mean_colour(x):
+        return tf.reduce_mean(x, axis=[1, 2])
+
+    path = tmp_path / "fixed.tflite"
+    path.write_bytes(tf.lite.TFLiteConverter.from_concrete_functions([mean_colour.get_concrete_function()]).convert())
+    images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    np.testing.assert_allclose(tflite.TFLiteEmbedder(str(path))(images),
+                               to_model_input(images, "NHWC").mean(axis=(1, 2)), atol=1e-6)

@@ -128,7 +128,7 @@ class TFLiteEmbedder:
         inputs, outputs = self.interpreter.get_input_details(), self.interpreter.get_output_details()
         if len(inputs) != 1 or len(outputs) != 1:
             raise ValueError(f"{path}: expected one input and one output, got {len(inputs)} and {len(outputs)}")
-        signature, dtype = list(inputs[0]["shape_signature"]), inputs[0]["dtype"]
+        signature, dtype = inputs[0]["shape_signature"].tolist(), inputs[0]["dtype"]
         if len(signature) != 4 or signature[3] != 3 or signature[1] != signature[2] or dtype != np.float32 \
                 or signature[0] not in (-1, 1):
             raise ValueError(f"{path}: input {inputs[0]['name']!r} is {dtype.__name__} {signature}; expected float32 "
