@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-from twinface.atomic import atomic_path
+from twinface.atomic import atomic_path, writing
 from twinface.data.transforms import to_model_input
 
 QUANTIZATIONS = ("fp32", "fp16", "int8")
@@ -26,9 +26,9 @@ def export_tflite(model, out_path, quantization="fp32", calibration=None, calibr
     """Convert `model` to `out_path` and verify it; return what the check measured.
 
     `calibration` is a data set (open_dataset: .rec, TFRecord, folder) of real face images, or such images as a
-    uint8 NHWC array. int8 needs it: a
-    seeded sample of `calibration_images` is its representative set. The verification batch is `verify_images`
-    others of the same sample; without data (fp32 / fp16 only) it is seeded noise images. The file appears only
+    uint8 NHWC array. int8 needs it: a seeded sample of `calibration_images` is its representative set. The
+    verification batch is `verify_images` others of the same sample; without data (fp32 / fp16 only) it is seeded
+    noise images. The file appears only
     once it passed (MIN_COSINE, the lowest cosine of the batch); otherwise nothing is left at `out_path`.
     """
     if quantization not in QUANTIZATIONS:
@@ -45,11 +45,11 @@ def export_tflite(model, out_path, quantization="fp32", calibration=None, calibr
     check = to_model_input(check, "NHWC", size)
     content = _convert(model, size, quantization, representative)
     with atomic_path(out_path, suffix=".tflite") as tmp:
-        with open(tmp, "wb") as f:
+        with writing(out_path), open(tmp, "wb") as f:
             f.write(content)
         report = verify_tflite(tmp, model, check, quantization, out_path)
-    report.update(verified_on=check_source, bytes=len(content),
-                  calibrated_on=f"{len(representative)} images of {_name(calibration)}" if quantization == "int8" else None)
+    calibrated_on = f"{len(representative)} images of {_name(calibration)}" if quantization == "int8" else None
+    report.update(verified_on=check_source, calibrated_on=calibrated_on, bytes=len(content))
     return report
 
 
