@@ -1,4 +1,4 @@
-"""TFLite rows: the Keras twin's TFLite exports (fp32, fp16 weights, int8) run by TFLite's interpreter with its
+"""TFLite rows: the Keras twin's TFLite exports (fp32, fp16 weights, int8, int8 with float PReLU) run by TFLite's interpreter with its
 default XNNPACK delegate, through the embedder `twinface embed` uses for a .tflite file."""
 from twinface_tf.tflite import TFLiteEmbedder, export_tflite
 
@@ -16,7 +16,8 @@ def prepare(spec, _):
     model = load_model(spec)
     facts = {}
     for quantization in spec["quantizations"]:
-        calibration = images(CALIBRATION_IMAGES + 8, spec["input_size"], seed=1) if quantization == "int8" else None
+        integer = quantization.startswith("int8")
+        calibration = images(CALIBRATION_IMAGES + 8, spec["input_size"], seed=1) if integer else None
         report = export_tflite(model, tflite_path(spec["work_dir"], spec["model"], quantization), quantization,
                                calibration=calibration, calibration_images=CALIBRATION_IMAGES, verify_images=8)
         facts[quantization] = {k: report[k] for k in ("cosine_min", "cosine_mean", "delegate_nodes", "bytes")}
@@ -25,7 +26,7 @@ def prepare(spec, _):
 
 def inference(runtime, spec):
     """(build, call) as torch_rows.inference: the interpreter on every core the process may use."""
-    path = tflite_path(spec["work_dir"], spec["model"], runtime.split("-")[1])
+    path = tflite_path(spec["work_dir"], spec["model"], runtime[len("tflite-"):])
     state = {}
 
     def build():

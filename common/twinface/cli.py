@@ -302,8 +302,9 @@ def _add_export(sub):
     p.add_argument("--arch", required=True, help="backbone name (r50, mbf, ...)")
     p.add_argument("--out", required=True, help="the file to write: .onnx, or .tflite with --format tflite")
     p.add_argument("--format", choices=["onnx", "tflite"], default="onnx", help="default onnx (docs/tflite.md)")
-    p.add_argument("--quantization", choices=["fp32", "fp16", "int8"], default="fp32",
-                   help="tflite: fp32 (default), fp16 weights, or int8 weights and activations (needs --calibration)")
+    p.add_argument("--quantization", choices=["fp32", "fp16", "int8", "int8-float-prelu"], default="fp32",
+                   help="tflite: fp32 (default), fp16 weights, int8 weights and activations (needs --calibration), or "
+                        "int8-float-prelu: int8 but PReLU in float, 3-4x faster under XNNPACK on x86 (docs/tflite.md)")
     p.add_argument("--calibration", metavar="DATA",
                    help="tflite: real face images (.rec, TFRecord or image folder): a seeded sample calibrates int8 "
                         "and checks the file against the Keras twin (without it fp32/fp16 are checked on noise)")

@@ -63,17 +63,34 @@ def test_float_exports_are_verified_and_run_under_xnnpack(model, data, tmp_path,
     np.testing.assert_allclose(builtin(images), delegated(images), rtol=1e-3, atol=1e-3 * np.abs(reference).max())
 
 
-def test_int8_export_is_calibrated_on_real_images_and_close(model, data, tmp_path):
-    path = tmp_path / "mbf.int8.tflite"
-    report = tflite.export_tflite(model, str(path), "int8", calibration=os.path.join(data, "train.rec"))
+@pytest.fixture(scope="module")
+def int8_exports(model, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8")
+    return {q: (out / f"mbf.{q}.tflite", tflite.export_tflite(model, str(out / f"mbf.{q}.tflite"), q,
+                                                                calibration=os.path.join(data, "train.rec")))
+            for q in ("int8", "int8-float-prelu")}
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int8-float-prelu"])
+def test_int8_exports_are_calibrated_on_real_images_and_close(model, tmp_path, int8_exports, quantization):
+    path, report = int8_exports[quantization]
     assert report["calibrated_on"].startswith("18 images of ")           # the half not used for the check
-    # Measured: min 0.9996, mean 0.9997 (tiny set, seeded untrained model); int8 has no required bound.
-    print(f"int8 cosine min {report['cosine_min']:.4f} mean {report['cosine_mean']:.4f}")
+    # Measured: both min 0.9996, mean 0.9997 (tiny set, seeded untrained model); int8 has no required bound.
+    print(f"{quantization} cosine min {report['cosine_min']:.4f} mean {report['cosine_mean']:.4f}")
     assert 0.9 < report["cosine_min"] <= report["cosine_mean"] < 1.0
-    embed = tflite.TFLiteEmbedder(str(path))
-    assert embed.interpreter.get_input_details()[0]["dtype"] == np.float32        # float interface kept
-    with pytest.raises(ValueError, match="int8 quantization needs calibration data"):
-        tflite.export_tflite(model, str(tmp_path / "none.tflite"), "int8")
+    details = tflite.TFLiteEmbedder(str(path)).interpreter.get_input_details()[0]
+    assert details["dtype"] == np.float32                               # float interface kept
+    with pytest.raises(ValueError, match=f"{quantization} quantization needs calibration data"):
+        tflite.export_tflite(model, str(tmp_path / "none.tflite"), quantization)
+
+
+def test_float_prelu_keeps_the_graph_in_few_xnnpack_partitions(int8_exports):
+    """XNNPACK takes PReLU in float only: full int8 splits the graph at each of MobileFaceNet's PReLUs."""
+    ops = {q: [op["op_name"] for op in tflite.TFLiteEmbedder(str(path)).interpreter._get_ops_details()]
+           for q, (path, _) in int8_exports.items()}
+    assert ops["int8"].count("DELEGATE") > ops["int8"].count("PRELU") > 10
+    assert ops["int8-float-prelu"].count("DELEGATE") <= 2
+    assert ops["int8-float-prelu"].count("QUANTIZE") == ops["int8-float-prelu"].count("PRELU") + 1   # + the input
 
 
 def test_calibration_and_check_images_are_disjoint_and_seeded(data):
