@@ -1,5 +1,5 @@
-"""TFLite rows: the Keras twin's TFLite exports (fp32, fp16 weights, int8, int8 with float PReLU) run by TFLite's interpreter with its
-default XNNPACK delegate, through the embedder `twinface embed` uses for a .tflite file."""
+"""TFLite rows: the Keras twin's TFLite exports (fp32, fp16 weights, int8, int8 with float PReLU) run by TF Lite's
+interpreter with its default XNNPACK delegate, through the embedder `twinface embed` uses for a .tflite file."""
 from twinface_tf.tflite import TFLiteEmbedder, export_tflite
 
 from .measure import images

@@ -38,7 +38,8 @@ def export_tflite(model, out_path, quantization="fp32", calibration=None, calibr
         raise ValueError(f"quantization {quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
     integer = quantization.startswith("int8")
     if integer and calibration is None:
-        raise ValueError(f"{quantization} quantization needs calibration data (--calibration: a .rec, TFRecord or image folder)")
+        raise ValueError(f"{quantization} quantization needs calibration data (--calibration: a .rec, TFRecord or "
+                         "image folder)")
     size = model.inputs[0].shape[1]
     if calibration is None:
         check = np.random.default_rng(seed).integers(0, 256, (verify_images, size, size, 3), dtype=np.uint8)
