@@ -192,3 +192,16 @@ def test_a_file_with_a_fixed_batch_of_one_runs_image_by_image(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
     np.testing.assert_allclose(tflite.TFLiteEmbedder(str(path))(images),
                                to_model_input(images, "NHWC").mean(axis=(1, 2)), atol=1e-6)
+
+
+def test_photos_of_a_tflite_model_are_detected_by_the_tf_mtcnn(monkeypatch):
+    """embed / verify --detect run the detector in the model's framework: TensorFlow for a .tflite file."""
+    import argparse
+
+    from twinface import cli
+    from twinface.detect import faces
+    used = []
+    monkeypatch.setattr(faces, "load_detector_nets", lambda framework: used.append(framework))
+    monkeypatch.setattr(faces, "FaceAligner", lambda *args, **kwargs: None)
+    cli._aligner(argparse.Namespace(weights="model.tflite", min_size=20.0, min_score=0.95))
+    assert used == ["tf"]
