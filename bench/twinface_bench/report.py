@@ -18,6 +18,8 @@ LABELS = {
     "tf-embed-avx2": "TF embed_images, oneDNN capped at AVX2",
     "tf-embed-bf16": "TF embed_images, bf16 trunk (mixed_bfloat16)",
     "ort-torch": "onnxruntime, torch export", "ort-tf": "onnxruntime, TF export (tf2onnx)",
+    "tflite-fp32": "TFLite fp32 (XNNPACK)", "tflite-fp16": "TFLite fp16 weights (XNNPACK)",
+    "tflite-int8": "TFLite int8 (XNNPACK)", "tflite-int8-float-prelu": "TFLite int8, PReLU in float (XNNPACK)",
     "torch-cuda-fp32": "torch CUDA fp32", "torch-cuda-bf16": "torch CUDA bf16 weights+inputs",
     "torch-cuda-fp16": "torch CUDA fp16 autocast", "torch-cuda-fp16-channels-last": "torch CUDA fp16 autocast channels_last",
     "torch-train": "torch TorchTwin.train_step", "tf-train": "TF TFTwin.train_step",

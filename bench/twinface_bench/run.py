@@ -20,11 +20,16 @@ from .tasks import run_task
 
 CPU_RUNTIMES = ("torch-eager", "torch-channels-last", "torch-jit-freeze", "torch-jit-onednn", "torch-compile",
                 "torch-embed", "torch-embed-omp-default", "torch-embed-bf16", "tf-eager", "tf-function", "tf-xla",
-                "tf-embed", "tf-embed-eigen", "tf-embed-avx2", "tf-embed-bf16", "ort-torch", "ort-tf")
-# bf16 trunk: other numbers than the fp32 rows, so never a contender in the duel that judges the default paths
-REDUCED_PRECISION_RUNTIMES = ("torch-embed-bf16", "tf-embed-bf16")
+                "tf-embed", "tf-embed-eigen", "tf-embed-avx2", "tf-embed-bf16", "ort-torch", "ort-tf",
+                "tflite-fp32", "tflite-fp16", "tflite-int8", "tflite-int8-float-prelu")
+TFLITE_RUNTIMES = ("tflite-fp32", "tflite-fp16", "tflite-int8", "tflite-int8-float-prelu")
+# bf16 trunk, fp16 weights, int8: other numbers than the fp32 rows, so never a contender in the duel that judges
+# the default paths
+REDUCED_PRECISION_RUNTIMES = ("torch-embed-bf16", "tf-embed-bf16", "tflite-fp16", "tflite-int8",
+                              "tflite-int8-float-prelu")
 # --runtimes only: keeps `make bench` under 15 min
-OPT_IN_RUNTIMES = ("torch-embed-omp-default", "tf-embed-eigen", "tf-embed-avx2", "tf-train-eigen", "tf-train-avx2")
+OPT_IN_RUNTIMES = ("torch-embed-omp-default", "tf-embed-eigen", "tf-embed-avx2", "tf-train-eigen", "tf-train-avx2",
+                   *TFLITE_RUNTIMES)
 CUDA_RUNTIMES = ("torch-cuda-fp32", "torch-cuda-bf16", "torch-cuda-fp16", "torch-cuda-fp16-channels-last")
 TRAIN_RUNTIMES = ("torch-train", "tf-train", "tf-train-eigen", "tf-train-avx2")
 # --runtimes only, IResNet only: the backbone's training step without / with gradient checkpointing, for peak RSS
@@ -126,9 +131,14 @@ def _model_spec(opts, work_dir, model):
 
 
 def prepare_specs(opts: Options, work_dir: str, model: str) -> list:
+    tflite = [r[len("tflite-"):] for r in opts.runtimes if r in TFLITE_RUNTIMES]
     needs_tf = any(r.startswith("tf-") or r == "ort-tf" for r in opts.runtimes)
-    return [{"task": "prepare", "framework": framework, **_model_spec(opts, work_dir, model)}
-            for framework in ("torch", "tf") if framework == "torch" or needs_tf]
+    specs = [{"task": "prepare", "framework": framework, **_model_spec(opts, work_dir, model)}
+             for framework in ("torch", "tf") if framework == "torch" or needs_tf]
+    if tflite:                       # the Keras twin's exports, from the weights the torch preparation wrote
+        specs.append({"task": "prepare", "framework": "tflite", "quantizations": tflite,
+                      **_model_spec(opts, work_dir, model)})
+    return specs
 
 
 def duel_spec(opts: Options, work_dir: str, model: str, rows: list):

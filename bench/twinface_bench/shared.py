@@ -16,6 +16,10 @@ def onnx_path(work_dir, model, framework):
     return os.path.join(work_dir, f"{model}.{framework}.onnx")
 
 
+def tflite_path(work_dir, model, quantization):
+    return os.path.join(work_dir, f"{model}.{quantization}.tflite")
+
+
 def train_config(spec):
     """ArcFace head, SGD: the default recipe; a small lr keeps every timed step finite (a NaN step skips its
     update and would time faster than training)."""

@@ -26,8 +26,10 @@ def _rows_module(runtime: str):
         from . import tf_rows as module
     elif prefix == "ort":
         from . import ort_rows as module
+    elif prefix == "tflite":
+        from . import tflite_rows as module
     else:
-        raise ValueError(f"unknown runtime {runtime!r}: expected a name starting with torch-, tf- or ort-")
+        raise ValueError(f"unknown runtime {runtime!r}: expected a name starting with torch-, tf-, ort- or tflite-")
     return module
 
 

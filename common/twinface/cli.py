@@ -220,6 +220,7 @@ def _aligner(args, faces="largest", size=112):
     if not framework and getattr(args, "weights", None):      # embed / verify: the runtime the model runs in
         from .embedders import detect_framework
         framework = detect_framework(args.weights)
+        framework = "tf" if framework == "tflite" else framework        # TF's interpreter runs a .tflite file
     return FaceAligner(load_detector_nets(framework or "torch"), DetectParams(min_face_size=args.min_size),
                        min_score=args.min_score, faces=faces, size=size)
 
@@ -294,31 +295,52 @@ def _run_eval(args):
 
 
 def _add_export(sub):
-    p = sub.add_parser("export", help="export a backbone to ONNX (NCHW input 'data', dynamic batch), verified")
+    p = sub.add_parser("export", help="export a backbone to ONNX (NCHW input 'data', dynamic batch) or, TF weights, to "
+                                      "TFLite (NHWC float input, fp32 / fp16 / int8), verified")
     p.add_argument("--framework", choices=["torch", "tf"], help="default: from the weights' extension")
     p.add_argument("--weights", required=True)
     p.add_argument("--arch", required=True, help="backbone name (r50, mbf, ...)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the file to write: .onnx, or .tflite with --format tflite")
+    p.add_argument("--format", choices=["onnx", "tflite"], default="onnx", help="default onnx (docs/tflite.md)")
+    p.add_argument("--quantization", choices=["fp32", "fp16", "int8", "int8-float-prelu"], default="fp32",
+                   help="tflite: fp32 (default), fp16 weights, int8 weights and activations (needs --calibration), or "
+                        "int8-float-prelu: int8 but PReLU in float, 3-4x faster under XNNPACK on x86 (docs/tflite.md)")
+    p.add_argument("--calibration", metavar="DATA",
+                   help="tflite: real face images (.rec, TFRecord or image folder): a seeded sample calibrates int8 "
+                        "and checks the file against the Keras twin (without it fp32/fp16 are checked on noise)")
     p.add_argument("--num-features", type=POSITIVE_INT, default=512)
     p.add_argument("--input-size", type=POSITIVE_INT, default=112)
-    p.add_argument("--opset", type=POSITIVE_INT, default=17)
-    p.add_argument("--force", action="store_true", help="replace an existing --out .onnx file (never the weights)")
+    p.add_argument("--opset", type=POSITIVE_INT, default=17, help="onnx only")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file (never the weights)")
 
 
 def _run_export(args):
     from .embedders import detect_framework
     framework = detect_framework(args.weights, args.framework)
+    tflite = args.format == "tflite"
+    if not tflite and (args.quantization != "fp32" or args.calibration):
+        raise UsageError("--quantization and --calibration apply to --format tflite only")
     from .atomic import check_destination
-    check_destination(args.out, overwrite=args.force, flag="--force", inputs=[args.weights], ext=".onnx")
-    if framework == "torch":
+    check_destination(args.out, overwrite=args.force, flag="--force", inputs=[args.weights, args.calibration],
+                      ext=".tflite" if tflite else ".onnx")
+    if framework == "torch" and not tflite:
         from twinface_torch import checkpoint, export
     elif framework == "tf":
         from twinface_tf import checkpoint, export
     else:
-        raise UsageError(f"export takes torch or TF weights, got {framework}")
+        raise UsageError(f"{args.format} export takes {'TF' if tflite else 'torch or TF'} weights, got {framework}"
+                         + ("; convert torch weights first (twinface convert)" if framework == "torch" else ""))
     with reading(args.weights):
         model = checkpoint.load_backbone(args.weights, args.arch, num_features=args.num_features,
                                          input_size=args.input_size)
+    if tflite:
+        from twinface_tf.tflite import export_tflite
+        with reading(args.calibration) if args.calibration else contextlib.nullcontext():
+            r = export_tflite(model, args.out, args.quantization, calibration=args.calibration)
+        print(f"wrote {args.out} ({args.quantization}, {r['bytes'] / 2 ** 20:.1f} MiB; vs the Keras twin on "
+              f"{r['verified_on']}: cosine min {r['cosine_min']:.6f}, mean {r['cosine_mean']:.6f}; "
+              f"XNNPACK delegate nodes: {r['delegate_nodes']})")
+        return
     diff = export.export_onnx(model, args.out, args.arch, input_size=args.input_size, opset=args.opset)
     print(f"wrote {args.out} (onnxruntime vs {framework}: max abs diff {diff:.3g})")
 
@@ -327,8 +349,9 @@ def _add_model_args(p, weights_in=None):
     """The model options of embed, verify and eval; `weights_in` is a mutually exclusive group that --weights
     joins (eval: --weights or --embeddings), else --weights is required."""
     (weights_in or p).add_argument("--weights", required=weights_in is None,
-                                   help="model: .onnx, torch .pth/.pt, Keras .weights.h5")
-    p.add_argument("--framework", choices=["torch", "tf", "onnx"], help="override detection from the extension")
+                                   help="model: .onnx, .tflite, torch .pth/.pt, Keras .weights.h5")
+    p.add_argument("--framework", choices=["torch", "tf", "onnx", "tflite"],
+                   help="override detection from the extension")
     p.add_argument("--arch", help="backbone name for torch/TF weights (e.g. r50); ONNX files need none")
     p.add_argument("--input-size", type=POSITIVE_INT, default=112, help="torch/TF weights: the input size trained at")
     p.add_argument("--num-features", type=POSITIVE_INT, default=512, help="torch/TF weights: the embedding size")

@@ -1,7 +1,7 @@
 """Turn a weights file into `embed(images_uint8_nhwc) -> float32 [N, D]`, whatever framework made it.
 
-ONNX runs here through onnxruntime (framework-neutral); torch and TF weights load their twin lazily, so
-`twinface eval` on an ONNX file never imports a deep-learning framework.
+ONNX runs here through onnxruntime (framework-neutral); torch and TF weights, and TFLite files (TF's interpreter),
+load their twin lazily, so `twinface eval` on an ONNX file never imports a deep-learning framework.
 """
 import os
 
@@ -9,8 +9,10 @@ import numpy as np
 
 from .data.transforms import to_model_input
 
-FRAMEWORK_BY_SUFFIX = {".onnx": "onnx", ".pth": "torch", ".pt": "torch", ".h5": "tf", ".keras": "tf"}
-ACCEPTED = "an .onnx file, torch .pth/.pt weights or Keras .weights.h5 weights"
+FRAMEWORK_BY_SUFFIX = {".onnx": "onnx", ".pth": "torch", ".pt": "torch", ".h5": "tf", ".keras": "tf",
+                       ".tflite": "tflite"}
+ACCEPTED = "an .onnx file, a .tflite file, torch .pth/.pt weights or Keras .weights.h5 weights"
+FRAMEWORKS = ("torch", "tf", "onnx", "tflite")
 
 
 def detect_framework(weights: str, framework: str = None) -> str:
@@ -25,7 +27,7 @@ def detect_framework(weights: str, framework: str = None) -> str:
     suffix = os.path.splitext(weights)[1].lower()
     if suffix not in FRAMEWORK_BY_SUFFIX:
         raise ValueError(f"{weights}: cannot tell the framework from the extension {suffix!r}; "
-                         f"known: {', '.join(sorted(FRAMEWORK_BY_SUFFIX))} (or pass --framework torch|tf|onnx)")
+                         f"known: {', '.join(sorted(FRAMEWORK_BY_SUFFIX))} (or pass --framework torch|tf|onnx|tflite)")
     return FRAMEWORK_BY_SUFFIX[suffix]
 
 
@@ -48,14 +50,17 @@ class OnnxEmbedder:
 
 
 def load_embedder(weights: str, framework: str = None, arch: str = None, **model_kwargs):
-    """model_kwargs (input_size, num_features) describe torch/TF weights; an ONNX file describes itself."""
+    """model_kwargs (input_size, num_features) describe torch/TF weights; an ONNX or TFLite file describes itself."""
     framework = detect_framework(weights, framework)
     if framework == "onnx":
         return OnnxEmbedder(weights)
+    if framework == "tflite":
+        from twinface_tf.tflite import TFLiteEmbedder
+        return TFLiteEmbedder(weights)
     if framework == "torch":
         from twinface_torch.embed import Embedder
     elif framework == "tf":
         from twinface_tf.embed import Embedder
     else:
-        raise ValueError(f"unknown framework {framework!r}; expected torch, tf or onnx")
+        raise ValueError(f"unknown framework {framework!r}; expected {', '.join(FRAMEWORKS)}")
     return Embedder(weights, arch=arch, **model_kwargs)
