@@ -12,6 +12,7 @@ import time
 from importlib import metadata
 
 from twinface.cpu import isa as cpu_isa
+from twinface.cpu import model_name as cpu_model
 from twinface.cpu import tensorflow_kernels
 
 from . import measure, report
@@ -242,12 +243,6 @@ def derive(result: dict) -> None:
 
 
 def machine(load_start) -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
     versions = {}
     for package in ("torch", "tensorflow-cpu", "tensorflow", "onnxruntime", "numpy", "keras"):
@@ -258,7 +253,7 @@ def machine(load_start) -> dict:
     tf_default = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
     kernels = {"isa": cpu_isa(), "tf": tensorflow_kernels(), "tf_default": tensorflow_kernels(tf_default),
                "tf_setting": os.environ.get("TF_ENABLE_ONEDNN_OPTS")}
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory, 1), "python": platform.python_version(),
-            "kernels": kernels,
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "memory_gib": round(memory, 1),
+            "python": platform.python_version(), "kernels": kernels,
             "platform": platform.platform(), "versions": versions, "load_start": load_start,
             "load_end": os.getloadavg(), "child_env": {k: os.environ.get(k, v) for k, v in CHILD_ENV.items()}}

@@ -25,3 +25,10 @@ def test_twinface_turns_onednn_on_unless_the_user_chose():
     assert _setting_after_import({**env, "TF_ENABLE_ONEDNN_OPTS": "0"}) == "0"
     assert cpu.tensorflow_kernels({**env, "TF_ENABLE_ONEDNN_OPTS": "0"}) == "Eigen"
     assert cpu.tensorflow_kernels({**env, "TF_ENABLE_ONEDNN_OPTS": "1"}) == "oneDNN"
+
+
+def test_model_name_reads_the_cpuinfo_line(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2\n")
+    assert cpu.model_name(str(info)) == "AMD EPYC 7B13"
+    assert cpu.model_name(str(tmp_path / "absent"))                  # platform's answer, never empty

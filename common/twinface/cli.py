@@ -11,6 +11,8 @@ import os
 import pickle
 import sys
 
+from .runtime import CHOICES as RUNTIME_CHOICES
+
 
 class UsageError(Exception):
     """A mistake in the command line, already worded for the user."""
@@ -216,11 +218,10 @@ def _add_detect_args(p, detect_help=None):
 def _aligner(args, faces="largest", size=112):
     from .detect.cascade import DetectParams
     from .detect.faces import FaceAligner, load_detector_nets
-    framework = getattr(args, "detector", None) or getattr(args, "framework", None)
-    if not framework and getattr(args, "weights", None):      # embed / verify: the runtime the model runs in
-        from .embedders import detect_framework
-        framework = detect_framework(args.weights)
-        framework = "tf" if framework == "tflite" else framework        # TF's interpreter runs a .tflite file
+    # embed / verify: the runtime the model runs in (set by _load_embedder); align: its --framework
+    framework = getattr(args, "detector", None) or getattr(args, "runtime_used", None) \
+        or getattr(args, "framework", None)
+    framework = "tf" if framework == "tflite" else framework            # TF's interpreter runs a .tflite file
     return FaceAligner(load_detector_nets(framework or "torch"), DetectParams(min_face_size=args.min_size),
                        min_score=args.min_score, faces=faces, size=size)
 
@@ -278,7 +279,7 @@ def _run_eval(args):
             embeddings, _ = load_embeddings(args.embeddings)   # checks the header's size against the file first
         results[os.path.basename(args.bin[0])] = evaluate_embeddings(embeddings, None, issame)
     else:
-        embed = _load_embedder(args)
+        embed = _load_embedder(args, args.batch_size)
         for path in args.bin:
             with reading(path):
                 results[os.path.basename(path)] = bins_mod.evaluate_bin(embed, path, flip=not args.no_flip,
@@ -353,6 +354,9 @@ def _add_model_args(p, weights_in=None):
     p.add_argument("--framework", choices=["torch", "tf", "onnx", "tflite"],
                    help="override detection from the extension")
     p.add_argument("--arch", help="backbone name for torch/TF weights (e.g. r50); ONNX files need none")
+    p.add_argument("--runtime", choices=RUNTIME_CHOICES,
+                   help="run the model in this framework (converted once, verified, cached) or, auto, in the fastest "
+                        "one here, measured once per machine, model and batch (default: the weights' own)")
     p.add_argument("--input-size", type=POSITIVE_INT, default=112, help="torch/TF weights: the input size trained at")
     p.add_argument("--num-features", type=POSITIVE_INT, default=512, help="torch/TF weights: the embedding size")
     p.add_argument("--no-flip", action="store_true",
@@ -391,11 +395,20 @@ def _image_paths(spec: str):
     return paths
 
 
-def _load_embedder(args):
-    from .embedders import load_embedder
+def _load_embedder(args, batch: int):
+    """The model of embed / eval / verify, in --runtime's framework (`batch`: the shape auto times)."""
+    from .embedders import detect_framework, load_embedder
+    model_kwargs = dict(input_size=args.input_size, num_features=args.num_features)
     with reading(args.weights):
-        return load_embedder(args.weights, args.framework, args.arch, input_size=args.input_size,
-                             num_features=args.num_features)
+        framework, weights = detect_framework(args.weights, args.framework), args.weights
+        if args.runtime:
+            from . import runtime
+            chosen = args.runtime
+            if chosen == "auto":
+                chosen = runtime.choose(weights, framework, args.arch, model_kwargs, batch)
+            weights, framework = runtime.converted(weights, framework, chosen, args.arch), chosen
+        args.runtime_used = framework
+        return load_embedder(weights, framework, args.arch, **model_kwargs)
 
 
 def _embed_paths(embed, paths, flip: bool, batch_size: int, verb: str, progress: bool = True, aligner=None):
@@ -441,7 +454,7 @@ def _embed_paths(embed, paths, flip: bool, batch_size: int, verb: str, progress:
 def _run_embed(args):
     from .eval.embeddings import l2_normalize, save_embeddings
     paths = _image_paths(args.images)
-    embed = _load_embedder(args)
+    embed = _load_embedder(args, min(args.batch_size, len(paths)))
     aligner = _aligner(args) if args.detect else None
     emb, paths = _embed_paths(embed, paths, not args.no_flip, args.batch_size, args.verb, aligner=aligner)
     out = save_embeddings(args.out, emb if args.raw else l2_normalize(emb), names=paths)
@@ -461,7 +474,7 @@ def _add_verify(sub):
 def _run_verify(args):
     import numpy as np
     from .eval.embeddings import l2_normalize
-    embed = _load_embedder(args)
+    embed = _load_embedder(args, 2)
     aligner = _aligner(args) if args.detect else None
     emb, kept = _embed_paths(embed, list(args.images), not args.no_flip, 2, args.verb, progress=False, aligner=aligner)
     if len(kept) < 2:

@@ -11,6 +11,16 @@ ISA_NAMES = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX-512 VNNI"
              "amx_tile": "AMX"}
 
 
+def model_name(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name ("Intel(R) Xeon(R) ...", platform.processor() where /proc/cpuinfo is absent)."""
+    try:
+        with open(cpuinfo) as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+        return platform.processor() or "unknown"
+
+
 def isa(cpuinfo: str = "/proc/cpuinfo") -> list:
     """The instruction sets of ISA_NAMES this CPU has, by their usual names ([] where /proc/cpuinfo is absent)."""
     try:
