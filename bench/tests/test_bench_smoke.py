@@ -80,6 +80,10 @@ def test_files_are_written(bench):
                    "torch TorchTwin.train_step", "TF TFTwin.train_step", "### Targets", "Reference peak"):
         assert needle in table, needle
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    kernels = saved["machine"]["kernels"]                   # what decides the numbers, in the JSON and the table
+    assert kernels["torch"].split()[0] in ("AVX512", "AVX2", "DEFAULT") and kernels["isa"]
+    assert f"torch: {kernels['torch']} (ATen kernel level, oneDNN)" in table
+    assert f"CPU kernels: instruction sets {', '.join(kernels['isa'])}; TensorFlow runs {kernels['tf']}" in table
 
 
 def test_child_process_rows_and_errors(tmp_path):

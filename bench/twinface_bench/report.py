@@ -81,7 +81,8 @@ def _kernels_line(k) -> str:
     setting = "unset" if k["tf_setting"] is None else k["tf_setting"]
     return (f"CPU kernels: instruction sets {', '.join(k['isa']) or 'unknown'}; TensorFlow runs {k['tf']} "
             f"(TF_ENABLE_ONEDNN_OPTS={setting}; TensorFlow's own default on this CPU: {k['tf_default']}); "
-            "torch and onnxruntime pick their kernels by instruction set at run time.")
+            f"torch: {k.get('torch', 'not recorded')} (ATen kernel level, oneDNN); onnxruntime picks its kernels by "
+            "instruction set at run time.")
 
 
 def markdown(result) -> str:

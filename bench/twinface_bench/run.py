@@ -13,7 +13,7 @@ from importlib import metadata
 
 from twinface.cpu import isa as cpu_isa
 from twinface.cpu import model_name as cpu_model
-from twinface.cpu import tensorflow_kernels
+from twinface.cpu import tensorflow_kernels, torch_kernels
 
 from . import measure, report
 from .shared import DEFAULT_PATHS
@@ -252,7 +252,7 @@ def machine(load_start) -> dict:
             pass
     tf_default = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
     kernels = {"isa": cpu_isa(), "tf": tensorflow_kernels(), "tf_default": tensorflow_kernels(tf_default),
-               "tf_setting": os.environ.get("TF_ENABLE_ONEDNN_OPTS")}
+               "tf_setting": os.environ.get("TF_ENABLE_ONEDNN_OPTS"), "torch": torch_kernels()}
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "memory_gib": round(memory, 1),
             "python": platform.python_version(), "kernels": kernels,
             "platform": platform.platform(), "versions": versions, "load_start": load_start,

@@ -32,3 +32,8 @@ def test_model_name_reads_the_cpuinfo_line(tmp_path):
     info.write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2\n")
     assert cpu.model_name(str(info)) == "AMD EPYC 7B13"
     assert cpu.model_name(str(tmp_path / "absent"))                  # platform's answer, never empty
+
+
+def test_torch_kernels_follow_the_aten_cap():
+    assert cpu.torch_kernels({**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}) == "AVX2 oneDNN"
+    assert cpu.torch_kernels({**os.environ, "ATEN_CPU_CAPABILITY": "default"}) == "DEFAULT oneDNN"

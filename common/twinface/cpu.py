@@ -31,11 +31,23 @@ def isa(cpuinfo: str = "/proc/cpuinfo") -> list:
     return [name for flag, name in ISA_NAMES.items() if flag in flags]
 
 
+def torch_kernels(env: dict = None) -> str:
+    """The ATen kernel level torch dispatches to ("AVX512", "AVX2", ...; ATEN_CPU_CAPABILITY caps it) and whether its
+    oneDNN (mkldnn) backend is there, asked of torch in a child process started with `env`."""
+    probe = ("import torch; print(torch.backends.cpu.get_cpu_capability(), "
+             "'oneDNN' if torch.backends.mkldnn.is_available() else 'no oneDNN')")
+    return _ask(probe, env)
+
+
 def tensorflow_kernels(env: dict = None) -> str:
     """'oneDNN' or 'Eigen': what TensorFlow runs in a process started with `env` (default: this one's), asked of
     TensorFlow itself in a child process so that this one never imports it."""
     probe = ("from tensorflow.python.util import _pywrap_util_port as p; "
              "print('oneDNN' if p.IsMklEnabled() else 'Eigen')")
+    return _ask(probe, env)
+
+
+def _ask(probe: str, env: dict = None) -> str:
     run = subprocess.run([sys.executable, "-c", probe], env={"TF_CPP_MIN_LOG_LEVEL": "3", **(env or os.environ)},
                          capture_output=True, text=True, timeout=300)
     return run.stdout.strip() if run.returncode == 0 else f"unknown ({run.stderr.strip().splitlines()[-1:]})"
