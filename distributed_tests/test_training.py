@@ -120,7 +120,8 @@ def test_a_dead_rank_stops_the_others_and_is_named(tmp_path, data_dir):
 # arcface_torch starts at 2^16: an untrained IResNet's first fp16 steps overflow at 2^16 and are skipped (as on a
 # GPU), and 3 skipped steps would leave an untrained r100, whose eval-mode activations overflow, to export.
 RECIPE_SMOKE = ["train.max_steps=3", "train.batch_size=2", "backbone.input_size=32", "seed=0", "train.loss_scale=64", "train.log_every=1", "data.source=synthetic",
-                "data.num_classes=0", "data.num_workers=0", "val.bins=[]"]
+                "data.num_classes=0", "data.num_workers=0", "val.bins=[]",
+                "train.aot_package=false"]          # compiling r100 is minutes; the default run's package is tested
 
 
 @pytest.mark.parametrize("recipe", ["ms1mv3_r50", "glint360k_r100"])

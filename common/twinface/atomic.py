@@ -10,6 +10,7 @@
 """
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -141,6 +142,15 @@ def atomic_path(path: str, suffix: str = ""):
     it when the block succeeds and is removed otherwise."""
     with Outputs([path], suffixes=[suffix], overwrite=True) as (tmp,):
         yield tmp
+
+
+def file_sha256(path: str) -> str:
+    """A file's content digest: how twinface knows a file again (pinned fixtures, converted or compiled copies)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_bytes(path: str, data: bytes) -> None:

@@ -301,8 +301,11 @@ def _add_export(sub):
     p.add_argument("--framework", choices=["torch", "tf"], help="default: from the weights' extension")
     p.add_argument("--weights", required=True)
     p.add_argument("--arch", required=True, help="backbone name (r50, mbf, ...)")
-    p.add_argument("--out", required=True, help="the file to write: .onnx, or .tflite with --format tflite")
-    p.add_argument("--format", choices=["onnx", "tflite"], default="onnx", help="default onnx (docs/tflite.md)")
+    p.add_argument("--out", required=True, help="the file to write: .onnx, .tflite with --format tflite, .pt2 with "
+                                                 "--format pt2 (embed uses WEIGHTS_STEM.pt2 beside the weights)")
+    p.add_argument("--format", choices=["onnx", "tflite", "pt2"], default="onnx",
+                   help="default onnx; tflite (TF weights, docs/tflite.md); pt2: torch weights compiled ahead of time "
+                        "for this CPU (AOTInductor, docs/bench.md)")
     p.add_argument("--quantization", choices=["fp32", "fp16", "int8", "int8-float-prelu"], default="fp32",
                    help="tflite: fp32 (default), fp16 weights, int8 weights and activations (needs --calibration), or "
                         "int8-float-prelu: int8 but PReLU in float, 3-4x faster under XNNPACK on x86 (docs/tflite.md)")
@@ -321,9 +324,11 @@ def _run_export(args):
     tflite = args.format == "tflite"
     if not tflite and (args.quantization != "fp32" or args.calibration):
         raise UsageError("--quantization and --calibration apply to --format tflite only")
+    if args.format == "pt2" and framework != "torch":
+        raise UsageError(f"--format pt2 compiles torch weights, got {framework}; convert them first (twinface convert)")
     from .atomic import check_destination
     check_destination(args.out, overwrite=args.force, flag="--force", inputs=[args.weights, args.calibration],
-                      ext=".tflite" if tflite else ".onnx")
+                      ext="." + args.format)
     if framework == "torch" and not tflite:
         from twinface_torch import checkpoint, export
     elif framework == "tf":
@@ -341,6 +346,17 @@ def _run_export(args):
         print(f"wrote {args.out} ({args.quantization}, {r['bytes'] / 2 ** 20:.1f} MiB; vs the Keras twin on "
               f"{r['verified_on']}: cosine min {r['cosine_min']:.6f}, mean {r['cosine_mean']:.6f}; "
               f"XNNPACK delegate nodes: {r['delegate_nodes']})")
+        return
+    if args.format == "pt2":
+        from .atomic import file_sha256
+        from twinface_torch import aot
+        spec = aot.identity(args.arch, args.input_size, args.num_features, file_sha256(args.weights))
+        print(f"compiling {args.out} (AOTInductor, about a minute) ...")
+        diff = aot.compile_package(model, args.out, spec)
+        beside = aot.package_path(args.weights)
+        used = ("embed / eval / verify use it" if os.path.abspath(args.out) == os.path.abspath(beside) else
+                f"embed / eval / verify look for it as {beside}")
+        print(f"wrote {args.out} (vs the module: max abs diff {diff:.3g}, L2-normalised; {used})")
         return
     diff = export.export_onnx(model, args.out, args.arch, input_size=args.input_size, opset=args.opset)
     print(f"wrote {args.out} (onnxruntime vs {framework}: max abs diff {diff:.3g})")

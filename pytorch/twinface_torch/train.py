@@ -6,9 +6,10 @@ import torch
 
 from twinface import partial_fc as pfc_plan
 from twinface import run_dir
+from twinface.atomic import file_sha256
 from twinface.data.transforms import to_model_input
 
-from . import checkpoint, data, distributed as dist, export
+from . import aot, checkpoint, data, distributed as dist, export
 from .backbones import get_model
 from .embed import embed_images
 from .heads import get_head
@@ -218,8 +219,18 @@ class TorchTwin:
     def barrier(self):
         dist.barrier()
 
-    def export_onnx(self, path: str) -> float:
+    def _inference_copy(self):
         b = self.cfg.backbone
         model = get_model(b.name, num_features=b.num_features, input_size=b.input_size)
         model.load_state_dict(self.backbone.state_dict())
-        return export.export_onnx(model.eval(), path, b.name, input_size=b.input_size)
+        return model.eval()
+
+    def export_onnx(self, path: str) -> float:
+        b = self.cfg.backbone
+        return export.export_onnx(self._inference_copy(), path, b.name, input_size=b.input_size)
+
+    def export_aot(self, path: str, weights: str) -> float:
+        """backbone.pt2 beside `weights` (the backbone file this run wrote), compiled from it (aot.py)."""
+        b = self.cfg.backbone
+        spec = aot.identity(b.name, b.input_size, b.num_features, file_sha256(weights))
+        return aot.compile_package(self._inference_copy(), path, spec)
