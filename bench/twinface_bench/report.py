@@ -9,6 +9,7 @@ LABELS = {
     "torch-jit-freeze": "torch TorchScript frozen, channels_last",
     "torch-jit-onednn": "torch TorchScript frozen + optimize_for_inference (oneDNN layout)",
     "torch-compile": "torch.compile (inductor, freezing; largest batch only)",
+    "torch-aot": "torch AOTInductor package (backbone.pt2: embed's path beside one)",
     "torch-embed": "**torch embed_images (default)**",
     "torch-embed-omp-default": "torch embed_images, libgomp's default wait policy (spins)",
     "torch-embed-bf16": "torch embed_images, bf16 trunk (autocast)",

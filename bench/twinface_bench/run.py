@@ -20,7 +20,7 @@ from .shared import DEFAULT_PATHS
 from .tasks import run_task
 
 CPU_RUNTIMES = ("torch-eager", "torch-channels-last", "torch-jit-freeze", "torch-jit-onednn", "torch-compile",
-                "torch-embed", "torch-embed-omp-default", "torch-embed-bf16", "tf-eager", "tf-function", "tf-xla",
+                "torch-aot", "torch-embed", "torch-embed-omp-default", "torch-embed-bf16", "tf-eager", "tf-function", "tf-xla",
                 "tf-embed", "tf-embed-eigen", "tf-embed-avx2", "tf-embed-bf16", "ort-torch", "ort-tf",
                 "tflite-fp32", "tflite-fp16", "tflite-int8", "tflite-int8-float-prelu")
 TFLITE_RUNTIMES = ("tflite-fp32", "tflite-fp16", "tflite-int8", "tflite-int8-float-prelu")
@@ -29,7 +29,7 @@ TFLITE_RUNTIMES = ("tflite-fp32", "tflite-fp16", "tflite-int8", "tflite-int8-flo
 REDUCED_PRECISION_RUNTIMES = ("torch-embed-bf16", "tf-embed-bf16", "tflite-fp16", "tflite-int8",
                               "tflite-int8-float-prelu")
 # --runtimes only: keeps `make bench` under 15 min
-OPT_IN_RUNTIMES = ("torch-embed-omp-default", "tf-embed-eigen", "tf-embed-avx2", "tf-train-eigen", "tf-train-avx2",
+OPT_IN_RUNTIMES = ("torch-aot", "torch-embed-omp-default", "tf-embed-eigen", "tf-embed-avx2", "tf-train-eigen", "tf-train-avx2",
                    *TFLITE_RUNTIMES)
 CUDA_RUNTIMES = ("torch-cuda-fp32", "torch-cuda-bf16", "torch-cuda-fp16", "torch-cuda-fp16-channels-last")
 TRAIN_RUNTIMES = ("torch-train", "tf-train", "tf-train-eigen", "tf-train-avx2")

@@ -42,7 +42,7 @@ def inference(runtime, spec):
     if runtime.startswith("torch-cuda-"):                   # run.CUDA_RUNTIMES
         return _cuda(runtime, spec)
     model = load_model(spec, precision="bf16" if runtime.endswith("-bf16") else None)
-    channels_last = runtime != "torch-eager"
+    channels_last = runtime not in ("torch-eager", "torch-aot")     # the package is compiled for contiguous NCHW
     state = {}
 
     def build():
@@ -55,6 +55,12 @@ def inference(runtime, spec):
             inductor_config.freezing = True                    # weights become constants: BN folded, oneDNN prepacked
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(spec["work_dir"], "inductor")   # cold: what a user waits
             state["forward"] = torch.compile(model, dynamic=False)
+        elif runtime == "torch-aot":                           # what embed runs beside a backbone.pt2 (aot.py)
+            from twinface_torch import aot
+            path = os.path.join(spec["work_dir"], f"{spec['model']}.pt2")
+            spec_id = aot.identity(spec["model"], spec["input_size"], spec["num_features"], "bench weights")
+            aot.compile_package(model, path, spec_id)             # build time = the compile a package saves embed
+            state["forward"] = torch._inductor.aoti_load_package(path)
         else:
             state["forward"] = model
 
