@@ -65,7 +65,7 @@ def loaded(state, arch):
     return model.eval()
 
 
-@pytest.fixture(scope="module", params=["r18", "mbf"])
+@pytest.fixture(scope="module", params=["r18", "mbf", "resnext50"])
 def source(request):
     return request.param, trained_like(request.param, input_size=SIZE)
 
