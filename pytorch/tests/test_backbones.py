@@ -149,7 +149,8 @@ def test_iresnet_key_names_and_shapes_spot_check():
 def test_resnext_stage_convolutions_are_torchvisions():
     # torchvision's resnext50_32x4d = its 7x7 stem conv + BN, these stage convolutions, three BNs per block (+ the
     # downsample's), fc 2048 -> 1000: the published total checks the 32x4d widths written out in resnext_blocks.
-    norms = sum(2 * (2 * width + out) + (2 * out if down else 0) for _, width, out, down in resnext_blocks((3, 4, 6, 3)))
+    norms = sum(2 * (2 * width + out) + (2 * out if down else 0)
+                for _, width, out, down in resnext_blocks((3, 4, 6, 3)))
     assert 3 * 64 * 49 + 2 * 64 + resnext_conv_weights((3, 4, 6, 3)) + norms + 2049 * 1000 == \
         TORCHVISION_RESNEXT50_PARAMS
     with torch.device("meta"):

@@ -1,9 +1,9 @@
 """Which backbone a checkpoint holds, read from its tensor shapes.
 
-A checkpoint's tensors fix everything: the family (IResNet, ResNeXt or MobileFaceNet), the blocks per stage, the
-embedding size (fc / features.layers.2 rows) and the input size (fc columns = C * (size / 16)^2 with C = 512 for
-IResNet, 2048 for ResNeXt; the GDC kernel = size / 16 for MobileFaceNet). Templates are torch models on the "meta" device: their shapes
-cost no memory and no initialisation.
+A checkpoint's tensors fix everything: the family (IResNet, ResNeXt or MobileFaceNet), the blocks per stage,
+the embedding size (fc / features.layers.2 rows) and the input size (fc columns = C * (size / 16)^2 with C = 512
+for IResNet, 2048 for ResNeXt; the GDC kernel = size / 16 for MobileFaceNet). Templates are torch models on the
+"meta" device: their shapes cost no memory and no initialisation.
 """
 import functools
 from collections import Counter

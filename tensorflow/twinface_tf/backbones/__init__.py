@@ -1,4 +1,5 @@
-"""get_model(name): the short names of twinface.registry (r18 ... r200, mbf, mbf_large, resnext50, resnext101) as Keras models."""
+"""get_model(name): the short names of twinface.registry (r18 ... r200, mbf, mbf_large, resnext50, resnext101) as
+Keras models."""
 from twinface.precision import check_checkpointing
 from twinface.registry import backbone_spec
 from twinface_tf.backbones.iresnet import iresnet
