@@ -543,3 +543,11 @@ def resnext_param_count(layers, num_features=512, input_size=112) -> int:
     fc_in = 2048 * (input_size // 16) ** 2
     return (3 * 64 * 9 + 2 * 64 + 64 + resnext_conv_weights(layers) + norms + 2 * 2048
             + fc_in * num_features + num_features + 2 * num_features)
+
+
+def check_resnext_trains_with_checkpointing(make_twin, data_dir, tmp_path):
+    """ResNeXt-50 at 16x16 (a 1x1 final map) trains the tiny config with every block recomputed in backprop."""
+    summary, _ = run_tiny(make_twin, data_dir, tmp_path / "run", train={"epochs": 1},
+                          backbone={"name": "resnext50", "input_size": 16, "checkpointing": True})
+    assert summary["finished"] and summary["arch"] == "resnext50"
+    assert np.isfinite(summary["results"]["val"]["acc_mean"])
