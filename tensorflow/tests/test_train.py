@@ -4,9 +4,10 @@ import json
 import numpy as np
 import pytest
 
-from twinface.testing import (check_fp16_overflow_backs_off, check_nan_guard, check_resnext_trains_with_checkpointing,
-                              check_resume_matches_uninterrupted, check_tfrecord_trains_like_rec, check_training_outputs,
-                              check_truncated_state_is_named,
+from twinface.testing import (check_fp16_overflow_backs_off, check_nan_guard,
+                              check_resnext_trains_with_checkpointing,
+                              check_resume_matches_uninterrupted, check_tfrecord_trains_like_rec,
+                              check_training_outputs, check_truncated_state_is_named,
                               tiny_dataset)
 from twinface_tf.backbones import get_model
 from twinface_tf.train import TFTwin
