@@ -23,7 +23,7 @@ SETTINGS = {
     "onednn-avx2": ({"TF_ENABLE_ONEDNN_OPTS": "1", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
                     "TF oneDNN, ISA <= AVX2", ["r18", "mbf"]),
 }
-LARGE = ("r100", "r200")                              # `twinface parity --quick` leaves these out
+LARGE = ("r100", "r200", "resnext101")                # `twinface parity --quick` leaves these out
 CASES = [pytest.param(setting, arch, part, id=f"{setting}-{arch}-{part}",
                       marks=[pytest.mark.large] if arch in LARGE else [])
          for setting, (_, _, archs) in SETTINGS.items() for arch in archs for part in ("step", "model")]

@@ -28,7 +28,8 @@ LABELS = {
     "torch-train-backbone": "torch backbone forward + backward only",
     "torch-train-backbone-checkpointing": "torch backbone forward + backward, gradient checkpointing",
 }
-MODEL_NAMES = {"r50": "IResNet-50", "r18": "IResNet-18", "mbf": "MobileFaceNet"}
+MODEL_NAMES = {"r50": "IResNet-50", "r18": "IResNet-18", "mbf": "MobileFaceNet", "resnext50": "ResNeXt-50",
+               "resnext101": "ResNeXt-101"}
 
 
 def label(runtime):

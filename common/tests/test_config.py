@@ -176,7 +176,7 @@ def test_precision_takes_arcface_torch_fp16_as_an_alias_and_refuses_contradictio
 
 def test_gradient_checkpointing_is_for_iresnets():
     assert config.from_dict({"backbone": {"name": "r50", "checkpointing": True}}).backbone.checkpointing
-    with pytest.raises(config.ConfigError, match=r"'backbone.checkpointing': IResNets only, not 'mbf'"):
+    with pytest.raises(config.ConfigError, match=r"'backbone.checkpointing': IResNets and ResNeXts only, not 'mbf'"):
         config.from_dict({"backbone": {"name": "mbf", "checkpointing": True}})
 
 

@@ -18,6 +18,7 @@ def test_every_backbone_has_a_cost_that_grows_with_the_input_and_the_depth():
     ordered = [backbone_spec(n).gmacs for n in ("r18", "r34", "r50", "r100", "r200")]
     assert ordered == sorted(ordered)
     assert backbone_spec("mbf").gmacs < backbone_spec("mbf_large").gmacs < backbone_spec("r18").gmacs
+    assert backbone_spec("r18").gmacs < backbone_spec("resnext50").gmacs < backbone_spec("resnext101").gmacs
     spec = backbone_spec("r50")
     assert count_macs(spec.family, spec.kwargs, input_size=224) > 3.9 * count_macs(spec.family, spec.kwargs)
     with pytest.raises(ValueError, match="unknown backbone family 'vit'"):

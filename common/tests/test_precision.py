@@ -22,5 +22,6 @@ def test_bad_precisions_are_refused_by_name():
 def test_checkpointing_is_for_iresnet_only():
     check_checkpointing("r100", True)
     check_checkpointing("mbf", False)
-    with pytest.raises(ValueError, match="mbf: gradient checkpointing .* IResNet only, not for mobilefacenet"):
+    with pytest.raises(ValueError,
+                       match="mbf: gradient checkpointing .* IResNet and ResNeXt only, not for mobilefacenet"):
         check_checkpointing("mbf", True)

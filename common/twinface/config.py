@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from . import registry
-from .precision import PRECISIONS
+from .precision import CHECKPOINTED, PRECISIONS
 from .atomic import atomic_path
 
 
@@ -412,8 +412,9 @@ def _resolve_precision(cfg: Config) -> None:
         raise ConfigError(f"config keys 'backbone.fp16: true' and 'train.precision: {cfg.train.precision}' "
                           f"disagree; backbone.fp16 is an alias of train.precision: fp16, set one of them")
     cfg.backbone.fp16 = cfg.train.precision == "fp16"
-    if cfg.backbone.checkpointing and registry.backbone_spec(cfg.backbone.name).family != "iresnet":
-        raise ConfigError(f"config key 'backbone.checkpointing': IResNets only, not {cfg.backbone.name!r}")
+    if cfg.backbone.checkpointing and registry.backbone_spec(cfg.backbone.name).family not in CHECKPOINTED:
+        raise ConfigError(f"config key 'backbone.checkpointing': IResNets and ResNeXts only, not "
+                          f"{cfg.backbone.name!r}")
 
 
 def from_dict(data: dict) -> Config:

@@ -30,22 +30,41 @@ class _Counter:
         self.macs += cin * cout + 2 * cout
 
 
-def _iresnet(c, layers, num_features):
+def group_width(planes: int, cardinality: int, base_width: int) -> int:
+    """Channels of a ResNeXt block's grouped 3x3 conv (torchvision's rule): 128 .. 1024 for 32x4d."""
+    return int(planes * base_width / 64) * cardinality
+
+
+def _basic_block(c, cin, planes, stride):
+    c.bn(cin)                                          # bn1 on the block's input
+    c.conv(cin, planes, 3, prelu=True)                 # conv1, bn2, prelu
+    c.conv(planes, planes, 3, stride)                  # conv2, bn3
+
+
+def _bottleneck(cardinality, base_width):
+    def block(c, cin, planes, stride):
+        width = group_width(planes, cardinality, base_width)
+        c.bn(cin)                                                              # bn1
+        c.conv(cin, width, prelu=True)                                         # conv1 1x1, bn2, prelu1
+        c.conv(width, width, 3, stride, groups=cardinality, prelu=True)        # conv2 grouped, bn3, prelu2
+        c.conv(width, 4 * planes)                                              # conv3 1x1, bn4
+    return block
+
+
+def _iresnet(c, layers, num_features, block=_basic_block, expansion=1):
+    """IResNet's stem, stages and "E" output; ResNeXt is the same with its bottleneck (expansion 4)."""
     c.conv(3, 64, 3, prelu=True)
     inplanes = 64
     for planes, blocks in zip((64, 128, 256, 512), layers):
-        # The first block of a stage halves the side (in its second conv) and has a 1x1 stride-2 shortcut + BN.
+        # The first block of a stage halves the side (in its 3x3 conv) and has a 1x1 stride-2 shortcut + BN.
         shortcut = _Counter(c.size)
-        shortcut.conv(inplanes, planes, 1, 2, padding=0)
+        shortcut.conv(inplanes, planes * expansion, 1, 2, padding=0)
         c.macs += shortcut.macs
-        for block in range(blocks):
-            cin = inplanes if block == 0 else planes
-            c.bn(cin)                                          # bn1 on the block's input
-            c.conv(cin, planes, 3, prelu=True)                 # conv1, bn2, prelu
-            c.conv(planes, planes, 3, 2 if block == 0 else 1)  # conv2, bn3
-        inplanes = planes
-    c.bn(512)
-    c.linear_bn(512 * c.size * c.size, num_features)
+        for index in range(blocks):
+            block(c, inplanes if index == 0 else planes * expansion, planes, 2 if index == 0 else 1)
+        inplanes = planes * expansion
+    c.bn(inplanes)
+    c.linear_bn(inplanes * c.size * c.size, num_features)
 
 
 def _depthwise(c, cin, cout, groups, stride):
@@ -80,6 +99,9 @@ def count_macs(family: str, kwargs: dict, input_size: int = 112, num_features: i
         _iresnet(c, kwargs["layers"], num_features)
     elif family == "mobilefacenet":
         _mobilefacenet(c, kwargs["blocks"], kwargs["scale"], num_features)
+    elif family == "resnext":
+        _iresnet(c, kwargs["layers"], num_features, _bottleneck(kwargs["cardinality"], kwargs["base_width"]), 4)
     else:
-        raise ValueError(f"count_macs: unknown backbone family {family!r}; expected iresnet or mobilefacenet")
+        raise ValueError(f"count_macs: unknown backbone family {family!r}; expected iresnet, mobilefacenet or "
+                         f"resnext")
     return c.macs

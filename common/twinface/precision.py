@@ -6,6 +6,7 @@ the embedding layers, BatchNorm statistics and every variable stay fp32 (docs/de
 from twinface.registry import backbone_spec
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+CHECKPOINTED = ("iresnet", "resnext")       # families whose residual blocks are recomputed one by one
 
 
 def resolve_precision(owner: str, precision=None, fp16: bool = False) -> str:
@@ -20,8 +21,8 @@ def resolve_precision(owner: str, precision=None, fp16: bool = False) -> str:
 
 
 def check_checkpointing(name: str, checkpointing: bool) -> None:
-    """Gradient checkpointing (backbone.checkpointing) exists for IResNet only, as in arcface_torch."""
+    """Gradient checkpointing (backbone.checkpointing) exists for IResNet (as in arcface_torch) and ResNeXt."""
     family = backbone_spec(name).family
-    if checkpointing and family != "iresnet":
-        raise ValueError(f"{name}: gradient checkpointing (backbone.checkpointing) exists for IResNet only, "
-                         f"not for {family}")
+    if checkpointing and family not in CHECKPOINTED:
+        raise ValueError(f"{name}: gradient checkpointing (backbone.checkpointing) exists for IResNet and ResNeXt "
+                         f"only, not for {family}")

@@ -513,3 +513,41 @@ def check_verify_photos(tmp_path, capsys, monkeypatch, framework: str, get_model
     assert used == [framework]
     assert re.fullmatch(r"cosine similarity -?\d\.\d{4}, squared L2 distance \d\.\d{4} \(threshold 1\.4\): "
                         r"(SAME person|DIFFERENT people)\n", out), out
+
+
+TORCHVISION_RESNEXT50_PARAMS = 25_028_904   # torchvision resnext50_32x4d (ImageNet, 7x7 stem, fc 2048 -> 1000)
+
+
+def resnext_blocks(layers, cardinality=32, base_width=4):
+    """(input channels, grouped width, output channels, has downsample) of each ResNeXt block, written out
+    from the paper's 32x4d rule (width = planes * base_width / 64 * cardinality, output 4 * planes)."""
+    inplanes = 64
+    for planes, blocks in zip((64, 128, 256, 512), layers):
+        width, out = planes * base_width // 64 * cardinality, 4 * planes
+        for index in range(blocks):
+            yield (inplanes if index == 0 else out), width, out, index == 0
+        inplanes = out
+
+
+def resnext_conv_weights(layers, cardinality=32) -> int:
+    """Weights of the stages' convolutions (1x1, grouped 3x3, 1x1, downsample): the same in torchvision's ResNeXt."""
+    return sum(cin * width + width * (width // cardinality) * 9 + width * out + (cin * out if down else 0)
+               for cin, width, out, down in resnext_blocks(layers, cardinality))
+
+
+def resnext_param_count(layers, num_features=512, input_size=112) -> int:
+    """Parameters (torch) of the face-adapted ResNeXt: IResNet's stem and E output around the pre-BN bottleneck
+    (bn1 on the input, bn2 / prelu1 and bn3 / prelu2 on the grouped width, bn4 on the output)."""
+    blocks = list(resnext_blocks(layers))
+    norms = sum(2 * cin + 3 * 2 * width + 2 * out + (2 * out if down else 0) for cin, width, out, down in blocks)
+    fc_in = 2048 * (input_size // 16) ** 2
+    return (3 * 64 * 9 + 2 * 64 + 64 + resnext_conv_weights(layers) + norms + 2 * 2048
+            + fc_in * num_features + num_features + 2 * num_features)
+
+
+def check_resnext_trains_with_checkpointing(make_twin, data_dir, tmp_path):
+    """ResNeXt-50 at 16x16 (a 1x1 final map) trains the tiny config with every block recomputed in backprop."""
+    summary, _ = run_tiny(make_twin, data_dir, tmp_path / "run", train={"epochs": 1},
+                          backbone={"name": "resnext50", "input_size": 16, "checkpointing": True})
+    assert summary["finished"] and summary["arch"] == "resnext50"
+    assert np.isfinite(summary["results"]["val"]["acc_mean"])

@@ -5,9 +5,11 @@ import torch
 from torch import nn
 
 from twinface.registry import BACKBONES
+from twinface.testing import TORCHVISION_RESNEXT50_PARAMS, resnext_blocks, resnext_conv_weights, resnext_param_count
 from twinface_torch.backbones import get_model
 from twinface_torch.backbones.iresnet import iresnet18, iresnet50
 from twinface_torch.backbones.mobilefacenet import get_mbf, get_mbf_large
+from twinface_torch.backbones.resnext import resnext50, resnext101
 
 BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -54,6 +56,8 @@ def test_every_registry_name_builds(name):
         layers = BACKBONES[name].kwargs["layers"]
         assert num_params(model) == iresnet_param_count(layers)
         assert set(model.state_dict()) == iresnet_state_keys(layers)
+    elif BACKBONES[name].family == "resnext":
+        assert num_params(model) == resnext_param_count(BACKBONES[name].kwargs["layers"])
     else:
         assert "features.layers.3.running_var" in model.state_dict()
 
@@ -68,7 +72,8 @@ def test_r50_param_count_matches_insightface():
 def test_named_builders_match_registry():
     with torch.device("meta"):
         pairs = [(iresnet50(), get_model("r50")), (get_mbf(), get_model("mbf")),
-                 (get_mbf_large(), get_model("mbf_large"))]
+                 (get_mbf_large(), get_model("mbf_large")), (resnext50(), get_model("resnext50")),
+                 (resnext101(), get_model("resnext101"))]
     for built, looked_up in pairs:
         assert {k: v.shape for k, v in built.state_dict().items()} == \
                {k: v.shape for k, v in looked_up.state_dict().items()}
@@ -99,7 +104,7 @@ def test_mobilefacenet_output_shapes(name):
     assert get_model("mbf").features.layers[0].layers[0].kernel_size == (7, 7)
 
 
-@pytest.mark.parametrize("name", ["r18", "mbf"])
+@pytest.mark.parametrize("name", ["r18", "mbf", "resnext50"])
 def test_input_size_must_be_multiple_of_16(name):
     with pytest.raises(ValueError, match=f"{name}: input_size must be a positive multiple of 16, got 100"):
         get_model(name, input_size=100)
@@ -139,6 +144,52 @@ def test_iresnet_key_names_and_shapes_spot_check():
     assert shapes["fc.weight"] == (512, 512 * 7 * 7) and shapes["fc.bias"] == (512,)
     assert shapes["features.bias"] == (512,)
     assert "layer2.1.downsample.0.weight" not in shapes
+
+
+def test_resnext_stage_convolutions_are_torchvisions():
+    # torchvision's resnext50_32x4d = its 7x7 stem conv + BN, these stage convolutions, three BNs per block (+ the
+    # downsample's), fc 2048 -> 1000: the published total checks the 32x4d widths written out in resnext_blocks.
+    norms = sum(2 * (2 * width + out) + (2 * out if down else 0)
+                for _, width, out, down in resnext_blocks((3, 4, 6, 3)))
+    assert 3 * 64 * 49 + 2 * 64 + resnext_conv_weights((3, 4, 6, 3)) + norms + 2049 * 1000 == \
+        TORCHVISION_RESNEXT50_PARAMS
+    with torch.device("meta"):
+        model = get_model("resnext50")
+    stage_convs = sum(m.weight.numel() for n, m in model.named_modules()
+                      if isinstance(m, nn.Conv2d) and n.startswith("layer"))
+    assert stage_convs == resnext_conv_weights((3, 4, 6, 3))
+    assert num_params(model) == 74_399_488 and 51_380_224 == model.fc.weight.numel()
+
+
+def test_resnext_key_names_shapes_and_strides_spot_check():
+    with torch.device("meta"):
+        model = get_model("resnext101")
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes["conv1.weight"] == (64, 3, 3, 3) and shapes["prelu.weight"] == (64,)
+    assert shapes["layer1.0.bn1.running_mean"] == (64,)
+    assert shapes["layer1.0.conv1.weight"] == (128, 64, 1, 1)
+    assert shapes["layer1.0.conv2.weight"] == (128, 4, 3, 3)           # 32 groups of 4 channels
+    assert shapes["layer1.0.prelu1.weight"] == shapes["layer1.0.prelu2.weight"] == (128,)
+    assert shapes["layer1.0.conv3.weight"] == (256, 128, 1, 1) and shapes["layer1.0.bn4.weight"] == (256,)
+    assert shapes["layer1.0.downsample.0.weight"] == (256, 64, 1, 1)
+    assert shapes["layer3.22.conv2.weight"] == (512, 16, 3, 3) and "layer3.23.bn1.weight" not in shapes
+    assert shapes["layer4.2.conv3.weight"] == (2048, 1024, 1, 1) and shapes["bn2.running_var"] == (2048,)
+    assert shapes["fc.weight"] == (512, 2048 * 7 * 7) and shapes["features.bias"] == (512,)
+    assert "layer2.1.downsample.0.weight" not in shapes
+    assert {n: (m.stride, m.groups) for n, m in model.named_modules() if n.endswith("conv2")} == \
+        {f"layer{s}.{i}.conv2": ((2, 2) if i == 0 else (1, 1), 32)
+         for s, blocks in enumerate((3, 4, 23, 3), start=1) for i in range(blocks)}
+
+
+def test_resnext_forward_init_and_frozen_features_scale():
+    torch.manual_seed(0)
+    model = get_model("resnext50", num_features=64, input_size=32, dropout=0.2)
+    assert model.dropout.p == 0.2 and not model.features.weight.requires_grad
+    assert abs(model.layer3[0].conv2.weight.std().item() - 0.1) < 0.002    # IResNet's normal(0, 0.1)
+    assert torch.equal(model.layer2[1].bn4.weight, torch.ones(512))
+    with torch.no_grad():
+        out = model.eval()(torch.rand(2, 3, 32, 32) * 2 - 1)
+    assert out.shape == (2, 64) and torch.isfinite(out).all()
 
 
 def test_mobilefacenet_key_names_and_shapes_spot_check():

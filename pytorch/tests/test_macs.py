@@ -31,9 +31,11 @@ def hooked_count(model, input_size):
     return total
 
 
-# The large IResNets share r50's blocks; r18 and r34 cover the stage depths, both MobileFaceNets the two stems.
+# The large IResNets share r50's blocks; r18 and r34 cover the stage depths, both MobileFaceNets the two stems;
+# resnext101 differs from resnext50 in its block count only.
 @pytest.mark.parametrize("name,input_size,features", [("r18", 112, 512), ("r34", 64, 128), ("r50", 32, 512),
-                                                      ("mbf", 112, 512), ("mbf_large", 64, 256)])
+                                                      ("mbf", 112, 512), ("mbf_large", 64, 256),
+                                                      ("resnext50", 48, 128)])
 def test_counted_macs_equal_the_real_modules(name, input_size, features):
     assert name in BACKBONES
     spec = backbone_spec(name)

@@ -1,4 +1,4 @@
-"""Backbone precision (fp32 / fp16 / bf16 trunk, fp32 embedding) and IResNet gradient checkpointing."""
+"""Backbone precision (fp32 / fp16 / bf16 trunk, fp32 embedding) and IResNet / ResNeXt gradient checkpointing."""
 import pytest
 import torch
 
@@ -44,10 +44,10 @@ def test_get_model_refuses_bad_combinations():       # every message: common/tes
         get_model("mbf", input_size=SIZE, checkpointing=True)
 
 
-def train_step(checkpointing, precision):
-    """(loss, gradients, BatchNorm statistics, forward calls of one block) after one training step of r18."""
+def train_step(checkpointing, precision, name="r18"):
+    """(loss, gradients, BatchNorm statistics, forward calls of one block) after one training step of `name`."""
     torch.manual_seed(0)
-    model = get_model("r18", num_features=16, input_size=SIZE, precision=precision, checkpointing=checkpointing)
+    model = get_model(name, num_features=16, input_size=SIZE, precision=precision, checkpointing=checkpointing)
     calls = []
     model.layer2[1].register_forward_pre_hook(lambda m, i: calls.append(1))
     loss = model.train()(images()).square().mean()
@@ -57,10 +57,10 @@ def train_step(checkpointing, precision):
     return loss.detach(), grads, stats, len(calls)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_checkpointing_recomputes_with_identical_numbers(precision):
-    loss, grads, stats, calls = train_step(False, precision)
-    loss_c, grads_c, stats_c, calls_c = train_step(True, precision)
+@pytest.mark.parametrize("name, precision", [("r18", "fp32"), ("r18", "bf16"), ("resnext50", "fp32")])
+def test_checkpointing_recomputes_with_identical_numbers(name, precision):
+    loss, grads, stats, calls = train_step(False, precision, name)
+    loss_c, grads_c, stats_c, calls_c = train_step(True, precision, name)
     assert (calls, calls_c) == (1, 2)                       # each block really runs again in backprop
     # Same ops on the same inputs: measured bitwise equal, so held bitwise.
     assert torch.equal(loss, loss_c)

@@ -8,9 +8,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from twinface.registry import BACKBONES  # noqa: E402
+from twinface.testing import resnext_param_count  # noqa: E402
 from twinface_tf.backbones import get_model  # noqa: E402
 from twinface_tf.backbones.iresnet import iresnet18  # noqa: E402
 from twinface_tf.backbones.mobilefacenet import get_mbf  # noqa: E402
+from twinface_tf.backbones.resnext import resnext101  # noqa: E402
 from twinface_tf.layers import GroupedConv2D, TorchBatchNorm, conv  # noqa: E402
 
 SMALL = 32      # forward tests run at 32x32: same graph as 112, 12x fewer pixels
@@ -54,6 +56,8 @@ def torch_param_count(name):
     spec = BACKBONES[name]
     if spec.family == "iresnet":
         return iresnet_param_count(spec.kwargs["layers"])
+    if spec.family == "resnext":
+        return resnext_param_count(spec.kwargs["layers"])
     return mbf_param_count(spec.kwargs["blocks"], spec.kwargs["scale"])
 
 
@@ -107,6 +111,8 @@ def test_registry_names_build_with_the_torch_parameter_count(name):
 def test_named_builders_match_registry():
     assert keras_param_count(iresnet18(num_features=128)) == iresnet_param_count((2, 2, 2, 2), 128)
     assert keras_param_count(get_mbf(num_features=128)) == mbf_param_count((1, 4, 6, 2), 2, 128)
+    assert keras_param_count(resnext101(num_features=128, input_size=SMALL)) == \
+        resnext_param_count((3, 4, 23, 3), 128, SMALL)
 
 
 @pytest.mark.parametrize("name", ["r18", "mbf", "mbf_large"])
@@ -184,6 +190,26 @@ def test_mobilefacenet_weight_layouts(mbf):
     head = mbf.get_layer("features.layers.2")
     assert head.kernel.shape == (512, 16) and not head.use_bias
     assert mbf.get_layer("features.layers.3").gamma.trainable                   # trainable in MobileFaceNet
+
+
+def test_resnext_weight_layouts_and_policies():
+    model = get_model("resnext50", num_features=16, input_size=SMALL, dropout=0.3, precision="bf16")
+    grouped = model.get_layer("layer2.0.conv2")                                 # 32 groups of 8 channels
+    assert isinstance(grouped, GroupedConv2D) and grouped.groups == 32 and grouped.strides == (2, 2)
+    assert grouped.kernel.shape == (3, 3, 8, 256)                               # torch (256, 8, 3, 3)
+    assert model.get_layer("layer2.0.conv1").strides == (1, 1)
+    assert model.get_layer("layer2.0.conv3").kernel.shape == (1, 1, 256, 512)
+    assert model.get_layer("layer2.0.downsample.0").kernel.shape == (1, 1, 256, 512)
+    assert model.get_layer("layer2.1.prelu2").alpha.shape == (1, 1, 256)
+    assert model.get_layer("fc").kernel.shape == (2048 * (SMALL // 16) ** 2, 16)
+    assert model.get_layer("dropout").rate == 0.3
+    assert model.get_layer("layer4.2.bn4").dtype_policy.name == "mixed_bfloat16"
+    assert model.get_layer("fc").dtype_policy.name == model.get_layer("features").dtype_policy.name == "float32"
+    assert not model.get_layer("features").gamma.trainable
+    with pytest.raises(ValueError):
+        model.get_layer("layer2.1.downsample.0")                                # only block 0 downsamples
+    y = model(np.zeros((2, SMALL, SMALL, 3), np.float32), training=True)
+    assert y.shape == (2, 16) and y.dtype == "float32"
 
 
 def test_mobilefacenet_large_has_residual_layers_1():

@@ -1,5 +1,5 @@
-"""Backbone precision (float32 / mixed_float16 / mixed_bfloat16 trunk, float32 embedding) and IResNet gradient
-checkpointing."""
+"""Backbone precision (float32 / mixed_float16 / mixed_bfloat16 trunk, float32 embedding) and IResNet / ResNeXt
+gradient checkpointing."""
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -63,10 +63,10 @@ def test_get_model_refuses_bad_values():             # every message: common/tes
         get_model("mbf_large", input_size=SIZE, checkpointing=True)
 
 
-def train_step(checkpointing, precision, compiled):
-    """(loss, gradients, BatchNorm moving statistics, calls of one BN layer) after one training step of r18."""
+def train_step(checkpointing, precision, compiled, name="r18"):
+    """(loss, gradients, BatchNorm moving statistics, calls of one BN layer) after one training step of `name`."""
     keras.utils.set_random_seed(0)
-    model = get_model("r18", num_features=16, input_size=SIZE, precision=precision, checkpointing=checkpointing)
+    model = get_model(name, num_features=16, input_size=SIZE, precision=precision, checkpointing=checkpointing)
     bn, calls = model.get_layer("layer2.1.bn2"), []
     bn.call = (lambda call: lambda *a, **k: calls.append(1) or call(*a, **k))(bn.call)
 
@@ -80,10 +80,11 @@ def train_step(checkpointing, precision, compiled):
     return loss.numpy(), [g.numpy() for g in grads], stats, len(calls)
 
 
-@pytest.mark.parametrize("precision, compiled", [("fp32", False), ("fp32", True), ("bf16", True)])
-def test_checkpointing_recomputes_with_identical_numbers(precision, compiled):
-    loss, grads, stats, calls = train_step(False, precision, compiled)
-    loss_c, grads_c, stats_c, calls_c = train_step(True, precision, compiled)
+@pytest.mark.parametrize("name, precision, compiled", [("r18", "fp32", False), ("r18", "fp32", True),
+                                                     ("r18", "bf16", True), ("resnext50", "fp32", True)])
+def test_checkpointing_recomputes_with_identical_numbers(name, precision, compiled):
+    loss, grads, stats, calls = train_step(False, precision, compiled, name)
+    loss_c, grads_c, stats_c, calls_c = train_step(True, precision, compiled, name)
     assert (calls, calls_c) == (1, 2)                       # each block really runs again in backprop
     # Same ops on the same inputs: measured bitwise equal, so held bitwise.
     assert loss == loss_c and len(grads) == len(grads_c)

@@ -12,6 +12,7 @@ import torch
 from twinface.atomic import MARKER
 from twinface.data.images import encode_image
 from twinface_convert import cli, formats
+from twinface_convert.arch import Backbone
 from twinface_convert.convert import convert
 from twinface_torch.calibrate import trained_like
 
@@ -164,3 +165,18 @@ def test_r50_insightface_model_zoo_style_onnx_to_torch(r50_pth, tmp_path):
     print("", *lines, sep="\n")
     assert report.backbone.arch == "r50" and report.max_abs_diff <= 1e-5
     assert any(line.startswith("note: the exporter folded the running statistics") for line in lines)
+
+
+def test_resnext_round_trip_through_both_twins_and_onnx_names_the_architecture_from_shapes(tmp_path):
+    # torch -> ONNX -> Keras .weights.h5 -> torch, no --arch anywhere (tf2onnx of ResNeXt: test_onnx_import.py).
+    model = trained_like("resnext50", input_size=SIZE, num_features=64)
+    d = str(tmp_path)
+    torch.save(model.state_dict(), f"{d}/backbone.pth")
+    run_cli(f"{d}/backbone.pth", f"{d}/rx.onnx")
+    assert formats.read(f"{d}/rx.onnx", "onnx").backbone == Backbone("resnext50", 64, SIZE)
+    run_cli(f"{d}/rx.onnx", f"{d}/rx.weights.h5")
+    run_cli(f"{d}/rx.weights.h5", f"{d}/back.pth")
+    back = torch.load(f"{d}/back.pth", weights_only=True)
+    for name, tensor in model.state_dict().items():
+        if not name.endswith("num_batches_tracked"):
+            assert torch.equal(back[name], tensor), name

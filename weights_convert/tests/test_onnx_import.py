@@ -65,7 +65,7 @@ def loaded(state, arch):
     return model.eval()
 
 
-@pytest.fixture(scope="module", params=["r18", "mbf"])
+@pytest.fixture(scope="module", params=["r18", "mbf", "resnext50"])
 def source(request):
     return request.param, trained_like(request.param, input_size=SIZE)
 
@@ -93,6 +93,27 @@ def test_own_export_reads_back_every_tensor_bit_for_bit(source, tmp_path):
     assert set(imported.state) == set(expected)
     for name, value in expected.items():
         assert imported.state[name].dtype == np.float32 and np.array_equal(imported.state[name], value), name
+
+
+def test_equal_shaped_convolutions_are_told_apart_by_stride(source, tmp_path):
+    """ResNeXt's conv3 and its stage's stride-2 downsample have the same weight shape; an exporter may write the
+    downsample branch first, which must not swap the two."""
+    arch, model = source
+    path = str(tmp_path / "own.onnx")
+    export_onnx(model, path, arch, input_size=SIZE, verify=False)
+    proto = onnx.load(path)
+    nodes = proto.graph.node
+    for name in [n.name for n in nodes if n.op_type == "Conv" and n.input[1].endswith("downsample.0.weight")]:
+        node = next(n for n in nodes if n.name == name)
+        moved = type(node)()
+        moved.CopyFrom(node)
+        nodes.remove(node)
+        producer = next(i for i, n in enumerate(nodes) if moved.input[0] in n.output)
+        nodes.insert(producer + 1, moved)                   # straight after its input: still topological
+    onnx.save(proto, path)
+    imported = read_onnx(path)
+    for name, value in model.state_dict().items():
+        assert name.endswith("num_batches_tracked") or np.array_equal(imported.state[name], value.numpy()), name
 
 
 def test_arcface_torch2onnx_export_imports_with_folded_batchnorms_as_identity_statistics(source, batch, tmp_path):

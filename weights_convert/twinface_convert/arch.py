@@ -1,9 +1,9 @@
 """Which backbone a checkpoint holds, read from its tensor shapes.
 
-A checkpoint's tensors fix everything: the family (IResNet or MobileFaceNet), the blocks per stage, the
-embedding size (fc / features.layers.2 rows) and the input size (fc columns = 512 * (size / 16)^2 for IResNet,
-the GDC kernel = size / 16 for MobileFaceNet). Templates are torch models on the "meta" device: their shapes
-cost no memory and no initialisation.
+A checkpoint's tensors fix everything: the family (IResNet, ResNeXt or MobileFaceNet), the blocks per stage,
+the embedding size (fc / features.layers.2 rows) and the input size (fc columns = C * (size / 16)^2 with C = 512
+for IResNet, 2048 for ResNeXt; the GDC kernel = size / 16 for MobileFaceNet). Templates are torch models on the
+"meta" device: their shapes cost no memory and no initialisation.
 """
 import functools
 from collections import Counter
@@ -13,6 +13,9 @@ import torch
 
 from twinface.registry import BACKBONES, backbone_spec
 from twinface_torch.backbones import get_model
+
+
+FC_CHANNELS = {"iresnet": 512, "resnext": 2048}      # channels of the last map, which fc reads flattened
 
 
 @dataclass(frozen=True)
@@ -44,9 +47,10 @@ def _sizes(family: str, shapes) -> list:
     """[(num_features, input_size)] that the weight shapes (torch layouts) allow for a family."""
     found = set()
     for shape in shapes:
-        if family == "iresnet" and len(shape) == 2:
-            side = round((shape[1] / 512) ** 0.5)
-            if 512 * side * side == shape[1]:
+        if family in FC_CHANNELS and len(shape) == 2:
+            channels = FC_CHANNELS[family]
+            side = round((shape[1] / channels) ** 0.5)
+            if side and channels * side * side == shape[1]:
                 found.add((shape[0], 16 * side))
         elif family == "mobilefacenet" and len(shape) == 4 and shape[:2] == (512, 1) and shape[2] == shape[3]:
             found.update((s[0], 16 * shape[2]) for s in shapes if len(s) == 2 and s[1] == 512)
@@ -102,7 +106,8 @@ def infer_named(shapes: dict, source: str, arch: str = None) -> Backbone:
         raise ValueError(misfit_message(source, first_misfit(shapes, candidates[0]), candidates[0]) +
                          " (wrong --arch?)")
     if not candidates:
-        raise ValueError(f"{source}: no tensor gives an embedding size (IResNet 'fc.weight' [F, 512*(S/16)^2], "
+        raise ValueError(f"{source}: no tensor gives an embedding size (IResNet / ResNeXt 'fc.weight' "
+                         f"[F, 512*(S/16)^2] / [F, 2048*(S/16)^2], "
                          f"MobileFaceNet 'features.layers.2.weight' [F, 512]): not a twinface/arcface_torch backbone "
                          f"({len(shapes)} tensors, first: {next(iter(shapes), None)!r})")
     nearest = min(candidates, key=lambda b: _distance(shapes, b))

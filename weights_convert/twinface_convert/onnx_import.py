@@ -400,7 +400,12 @@ def walk(graph: Graph, backbone: Backbone) -> Imported:
     for name, module in layers:
         kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
         expected = tuple(module.weight.shape)
-        unit = next((u for u in units if id(u) not in used and u.kind == kind and u.weight.shape == expected), None)
+        want = (tuple(module.stride), tuple(module.padding) * 2, module.groups) if kind == "conv" else None
+        fits = [u for u in units if id(u) not in used and u.kind == kind and u.weight.shape == expected]
+        # Equal shapes can differ in stride (ResNeXt's conv3 and its stage's downsample), and exporters order
+        # parallel branches freely: the first unit of the right geometry, else the first of the right shape.
+        unit = next((u for u in fits if kind == "linear" or (u.stride, u.pads, u.group) == want),
+                    fits[0] if fits else None)
         if unit is None:
             pending = next((u for u in units if id(u) not in used), None)
             found = f"the next unmatched one, {pending.label}, has weight shape {pending.weight.shape}" if pending \
@@ -410,7 +415,6 @@ def walk(graph: Graph, backbone: Backbone) -> Imported:
         used.add(id(unit))
         claimed.update(id(n) for n in unit.nodes)
         if kind == "conv":
-            want = (tuple(module.stride), tuple(module.padding) * 2, module.groups)
             if (unit.stride, unit.pads, unit.group) != want:
                 raise StructureError(f"{graph.source}: {unit.label} (for '{name}') has stride {unit.stride}, pads "
                                      f"{unit.pads}, group {unit.group}; {backbone} expects {want[0]}, {want[1]}, "

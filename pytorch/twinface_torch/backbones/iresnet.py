@@ -94,15 +94,18 @@ class IBasicBlock(nn.Module):
 
 
 class IResNet(nn.Module):
+    """`block(inplanes, planes, stride, downsample)` builds each residual block, whose output has planes *
+    `expansion` channels (IBasicBlock: 1; ResNeXt's bottleneck: 4)."""
+
     def __init__(self, layers, dropout=0.0, num_features=512, fp16=False, input_size=112, arch="iresnet",
-                 precision=None, checkpointing=False):
+                 precision=None, checkpointing=False, block=IBasicBlock, expansion=1):
         super().__init__()
         check_input_size(arch, input_size)
         self.arch = arch
         self.precision = resolve_precision(arch, precision, fp16)
         self.checkpointing = checkpointing
         self.input_size = input_size
-        self.inplanes = 64
+        self.inplanes, self.block, self.expansion = 64, block, expansion
         self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(self.inplanes, eps=1e-5)
         self.prelu = nn.PReLU(self.inplanes)
@@ -110,9 +113,9 @@ class IResNet(nn.Module):
         self.layer2 = self._make_layer(128, layers[1], stride=2)
         self.layer3 = self._make_layer(256, layers[2], stride=2)
         self.layer4 = self._make_layer(512, layers[3], stride=2)
-        self.bn2 = nn.BatchNorm2d(512, eps=1e-5)
+        self.bn2 = nn.BatchNorm2d(self.inplanes, eps=1e-5)
         self.dropout = nn.Dropout(p=dropout, inplace=False)
-        self.fc = nn.Linear(512 * (input_size // 16) ** 2, num_features)
+        self.fc = nn.Linear(self.inplanes * (input_size // 16) ** 2, num_features)
         self.features = nn.BatchNorm1d(num_features, eps=1e-5)
         # arcface_torch freezes the embedding BN's scale: only its shift is learnt.
         nn.init.constant_(self.features.weight, 1.0)
@@ -126,12 +129,13 @@ class IResNet(nn.Module):
                 nn.init.constant_(m.bias, 0)
 
     def _make_layer(self, planes, blocks, stride):
+        out = planes * self.expansion
         downsample = None
-        if stride != 1 or self.inplanes != planes:
-            downsample = nn.Sequential(conv1x1(self.inplanes, planes, stride), nn.BatchNorm2d(planes, eps=1e-5))
-        layers = [IBasicBlock(self.inplanes, planes, stride, downsample)]
-        self.inplanes = planes
-        layers += [IBasicBlock(planes, planes) for _ in range(1, blocks)]
+        if stride != 1 or self.inplanes != out:
+            downsample = nn.Sequential(conv1x1(self.inplanes, out, stride), nn.BatchNorm2d(out, eps=1e-5))
+        layers = [self.block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = out
+        layers += [self.block(out, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def forward(self, x):

@@ -23,17 +23,23 @@ def basic_block(x, planes, stride, name, dtype):
     out = conv(out, planes, 3, f"{name}.conv2", stride=stride, padding=1, kernel_initializer=conv_init(),
                dtype=dtype)
     out = TorchBatchNorm(name=f"{name}.bn3", dtype=dtype)(out)
+    return residual_add(x, out, stride, name, dtype)
+
+
+def residual_add(x, out, stride, name, dtype):
+    """out + the block's input `x`, through downsample (1x1 conv with stride, BN) when the shape changes."""
     identity = x
-    if stride != 1 or x.shape[-1] != planes:
-        identity = conv(x, planes, 1, f"{name}.downsample.0", stride=stride, kernel_initializer=conv_init(),
+    if stride != 1 or x.shape[-1] != out.shape[-1]:
+        identity = conv(x, out.shape[-1], 1, f"{name}.downsample.0", stride=stride, kernel_initializer=conv_init(),
                         dtype=dtype)
         identity = TorchBatchNorm(name=f"{name}.downsample.1", dtype=dtype)(identity)
     return keras.layers.Add(name=f"{name}.add", dtype=dtype)([out, identity])
 
 
 def iresnet(layers, num_features=512, dropout=0.0, fp16=False, input_size=112, name="iresnet", precision=None,
-            checkpointing=False):
-    """IResNet with `layers` blocks per stage (widths 64/128/256/512, each stage starts with stride 2).
+            checkpointing=False, block=basic_block):
+    """IResNet with `layers` blocks per stage (widths 64/128/256/512, each stage starts with stride 2);
+    `block(x, planes, stride, name, dtype)` builds each residual block (ResNeXt passes its bottleneck).
 
     Input [N, input_size, input_size, 3] float32, normalised (x - 127.5) / 127.5; output [N, num_features].
     precision "fp16" / "bf16" (or fp16=True) runs the conv trunk under "mixed_float16" / "mixed_bfloat16" and
@@ -50,7 +56,7 @@ def iresnet(layers, num_features=512, dropout=0.0, fp16=False, input_size=112, n
     block_ends = [x]
     for stage, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers), start=1):
         for i in range(blocks):
-            x = basic_block(x, planes, 2 if i == 0 else 1, f"layer{stage}.{i}", trunk)
+            x = block(x, planes, 2 if i == 0 else 1, f"layer{stage}.{i}", trunk)
             block_ends.append(x)
     x = TorchBatchNorm(name="bn2", dtype=trunk)(x)
     # Flatten in torch's NCHW order, so fc.kernel is exactly the transpose of torch's fc.weight.
