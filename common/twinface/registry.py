@@ -10,7 +10,7 @@ from twinface.macs import count_macs
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    family: str                     # "iresnet" | "mobilefacenet"
+    family: str                     # "iresnet" | "mobilefacenet" | "vit"
     kwargs: dict = field(default_factory=dict)
 
     @property
@@ -28,6 +28,10 @@ BACKBONES = {
     "r200": BackboneSpec("iresnet", {"layers": (6, 26, 60, 6)}),
     "mbf": BackboneSpec("mobilefacenet", {"blocks": (1, 4, 6, 2), "scale": 2}),
     "mbf_large": BackboneSpec("mobilefacenet", {"blocks": (2, 8, 12, 4), "scale": 4}),
+    # arcface_torch's vit_* entries: patch 9, 8 heads, patch masking 0.1 and stochastic depth 0.1 in training
+    "vit_t": BackboneSpec("vit", {"dim": 256, "depth": 12, "heads": 8, "mask_ratio": 0.1, "drop_path_rate": 0.1}),
+    "vit_s": BackboneSpec("vit", {"dim": 512, "depth": 12, "heads": 8, "mask_ratio": 0.1, "drop_path_rate": 0.1}),
+    "vit_b": BackboneSpec("vit", {"dim": 512, "depth": 24, "heads": 8, "mask_ratio": 0.1, "drop_path_rate": 0.1}),
 }
 
 # Margin settings of the one combined-margin head: target logit = s * (cos(m1*theta + m2) - m3).
