@@ -513,3 +513,10 @@ def check_verify_photos(tmp_path, capsys, monkeypatch, framework: str, get_model
     assert used == [framework]
     assert re.fullmatch(r"cosine similarity -?\d\.\d{4}, squared L2 distance \d\.\d{4} \(threshold 1\.4\): "
                         r"(SAME person|DIFFERENT people)\n", out), out
+
+
+def seeded_noise(seed):
+    """noise(shape) -> U[0, 1) float32 of a fixed seeded sequence: give each twin (set_noise) its own
+    seeded_noise(seed) and their random draws (ViT masking, stochastic depth) are the same numbers."""
+    rng = np.random.default_rng(seed)
+    return lambda shape: rng.random(tuple(int(s) for s in shape), dtype=np.float32)

@@ -20,6 +20,11 @@ def uniform(module, shape, like):
     return torch.rand(shape, device=like.device)
 
 
+def at_least_fp32(x):
+    """arcface_torch's .float() under mixed precision, without lowering a float64 run (a test's exact reference)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def set_noise(model, noise):
     """Make every random draw of `model` (masking, stochastic depth) call noise(shape), in forward order."""
     for m in model.modules():
@@ -40,8 +45,8 @@ class DropPath(nn.Module):
         if not self.training or self.p == 0:
             return x
         keep = 1.0 - self.p
-        mask = torch.floor(keep + uniform(self, (x.shape[0], 1, 1), x))
-        return x * (mask / keep).to(x.dtype)
+        mask = torch.floor(keep + uniform(self, (x.shape[0], 1, 1), x)).to(x.dtype)
+        return x * (mask / keep)
 
 
 class Mlp(nn.Module):
@@ -68,7 +73,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
         # Scores, softmax and the weighted sum in fp32 even under mixed precision, as arcface_torch.
         with torch.autocast(x.device.type, enabled=False):
-            q, k, v = qkv[0].float(), qkv[1].float(), qkv[2].float()
+            q, k, v = at_least_fp32(qkv)
             attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
             x = (attn @ v).transpose(1, 2).reshape(batch, tokens, dim)
         return self.proj(x)
@@ -146,7 +151,7 @@ class VisionTransformer(nn.Module):
                 x, ids_restore = self.random_masking(x)
             for block in self.blocks:
                 x = block(x)
-        x = self.norm(x.float())
+        x = self.norm(at_least_fp32(x))
         if masking:
             # masked places get mask_token (after the final norm, as arcface_torch), then the grid order returns
             fill = self.mask_token.expand(x.shape[0], self.num_patches - x.shape[1], -1)

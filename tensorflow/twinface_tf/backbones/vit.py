@@ -24,6 +24,11 @@ def uniform(layer, shape):
     return tf.random.uniform(shape)
 
 
+def batch_size(x):
+    # static where known (a noise hook needs numbers), else the graph's value
+    return x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
+
+
 def set_noise(model, noise):
     """Make every random draw of `model` (masking, stochastic depth) call noise(shape), in forward order."""
     for layer in model.layers:
@@ -68,7 +73,7 @@ class PatchMasking(keras.layers.Layer):
         if not (training and self.mask_ratio > 0):
             return x, tf.zeros(tf.shape(x)[:2], "int32")
         tokens = x.shape[1]
-        ids_shuffle = tf.argsort(uniform(self, (tf.shape(x)[0], tokens)), axis=1, stable=True)
+        ids_shuffle = tf.argsort(uniform(self, (batch_size(x), tokens)), axis=1, stable=True)
         ids_restore = tf.argsort(ids_shuffle, axis=1, stable=True)
         return tf.gather(x, ids_shuffle[:, :kept_tokens(tokens, self.mask_ratio)], batch_dims=1), ids_restore
 
@@ -109,7 +114,7 @@ class DropPath(keras.layers.Layer):
         if not training or self.p == 0:
             return x
         keep = 1.0 - self.p
-        mask = tf.floor(keep + uniform(self, (tf.shape(x)[0], 1, 1)))
+        mask = tf.floor(keep + uniform(self, (batch_size(x), 1, 1)))
         return x * tf.cast(mask / keep, x.dtype)
 
     def get_config(self):
