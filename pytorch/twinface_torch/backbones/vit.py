@@ -73,7 +73,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
         # Scores, softmax and the weighted sum in fp32 even under mixed precision, as arcface_torch.
         with torch.autocast(x.device.type, enabled=False):
-            q, k, v = at_least_fp32(qkv)
+            q, k, v = (at_least_fp32(t) for t in qkv.unbind(0))
             attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
             x = (attn @ v).transpose(1, 2).reshape(batch, tokens, dim)
         return self.proj(x)
