@@ -25,3 +25,10 @@ def drop_path_rates(rate: float, depth: int) -> list:
     """Stochastic-depth rate of each block: linear from 0 to `rate` (arcface_torch's torch.linspace, in float64
     here so that both twins use the very same numbers)."""
     return [rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
+
+
+def input_size_of_grid(side: int) -> int:
+    """The input size a checkpoint with a side x side patch grid was built for. The nine sizes 9 * side ..
+    9 * side + 8 give that grid; take the multiple of 16 among them (twinface configs use multiples of 16: 112 for
+    arcface_torch's 12x12, 32 for 3x3), else the smallest, 9 * side."""
+    return next((s for s in range(PATCH * side, PATCH * side + PATCH) if s % 16 == 0), PATCH * side)
