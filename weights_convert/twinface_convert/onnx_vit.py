@@ -129,9 +129,13 @@ def walk_vit(graph, backbone: Backbone):
     claimed.add(id(add))
     linears = [(n, m) for n, m in model.named_modules() if type(m).__name__ == "Linear"]
     found = _linears(graph)
-    if [tuple(m.weight.shape) for _, m in linears] != [graph.const[n.input[1]].T.shape for n in found]:
-        raise ValueError(f"{source}: the graph's {len(found)} MatMul weights are not the linear layers of {backbone} "
-                         f"in order")
+    shapes = [graph.const[n.input[1]].T.shape for n in found] + [None] * len(linears)
+    misfit = next(((n, m, s) for (n, m), s in zip(linears, shapes) if tuple(m.weight.shape) != s), None)
+    if misfit or len(found) > len(linears):
+        name, module, shape = misfit or (None, None, None)
+        raise ValueError(f"{source}: tensor '{name}.weight' (shape {tuple(module.weight.shape)}) of {backbone} is "
+                         f"not the graph's next MatMul weight ({shape})" if misfit else
+                         f"{source}: the graph has {len(found)} MatMul weights, {backbone} {len(linears)} linears")
     for (name, module), node in zip(linears, found):
         state[f"{name}.weight"] = graph.const[node.input[1]].T
         if module.bias is not None:
