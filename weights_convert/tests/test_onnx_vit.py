@@ -91,3 +91,17 @@ def test_wrong_arch_is_refused(vit, tmp_path):
     with pytest.raises(ValueError, match=r"tensor 'blocks\.0\.attn\.qkv\.weight' \(shape \(1536, 512\)\) of vit_b "
                                          r".* not the graph's next MatMul weight \(\(768, 256\)\)"):
         read_onnx(path, arch="vit_b")
+
+
+def test_convert_round_trip_through_both_twins_is_bit_identical(vit, tmp_path):
+    # torch -> Keras .weights.h5 -> torch, each hop through the ONNX hub: every tensor back bit for bit,
+    # mask_token included (the hub export keeps it as an initializer).
+    src, d = str(tmp_path / "backbone.pth"), str(tmp_path)
+    torch.save(vit.state_dict(), src)
+    convert(src, f"{d}/vit.weights.h5", log=lambda line: None)
+    report = convert(f"{d}/vit.weights.h5", f"{d}/back.pth", log=lambda line: None)
+    assert str(report.backbone) == "vit_t (num_features 16, input_size 32)" and report.max_abs_diff <= 1e-5
+    back = torch.load(f"{d}/back.pth", weights_only=True)
+    for name, tensor in vit.state_dict().items():
+        if not name.endswith("num_batches_tracked"):
+            assert torch.equal(back[name], tensor), name
