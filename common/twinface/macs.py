@@ -5,8 +5,9 @@ The count follows ptflops, which arcface_torch's flops.py uses for its published
 layer in * out (per token for a ViT's), 2 per element out of a BatchNorm or an affine LayerNorm (scale and shift),
 1 per element out of a PReLU or ReLU6; additions, biases and softmax are left out. A ViT's attention products
 (q k^T and the weighted sum of v), which ptflops' module hooks do not see, count 2 * tokens^2 * dim per block, as
-arcface_torch's own `extra_gflops` does. The walk mirrors both twins' builders layer by layer; pytorch/tests/test_macs.py holds it
-to hooks on the real torch modules, so a change to the architecture cannot leave these numbers behind.
+arcface_torch's own `extra_gflops` does. The walk mirrors both twins' builders layer by layer;
+pytorch/tests/test_macs.py holds it to hooks on the real torch modules, so a change to the architecture cannot
+leave these numbers behind.
 """
 from twinface.vit import PATCH
 

@@ -3,7 +3,8 @@
 A checkpoint's tensors fix everything: the family (IResNet, MobileFaceNet or ViT), the blocks per stage, the
 embedding size (fc / features.layers.2 / feature.2 rows) and the input size (fc columns = 512 * (size / 16)^2 for
 IResNet, the GDC kernel = size / 16 for MobileFaceNet, feature.0 columns = dim * (size // 9)^2 for ViT, where
-twinface.vit.input_size_of_grid picks the size among the nine that give the grid). Templates are torch models on the "meta" device: their shapes
+twinface.vit.input_size_of_grid picks the size among the nine that give the grid). Templates are torch models on
+the "meta" device: their shapes
 cost no memory and no initialisation.
 """
 import functools
