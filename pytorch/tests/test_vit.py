@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from twinface.registry import BACKBONES
-from twinface.testing import run_tiny, seeded_noise, tiny_dataset
+from twinface.testing import VIT_REFUSED, run_tiny, seeded_noise, tiny_dataset
 from twinface_torch.backbones import get_model
 from twinface_torch.backbones.vit import DropPath, set_noise
 from twinface_torch.train import TorchTwin
@@ -106,11 +106,7 @@ def test_training_draws_are_the_noise_hooks_in_forward_order():
     assert shapes == [(4, 9)] + [(4, 1, 1)] * 22         # masking, then 2 per block but block 0 (rate 0)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"dropout": 0.2}, "vit_t: arcface_torch's ViT has no dropout layer"),
-    ({"input_size": 8}, "vit_t: input_size must be an integer >= the patch size 9"),
-    ({"checkpointing": True}, "vit_t: gradient checkpointing"),
-])
+@pytest.mark.parametrize("kwargs, message", VIT_REFUSED)
 def test_refused_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         get_model("vit_t", **kwargs)

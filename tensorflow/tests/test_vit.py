@@ -7,7 +7,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from twinface.testing import run_tiny, seeded_noise, tiny_dataset  # noqa: E402
+from twinface.testing import VIT_REFUSED, run_tiny, seeded_noise, tiny_dataset  # noqa: E402
 from twinface_convert.mapping import keras_to_torch  # noqa: E402
 from twinface_tf.backbones import get_model  # noqa: E402
 from twinface_tf.backbones.vit import DropPath, set_noise  # noqa: E402
@@ -78,11 +78,7 @@ def test_forward_train_and_inference(tiny_vit):
     assert shapes == [(4, 9)] + [(4, 1, 1)] * 22            # as the torch twin: masking, then the blocks' drops
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"dropout": 0.2}, "vit_t: arcface_torch's ViT has no dropout layer"),
-    ({"input_size": 8}, "vit_t: input_size must be an integer >= the patch size 9"),
-    ({"checkpointing": True}, "vit_t: gradient checkpointing"),
-])
+@pytest.mark.parametrize("kwargs, message", VIT_REFUSED)
 def test_refused_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         get_model("vit_t", **kwargs)
@@ -94,3 +90,12 @@ def test_trains_tiny(tmp_path):
                              train={"epochs": 1})
     assert summary["finished"] and summary["steps"] == 4 and twin.backbone.name == "vit_t"
     assert math.isfinite(summary["results"]["val"]["acc_mean"])
+
+
+def test_bf16_runs_the_linears_mixed_and_attention_residual_norm_feature_in_float32():
+    model = get_model("vit_t", num_features=16, input_size=27, precision="bf16")
+    assert {model.get_layer(n).compute_dtype for n in ("patch_embed.proj", "blocks.0.attn.qkv", "blocks.0.mlp.fc2")} \
+        == {"bfloat16"}
+    assert {model.get_layer(n).compute_dtype for n in ("blocks.0.attn", "blocks.0.add1", "norm", "feature.0")} \
+        == {"float32"}
+    assert model(np.zeros((2, 27, 27, 3), np.float32), training=False).dtype == "float32"
