@@ -64,6 +64,16 @@ def _twins(arch):
     return tt, kt
 
 
+def _same_noise(model, framework):
+    """ViT: each run of the step draws the same patch-masking and stochastic-depth noise (set_noise)."""
+    import importlib
+
+    from twinface.registry import backbone_spec
+    from twinface.testing import seeded_noise
+    if backbone_spec(model.arch if framework == "torch" else model.name).family == "vit":
+        importlib.import_module(f"twinface_{framework}.backbones.vit").set_noise(model, seeded_noise(7))
+
+
 def _params(module):
     return {n: p.detach().numpy().astype(np.float64) for n, p in module.named_parameters() if p.requires_grad}
 
@@ -74,6 +84,7 @@ def step_rows(arch, images, labels):
     from twinface_convert.mapping import keras_to_torch
     tt, kt = _twins(arch)
     start = _params(tt.backbone)
+    _same_noise(kt.backbone, "tf")
     # TF first, then its traced step is dropped: IResNet-200's step graph and the float64 copy below are GBs each
     loss_tf = kt.train_step(images, labels, LR, LR)
     after_tf = keras_to_torch(kt.backbone)
@@ -83,11 +94,13 @@ def step_rows(arch, images, labels):
     trim()
     # the exact step: the same modules in float64
     backbone, head = copy.deepcopy(tt.backbone).double().train(), copy.deepcopy(tt.head).double()
+    _same_noise(backbone, "torch")
     y = torch.from_numpy(labels)
     tt.loss_fn(head(backbone(torch.from_numpy(to_model_input(images)).double()), y), y).backward()
     exact = {n: p.grad.numpy() for n, p in backbone.named_parameters() if p.requires_grad}
     del backbone, head
     trim()
+    _same_noise(tt.backbone, "torch")
     loss_torch = tt.train_step(images, labels, LR, LR)
     after_torch = _params(tt.backbone)
     scale = max(np.abs(g).max() for g in exact.values())
@@ -140,14 +153,16 @@ def gradient_row(arch, tm, km, images):
     torch_to_keras(tm.state_dict(), km, source=f"torch {arch}")
     projection = np.random.default_rng(7).standard_normal((len(images), 64)).astype(np.float32)
     (tm(torch.from_numpy(to_model_input(images))) * torch.from_numpy(projection)).sum().backward()
-    expected = {n: p.grad.numpy() for n, p in tm.named_parameters() if p.requires_grad}
+    # no gradient: what eval mode leaves unused (ViT's mask_token, a training-time masking parameter)
+    expected = {n: p.grad.numpy() for n, p in tm.named_parameters() if p.grad is not None}
     x = tf.constant(to_model_input(images, "NHWC"))
     with tf.GradientTape() as tape:
         out = tf.reduce_sum(km(x, training=False) * projection)
     variables = km.trainable_variables
     # the TF gradients in torch's names and layouts: the converter's own mapping, applied to them in place
     for v, g in zip(variables, tape.gradient(out, variables)):
-        v.assign(g)
+        if g is not None:
+            v.assign(g)
     mapped = keras_to_torch(km)
     worst = max(np.abs(mapped[n] - expected[n]).max() / np.abs(expected[n]).max() for n in expected)
     return [(f"{arch}: backbone gradients (eval mode, PReLU slopes 1), torch vs TF, worst tensor", worst, GRAD_TOL,

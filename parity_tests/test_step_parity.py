@@ -25,12 +25,13 @@ LR = {"sgd": 0.1, "adamw": 1e-3}
 TORCH_CAP = 2e-3       # torch fp32 vs float64, / update scale
 
 
-def _twins(arch, head="arcface", optimizer="sgd", num_classes=20):
+def _twins(arch, head="arcface", optimizer="sgd", num_classes=20, input_size=112):
     import torch
     from twinface_convert.mapping import torch_to_keras
     from twinface_tf.train import TFTwin
     from twinface_torch.train import TorchTwin
-    cfg = config.from_dict({"backbone": {"name": arch, "num_features": 64}, "head": {"type": head},
+    cfg = config.from_dict({"backbone": {"name": arch, "num_features": 64, "input_size": input_size},
+                            "head": {"type": head},
                             "optimizer": {"type": optimizer, "lr": LR[optimizer]}, "train": {"batch_size": 8}})
     torch.manual_seed(0)
     tt, kt = TorchTwin(), TFTwin()
@@ -104,3 +105,24 @@ def test_the_step_tolerance_is_measured_but_capped():
     assert step_tolerance(1e-4) == pytest.approx(5e-4)         # 5x torch's own error
     assert step_tolerance(1e-7) == 1e-5                        # floor
     assert step_tolerance(1e-2) == STEP_CAP == 1e-3            # a badly conditioned step cannot widen it further
+
+
+def test_one_vit_training_step_agrees(parity):
+    """ViT: patch masking and stochastic depth on, each of the three runs drawing the same noise (set_noise)."""
+    from twinface.testing import seeded_noise
+    from twinface_convert.mapping import keras_to_torch
+    from twinface_tf.backbones.vit import set_noise as tf_noise
+    from twinface_torch.backbones.vit import set_noise as torch_noise
+    cfg, tt, kt = _twins("vit_t", input_size=48)            # 5x5 patches: the full depth and width, a third the time
+    start_backbone = _state(tt.backbone)
+    images, labels = _batch(size=48)
+    torch_noise(tt.backbone, seeded_noise(4))               # the fp64 copy takes the hook along
+    exact_backbone, exact_head = _fp64_step(cfg, tt, images, labels, LR["sgd"])
+    torch_noise(tt.backbone, seeded_noise(4))
+    tf_noise(kt.backbone, seeded_noise(4))
+    lt = tt.train_step(images, labels, LR["sgd"], LR["sgd"])
+    lk = kt.train_step(images, labels, LR["sgd"], LR["sgd"])
+    what = "vit_t + arcface, one sgd step (masking, stochastic depth)"
+    parity.check(f"{what}: loss", [lt], [lk], 1e-5, relative=True)
+    _check_against_exact(parity, f"{what}: backbone params + BN stats", start_backbone, exact_backbone,
+                         _state(tt.backbone), keras_to_torch(kt.backbone))

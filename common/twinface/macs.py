@@ -2,10 +2,14 @@
 
 The count follows ptflops, which arcface_torch's flops.py uses for its published figures (IResNet-50 6.3 G at
 112x112): each convolution out_h * out_w * out_channels * k * k * in_channels / groups, each fully connected
-layer in * out, 2 per element out of a BatchNorm (scale and shift), 1 per element out of a PReLU; additions and
-biases are left out. The walk mirrors both twins' builders layer by layer; pytorch/tests/test_macs.py holds it
-to hooks on the real torch modules, so a change to the architecture cannot leave these numbers behind.
+layer in * out (per token for a ViT's), 2 per element out of a BatchNorm or an affine LayerNorm (scale and shift),
+1 per element out of a PReLU or ReLU6; additions, biases and softmax are left out. A ViT's attention products
+(q k^T and the weighted sum of v), which ptflops' module hooks do not see, count 2 * tokens^2 * dim per block, as
+arcface_torch's own `extra_gflops` does. The walk mirrors both twins' builders layer by layer;
+pytorch/tests/test_macs.py holds it to hooks on the real torch modules, so a change to the architecture cannot
+leave these numbers behind.
 """
+from twinface.vit import PATCH
 
 
 class _Counter:
@@ -92,6 +96,17 @@ def _mobilefacenet(c, blocks, scale, num_features):
     c.linear_bn(512, num_features)
 
 
+def _vit(c, dim, depth, num_features):
+    tokens = (c.size // PATCH) ** 2
+    c.macs += tokens * dim * 3 * PATCH * PATCH                # patch_embed.proj
+    per_token = (2 * dim + 3 * dim * dim + dim * dim       # norm1, qkv, proj
+                 + 2 * dim + 4 * dim * dim + 4 * dim + 4 * dim * dim)    # norm2, fc1, ReLU6, fc2
+    c.macs += depth * (tokens * per_token + 2 * tokens * tokens * dim)
+    c.macs += tokens * 2 * dim                              # norm
+    c.linear_bn(tokens * dim, dim)                          # feature.0, feature.1
+    c.linear_bn(dim, num_features)                          # feature.2, feature.3
+
+
 def count_macs(family: str, kwargs: dict, input_size: int = 112, num_features: int = 512) -> int:
     """Operations (ptflops' "MACs") of one image through the backbone `family` built with registry `kwargs`."""
     c = _Counter(input_size)
@@ -101,7 +116,9 @@ def count_macs(family: str, kwargs: dict, input_size: int = 112, num_features: i
         _mobilefacenet(c, kwargs["blocks"], kwargs["scale"], num_features)
     elif family == "resnext":
         _iresnet(c, kwargs["layers"], num_features, _bottleneck(kwargs["cardinality"], kwargs["base_width"]), 4)
+    elif family == "vit":
+        _vit(c, kwargs["dim"], kwargs["depth"], num_features)
     else:
-        raise ValueError(f"count_macs: unknown backbone family {family!r}; expected iresnet, mobilefacenet or "
-                         f"resnext")
+        raise ValueError(f"count_macs: unknown backbone family {family!r}; expected iresnet, mobilefacenet, "
+                         f"resnext or vit")
     return c.macs

@@ -33,6 +33,21 @@ def stamp_metadata(path: str, meta: dict) -> None:
     onnx.save(model, path)
 
 
+# Parameters that no inference graph computes with (ViT's mask_token, used by training-time patch masking): the
+# exports keep them as initializers of their canonical name, so that importing the ONNX loses nothing.
+TRAINING_ONLY = ("mask_token",)
+
+
+def keep_training_only(path: str, tensors: dict) -> None:
+    """Add each {canonical name: array} of TRAINING_ONLY to the ONNX file at `path` as an (unused) initializer."""
+    if not tensors:
+        return
+    model = onnx.load(path)
+    model.graph.initializer.extend(onnx.numpy_helper.from_array(np.asarray(v, np.float32), n)
+                                   for n, v in tensors.items())
+    onnx.save(model, path)
+
+
 def read_metadata(path: str) -> dict:
     model = onnx.load(path, load_external_data=False)
     return {p.key: p.value for p in model.metadata_props}

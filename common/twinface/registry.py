@@ -10,7 +10,7 @@ from twinface.macs import count_macs
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    family: str                     # "iresnet" | "mobilefacenet" | "resnext"
+    family: str                     # "iresnet" | "mobilefacenet" | "resnext" | "vit"
     kwargs: dict = field(default_factory=dict)
 
     @property
@@ -30,6 +30,10 @@ BACKBONES = {
     "mbf_large": BackboneSpec("mobilefacenet", {"blocks": (2, 8, 12, 4), "scale": 4}),
     "resnext50": BackboneSpec("resnext", {"layers": (3, 4, 6, 3), "cardinality": 32, "base_width": 4}),
     "resnext101": BackboneSpec("resnext", {"layers": (3, 4, 23, 3), "cardinality": 32, "base_width": 4}),
+    # arcface_torch's vit_* entries: patch 9, 8 heads, patch masking 0.1 and stochastic depth 0.1 in training
+    "vit_t": BackboneSpec("vit", {"dim": 256, "depth": 12, "heads": 8, "mask_ratio": 0.1, "drop_path_rate": 0.1}),
+    "vit_s": BackboneSpec("vit", {"dim": 512, "depth": 12, "heads": 8, "mask_ratio": 0.1, "drop_path_rate": 0.1}),
+    "vit_b": BackboneSpec("vit", {"dim": 512, "depth": 24, "heads": 8, "mask_ratio": 0.1, "drop_path_rate": 0.1}),
 }
 
 # Margin settings of the one combined-margin head: target logit = s * (cos(m1*theta + m2) - m3).

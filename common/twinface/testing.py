@@ -551,3 +551,16 @@ def check_resnext_trains_with_checkpointing(make_twin, data_dir, tmp_path):
                           backbone={"name": "resnext50", "input_size": 16, "checkpointing": True})
     assert summary["finished"] and summary["arch"] == "resnext50"
     assert np.isfinite(summary["results"]["val"]["acc_mean"])
+
+
+def seeded_noise(seed):
+    """noise(shape) -> U[0, 1) float32 of a fixed seeded sequence: give each twin (set_noise) its own
+    seeded_noise(seed) and their random draws (ViT masking, stochastic depth) are the same numbers."""
+    rng = np.random.default_rng(seed)
+    return lambda shape: rng.random(tuple(int(s) for s in shape), dtype=np.float32)
+
+
+# get_model("vit_t", **kwargs) must refuse these in both twins, with these messages
+VIT_REFUSED = [({"dropout": 0.2}, "vit_t: arcface_torch's ViT has no dropout layer"),
+               ({"input_size": 8}, "vit_t: input_size must be an integer >= the patch size 9"),
+               ({"checkpointing": True}, "vit_t: gradient checkpointing")]

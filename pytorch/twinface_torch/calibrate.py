@@ -7,7 +7,7 @@ from .backbones import get_model
 
 def calibrate_batchnorm(model, x, randomize=True, seed=1):
     """BatchNorm running statistics of the batch `x` instead of the initial (0, 1) and, with `randomize`,
-    distinct BatchNorm affine and PReLU values (seeded); returns the model in eval mode.
+    distinct BatchNorm / LayerNorm affine and PReLU values (seeded); returns the model in eval mode.
 
     A fresh backbone is nothing like a trained one: identity BatchNorms let eval-mode checks pass a wrong
     mapping unnoticed, and a fresh IResNet-50 grows its activations to ~1e20."""
@@ -22,6 +22,9 @@ def calibrate_batchnorm(model, x, randomize=True, seed=1):
                     m.bias.normal_(0.0, 0.1, generator=generator)
                 elif isinstance(m, nn.PReLU):
                     m.weight.uniform_(0.0, 0.5, generator=generator)
+                elif isinstance(m, nn.LayerNorm):            # ViT: a gamma / beta mix-up must show
+                    m.weight.uniform_(0.5, 1.5, generator=generator)
+                    m.bias.normal_(0.0, 0.1, generator=generator)
         for bn in batchnorms:
             bn.reset_running_stats()
             bn.momentum = None                           # cumulative average: one batch -> its statistics

@@ -7,7 +7,8 @@ import onnx
 import torch
 
 from twinface.atomic import atomic_path
-from twinface.onnx_meta import INPUT_NAME, OUTPUT_NAME, check_against, export_metadata, stamp_metadata
+from twinface.onnx_meta import (INPUT_NAME, OUTPUT_NAME, TRAINING_ONLY, check_against, export_metadata,
+                                keep_training_only, stamp_metadata)
 
 
 def export_onnx(model, path, arch, input_size=112, opset=17, verify=True):
@@ -33,6 +34,8 @@ def export_onnx(model, path, arch, input_size=112, opset=17, verify=True):
                 input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                 dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
             restore_shared_initializers(tmp_path, set(model.state_dict()))
+            keep_training_only(tmp_path, {n: t.detach().cpu().numpy() for n, t in model.state_dict().items()
+                                          if n in TRAINING_ONLY})
             stamp_metadata(tmp_path, export_metadata(arch, "torch", input_size, reference.shape[1]))
             max_abs_diff = verify_onnx(tmp_path, sample.cpu().numpy(), reference, path) if verify else float("nan")
     finally:

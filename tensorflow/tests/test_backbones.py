@@ -52,12 +52,22 @@ def mbf_param_count(blocks, scale, num_features=512, input_size=112):
     return total + 512 * num_features + 2 * num_features
 
 
+def vit_param_count(dim, depth, tokens=144, num_features=512):
+    """arcface_torch's ViT: per block 2 LayerNorms, qkv (no bias), proj, fc1 / fc2 (MLP ratio 4)."""
+    block = 4 * dim + 3 * dim * dim + dim * dim + dim + 8 * dim * dim + 4 * dim + dim
+    stem = dim * 3 * 9 * 9 + dim + tokens * dim + dim                  # patch_embed.proj, pos_embed, mask_token
+    head = 2 * dim + tokens * dim * dim + 2 * dim + dim * num_features + 2 * num_features
+    return stem + depth * block + head
+
+
 def torch_param_count(name):
     spec = BACKBONES[name]
     if spec.family == "iresnet":
         return iresnet_param_count(spec.kwargs["layers"])
     if spec.family == "resnext":
         return resnext_param_count(spec.kwargs["layers"])
+    if spec.family == "vit":
+        return vit_param_count(spec.kwargs["dim"], spec.kwargs["depth"])
     return mbf_param_count(spec.kwargs["blocks"], spec.kwargs["scale"])
 
 

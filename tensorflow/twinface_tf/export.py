@@ -11,7 +11,8 @@ import tensorflow as tf
 import tf2onnx
 
 from twinface.atomic import atomic_path
-from twinface.onnx_meta import INPUT_NAME, OUTPUT_NAME, check_against, export_metadata, stamp_metadata
+from twinface.onnx_meta import (INPUT_NAME, OUTPUT_NAME, TRAINING_ONLY, check_against, export_metadata,
+                                keep_training_only, stamp_metadata)
 
 
 def export_onnx(model, path, arch, input_size=112, opset=17, verify=True):
@@ -33,6 +34,8 @@ def export_onnx(model, path, arch, input_size=112, opset=17, verify=True):
         for value in (*onnx_model.graph.input, *onnx_model.graph.output):
             value.type.tensor_type.shape.dim[0].dim_param = "batch"    # tf2onnx names it "unk__<n>"
         onnx.save(onnx_model, tmp_path)
+        keep_training_only(tmp_path, {layer.name: layer.weights[0].numpy() for layer in model.layers
+                                      if layer.name in TRAINING_ONLY})
         stamp_metadata(tmp_path, export_metadata(arch, "tf", input_size, model.output_shape[-1]))
         max_abs_diff = verify_onnx(tmp_path, model, input_size, path) if verify else float("nan")
     return max_abs_diff

@@ -1,9 +1,10 @@
 """Which backbone a checkpoint holds, read from its tensor shapes.
 
-A checkpoint's tensors fix everything: the family (IResNet, ResNeXt or MobileFaceNet), the blocks per stage,
-the embedding size (fc / features.layers.2 rows) and the input size (fc columns = C * (size / 16)^2 with C = 512
-for IResNet, 2048 for ResNeXt; the GDC kernel = size / 16 for MobileFaceNet). Templates are torch models on the
-"meta" device: their shapes cost no memory and no initialisation.
+A checkpoint's tensors fix everything: the family (IResNet, ResNeXt, MobileFaceNet or ViT), the blocks per stage,
+the embedding size (fc / features.layers.2 / feature.2 rows) and the input size (fc columns = C * (size / 16)^2
+with C = 512 for IResNet, 2048 for ResNeXt; the GDC kernel = size / 16 for MobileFaceNet; feature.0 columns =
+dim * (size // 9)^2 for ViT, where twinface.vit.input_size_of_grid picks the size among the nine that give the
+grid). Templates are torch models on the "meta" device: their shapes cost no memory and no initialisation.
 """
 import functools
 from collections import Counter
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from twinface.registry import BACKBONES, backbone_spec
+from twinface.vit import input_size_of_grid
 from twinface_torch.backbones import get_model
 
 
@@ -54,6 +56,11 @@ def _sizes(family: str, shapes) -> list:
                 found.add((shape[0], 16 * side))
         elif family == "mobilefacenet" and len(shape) == 4 and shape[:2] == (512, 1) and shape[2] == shape[3]:
             found.update((s[0], 16 * shape[2]) for s in shapes if len(s) == 2 and s[1] == 512)
+        elif family == "vit" and len(shape) == 2 and shape[1] % shape[0] == 0:
+            # feature.0 [dim, dim * side^2]; feature.2 [F, dim] is then any [., dim] weight (misfits drop out later)
+            side = round((shape[1] // shape[0]) ** 0.5)
+            if side * side * shape[0] == shape[1]:
+                found.update((s[0], input_size_of_grid(side)) for s in shapes if len(s) == 2 and s[1] == shape[0])
     return sorted(found)
 
 
@@ -63,7 +70,8 @@ def _candidates(shapes, arch=None):
     out = []
     for name in archs:
         sizes = _sizes(backbone_spec(name).family, shapes)
-        out += [Backbone(name, f, s) for f, s in sizes if s % 16 == 0 and s > 0]
+        any_size = backbone_spec(name).family == "vit"        # the patch grid, not stride-2 stages, sets the size
+        out += [Backbone(name, f, s) for f, s in sizes if s > 0 and (any_size or s % 16 == 0)]
         if arch and not sizes:                      # nothing to read the sizes from: the defaults, then misfits
             out.append(Backbone(name))
     return out
@@ -107,8 +115,8 @@ def infer_named(shapes: dict, source: str, arch: str = None) -> Backbone:
                          " (wrong --arch?)")
     if not candidates:
         raise ValueError(f"{source}: no tensor gives an embedding size (IResNet / ResNeXt 'fc.weight' "
-                         f"[F, 512*(S/16)^2] / [F, 2048*(S/16)^2], "
-                         f"MobileFaceNet 'features.layers.2.weight' [F, 512]): not a twinface/arcface_torch backbone "
+                         f"[F, 512*(S/16)^2] / [F, 2048*(S/16)^2], MobileFaceNet 'features.layers.2.weight' "
+                         f"[F, 512], ViT 'feature.2.weight' [F, dim]): not a twinface/arcface_torch backbone "
                          f"({len(shapes)} tensors, first: {next(iter(shapes), None)!r})")
     nearest = min(candidates, key=lambda b: _distance(shapes, b))
     raise ValueError(f"{source}: the tensors match no known backbone ({', '.join(BACKBONES)}); nearest "

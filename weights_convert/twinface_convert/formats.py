@@ -160,6 +160,8 @@ _KERAS_TO_TORCH_SHAPE = {
     "grouped_conv2d": lambda s: (s[3], s[2], s[0], s[1]),
     "depthwise_conv2d": lambda s: (s[2] * s[3], 1, s[0], s[1]),
     "dense": lambda s: (s[1], s[0]),
+    "pos_embed": tuple,             # ViT's pos_embed and mask_token (MaskRestore): torch's own layout
+    "mask_restore": tuple,
 }
 
 

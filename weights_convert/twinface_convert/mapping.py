@@ -5,6 +5,8 @@ path, so `layer1.0.conv1` (Keras) owns `layer1.0.conv1.weight` (torch). Only the
     Conv2D kernel HWIO        <-> OIHW              DepthwiseConv2D (kh, kw, C, 1) <-> (C, 1, kh, kw)
     Dense kernel (in, out)    <-> weight (out, in)  PReLU alpha (1, 1, C)          <-> weight (C,)
     BN gamma/beta/moving_mean/moving_variance <-> weight/bias/running_mean/running_var
+    LayerNormalization gamma/beta <-> weight/bias
+    a layer marked `torch_parameter` (ViT's pos_embed, mask_token) owns the bare torch Parameter of its name
 Heads keep one layout in both twins (`weight` [classes, features]).
 """
 import keras
@@ -26,6 +28,10 @@ def _variable_rules(layer):
         rules = {"kernel": ("weight", lambda a: a.T, lambda a: a.T), "bias": ("bias", *same)}
     elif isinstance(layer, keras.layers.BatchNormalization):
         rules = {k: (v, *same) for k, v in _BN.items()}
+    elif isinstance(layer, keras.layers.LayerNormalization):
+        rules = {"gamma": ("weight", *same), "beta": ("bias", *same)}
+    elif getattr(layer, "torch_parameter", False):
+        rules = {v.name: ("", *same) for v in layer.weights}
     elif isinstance(layer, keras.layers.PReLU):
         rules = {"alpha": ("weight", lambda a: a.reshape(-1), None)}
     else:                                                   # heads: same names and layout in both twins
@@ -48,7 +54,7 @@ def canonical_variables(model, prefix: str = ""):
         owners = [(layer, f"{prefix}{layer.name}.") for layer in model.layers if layer.weights]
     else:                                                   # a head is itself the module
         owners = [(model, prefix)]
-    return {f"{path}{suffix}": (var, to_torch, to_keras)
+    return {f"{path}{suffix}" if suffix else path[:-1]: (var, to_torch, to_keras)
             for layer, path in owners for var, suffix, to_torch, to_keras in _variable_rules(layer)}
 
 

@@ -18,6 +18,7 @@ A slot that holds exactly one BatchNormalization node with eps 1e-5 keeps its fo
 Anything else has become y = s * x + t and is loaded as BatchNorm(gamma=s, beta=t, mean=0, var=1-eps): the
 same function in inference (float32 var + eps == 1 exactly), but the running statistics are gone.
 """
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import onnx_vit
 from .arch import Backbone, infer_unnamed, template
 
 EPS = np.float32(1e-5)
@@ -493,10 +495,27 @@ def read_onnx(path: str, arch: str = None) -> Imported:
     except Exception as e:  # protobuf reports a damaged file with several exception types
         raise ValueError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
     graph = Graph(model, path)
+    if onnx_vit.is_vit(graph):                      # a transformer: its own reader (onnx_vit)
+        return _read_vit(graph, arch)
     errors = []
     for backbone in infer_unnamed([u.weight.shape for u in graph.units()], path, arch):
         try:
             return walk(graph, backbone)
         except StructureError as e:
             errors.append(e)
+    raise ValueError(str(errors[0]))
+
+
+def _read_vit(graph: Graph, arch: str = None) -> Imported:
+    errors = []
+    for backbone in onnx_vit.vit_candidates(graph, arch):
+        try:
+            state, folded, has_mask_token = onnx_vit.walk_vit(graph, backbone)
+        except ValueError as e:
+            errors.append(e)
+            continue
+        if not has_mask_token:
+            warnings.warn(f"{graph.source}: no 'mask_token' initializer (only training-time masking uses it); "
+                          f"loaded as zeros")
+        return Imported(state, backbone, folded)
     raise ValueError(str(errors[0]))

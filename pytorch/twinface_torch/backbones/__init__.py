@@ -1,9 +1,11 @@
-"""Backbones by short name (twinface.registry): r18 r34 r50 r100 r200 mbf mbf_large resnext50 resnext101."""
+"""Backbones by short name (twinface.registry): r18 r34 r50 r100 r200 mbf mbf_large resnext50 resnext101 vit_t vit_s
+vit_b."""
 from twinface.precision import check_checkpointing
 from twinface.registry import backbone_spec
 from twinface_torch.backbones.iresnet import IResNet
 from twinface_torch.backbones.mobilefacenet import MobileFaceNet
 from twinface_torch.backbones.resnext import ResNeXt
+from twinface_torch.backbones.vit import VisionTransformer
 
 
 def get_model(name, num_features=512, dropout=0.0, fp16=False, input_size=112, precision=None, checkpointing=False):
@@ -17,6 +19,11 @@ def get_model(name, num_features=512, dropout=0.0, fp16=False, input_size=112, p
     if spec.family == "resnext":
         return ResNeXt(spec.kwargs["layers"], spec.kwargs["cardinality"], spec.kwargs["base_width"], dropout,
                        num_features, fp16, input_size, arch=name, precision=precision, checkpointing=checkpointing)
+    if spec.family == "vit":
+        if dropout:
+            raise ValueError(f"{name}: arcface_torch's ViT has no dropout layer, got dropout={dropout}")
+        return VisionTransformer(**spec.kwargs, num_features=num_features, fp16=fp16, input_size=input_size,
+                                 arch=name, precision=precision)
     if dropout:
         raise ValueError(f"{name}: MobileFaceNet has no dropout layer, got dropout={dropout}")
     return MobileFaceNet(fp16, num_features, spec.kwargs["blocks"], spec.kwargs["scale"], input_size, arch=name,

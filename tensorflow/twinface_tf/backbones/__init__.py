@@ -1,10 +1,11 @@
-"""get_model(name): the short names of twinface.registry (r18 ... r200, mbf, mbf_large, resnext50, resnext101) as
-Keras models."""
+"""get_model(name): the short names of twinface.registry (r18 ... r200, mbf, mbf_large, resnext50, resnext101, vit_t,
+vit_s, vit_b) as Keras models."""
 from twinface.precision import check_checkpointing
 from twinface.registry import backbone_spec
 from twinface_tf.backbones.iresnet import iresnet
 from twinface_tf.backbones.mobilefacenet import mobilefacenet
 from twinface_tf.backbones.resnext import resnext
+from twinface_tf.backbones.vit import vit
 
 
 def get_model(name, num_features=512, dropout=0.0, fp16=False, input_size=112, precision=None, checkpointing=False):
@@ -21,6 +22,11 @@ def get_model(name, num_features=512, dropout=0.0, fp16=False, input_size=112, p
     if spec.family == "resnext":
         return resnext(spec.kwargs["layers"], spec.kwargs["cardinality"], spec.kwargs["base_width"], num_features,
                        dropout, fp16, input_size, name=name, precision=precision, checkpointing=checkpointing)
+    if spec.family == "vit":
+        if dropout:
+            raise ValueError(f"{name}: arcface_torch's ViT has no dropout layer, got dropout={dropout}")
+        return vit(**spec.kwargs, num_features=num_features, fp16=fp16, input_size=input_size, name=name,
+                   precision=precision)
     if dropout:
         raise ValueError(f"{name}: MobileFaceNet has no dropout layer, got dropout={dropout}")
     return mobilefacenet(spec.kwargs["blocks"], spec.kwargs["scale"], num_features, fp16, input_size, name=name,
