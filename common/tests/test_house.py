@@ -51,7 +51,9 @@ def _modules(room):
 def test_twins_mirror_file_for_file():
     torch_files = _modules(ROOT / "pytorch" / "twinface_torch")
     tf_files = _modules(ROOT / "tensorflow" / "twinface_tf")
-    tf_only = {"layers.py"}          # Keras needs a torch-semantics BatchNorm; torch has nn.BatchNorm2d
-    # data-like weights for checks and the bench; the TF twin gets its weights from the torch twin's
-    torch_only = {"calibrate.py"}
+    # Keras needs a torch-semantics BatchNorm (torch has nn.BatchNorm2d); TFLite is TF's own deployment format
+    tf_only = {"layers.py", "tflite.py"}
+    # data-like weights for checks and the bench (the TF twin gets its weights from the torch twin's); AOTInductor
+    # packages are torch's own compiled format
+    torch_only = {"calibrate.py", "aot.py"}
     assert torch_files - torch_only == tf_files - tf_only
