@@ -10,7 +10,7 @@ from twinface.macs import count_macs
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    family: str                     # "iresnet" | "mobilefacenet"
+    family: str                     # "iresnet" | "mobilefacenet" | "densenet"
     kwargs: dict = field(default_factory=dict)
 
     @property
@@ -28,6 +28,7 @@ BACKBONES = {
     "r200": BackboneSpec("iresnet", {"layers": (6, 26, 60, 6)}),
     "mbf": BackboneSpec("mobilefacenet", {"blocks": (1, 4, 6, 2), "scale": 2}),
     "mbf_large": BackboneSpec("mobilefacenet", {"blocks": (2, 8, 12, 4), "scale": 4}),
+    "densenet121": BackboneSpec("densenet", {"blocks": (6, 12, 24, 16), "growth": 32, "init": 64, "bn_size": 4}),
 }
 
 # Margin settings of the one combined-margin head: target logit = s * (cos(m1*theta + m2) - m3).

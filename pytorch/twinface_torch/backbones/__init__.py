@@ -1,6 +1,7 @@
-"""Backbones by short name (twinface.registry): r18 r34 r50 r100 r200 mbf mbf_large."""
+"""Backbones by short name (twinface.registry): r18 r34 r50 r100 r200 mbf mbf_large densenet121."""
 from twinface.precision import check_checkpointing
 from twinface.registry import backbone_spec
+from twinface_torch.backbones.densenet import DenseNet
 from twinface_torch.backbones.iresnet import IResNet
 from twinface_torch.backbones.mobilefacenet import MobileFaceNet
 
@@ -13,6 +14,9 @@ def get_model(name, num_features=512, dropout=0.0, fp16=False, input_size=112, p
     if spec.family == "iresnet":
         return IResNet(spec.kwargs["layers"], dropout, num_features, fp16, input_size, arch=name,
                        precision=precision, checkpointing=checkpointing)
+    if spec.family == "densenet":
+        return DenseNet(**spec.kwargs, num_features=num_features, dropout=dropout, fp16=fp16, input_size=input_size,
+                        arch=name, precision=precision)
     if dropout:
         raise ValueError(f"{name}: MobileFaceNet has no dropout layer, got dropout={dropout}")
     return MobileFaceNet(fp16, num_features, spec.kwargs["blocks"], spec.kwargs["scale"], input_size, arch=name,

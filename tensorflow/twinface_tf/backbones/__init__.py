@@ -1,6 +1,7 @@
-"""get_model(name): the short names of twinface.registry (r18 ... r200, mbf, mbf_large) as Keras models."""
+"""get_model(name): the short names of twinface.registry (r18 ... r200, mbf, mbf_large, densenet121) as Keras models."""
 from twinface.precision import check_checkpointing
 from twinface.registry import backbone_spec
+from twinface_tf.backbones.densenet import densenet
 from twinface_tf.backbones.iresnet import iresnet
 from twinface_tf.backbones.mobilefacenet import mobilefacenet
 
@@ -16,6 +17,9 @@ def get_model(name, num_features=512, dropout=0.0, fp16=False, input_size=112, p
     if spec.family == "iresnet":
         return iresnet(spec.kwargs["layers"], num_features, dropout, fp16, input_size, name=name,
                        precision=precision, checkpointing=checkpointing)
+    if spec.family == "densenet":
+        return densenet(**spec.kwargs, num_features=num_features, dropout=dropout, fp16=fp16, input_size=input_size,
+                        name=name, precision=precision)
     if dropout:
         raise ValueError(f"{name}: MobileFaceNet has no dropout layer, got dropout={dropout}")
     return mobilefacenet(spec.kwargs["blocks"], spec.kwargs["scale"], num_features, fp16, input_size, name=name,
