@@ -2,10 +2,12 @@
 
 The count follows ptflops, which arcface_torch's flops.py uses for its published figures (IResNet-50 6.3 G at
 112x112): each convolution out_h * out_w * out_channels * k * k * in_channels / groups, each fully connected
-layer in * out, 2 per element out of a BatchNorm (scale and shift), 1 per element out of a PReLU; additions and
-biases are left out. The walk mirrors both twins' builders layer by layer; pytorch/tests/test_macs.py holds it
-to hooks on the real torch modules, so a change to the architecture cannot leave these numbers behind.
+layer in * out, 2 per element out of a BatchNorm (scale and shift), 1 per element out of a PReLU or ReLU, 1 per
+element into a max / average pool; additions, biases and concatenations are left out. The walk mirrors both
+twins' builders layer by layer; pytorch/tests/test_macs.py holds it to hooks on the real torch modules, so a
+change to the architecture cannot leave these numbers behind.
 """
+from twinface.densenet import dense_stages
 
 
 class _Counter:
@@ -15,6 +17,14 @@ class _Counter:
     def bn(self, channels):
         self.macs += 2 * channels * self.size * self.size
 
+    def act(self, channels):
+        """A PReLU or ReLU on the current map."""
+        self.macs += channels * self.size * self.size
+
+    def pool(self, channels, kernel, stride, padding=0):
+        self.macs += channels * self.size * self.size
+        self.size = (self.size + 2 * padding - kernel) // stride + 1
+
     def conv(self, cin, cout, kernel=1, stride=1, groups=1, padding=None, bn=True, prelu=False):
         """A bias-free convolution on the current map, optionally followed by BatchNorm and PReLU."""
         pad = kernel // 2 if padding is None else padding
@@ -23,7 +33,7 @@ class _Counter:
         if bn:
             self.bn(cout)
         if prelu:
-            self.macs += cout * self.size * self.size
+            self.act(cout)
 
     def linear_bn(self, cin, cout):
         """A fully connected layer followed by BatchNorm1d (the embedding layer of both families)."""
@@ -73,6 +83,26 @@ def _mobilefacenet(c, blocks, scale, num_features):
     c.linear_bn(512, num_features)
 
 
+def _densenet(c, blocks, growth, init, bn_size, num_features):
+    c.conv(3, init, 3)
+    c.act(init)                                                # relu0
+    c.pool(init, 3, 2, padding=1)
+    for (cin, cout, halved), layers in zip(dense_stages(init, growth, blocks), blocks):
+        for j in range(layers):
+            channels = cin + j * growth
+            c.bn(channels)                                     # norm1, relu1 on the concatenated input
+            c.act(channels)
+            c.conv(channels, bn_size * growth, prelu=True)     # conv1, norm2, relu2
+            c.conv(bn_size * growth, growth, 3, bn=False)      # conv2
+        if halved:
+            c.bn(cout)
+            c.act(cout)
+            c.conv(cout, halved, bn=False)
+            c.pool(halved, 2, 2)
+    c.bn(cout)
+    c.linear_bn(cout * c.size * c.size, num_features)
+
+
 def count_macs(family: str, kwargs: dict, input_size: int = 112, num_features: int = 512) -> int:
     """Operations (ptflops' "MACs") of one image through the backbone `family` built with registry `kwargs`."""
     c = _Counter(input_size)
@@ -80,6 +110,9 @@ def count_macs(family: str, kwargs: dict, input_size: int = 112, num_features: i
         _iresnet(c, kwargs["layers"], num_features)
     elif family == "mobilefacenet":
         _mobilefacenet(c, kwargs["blocks"], kwargs["scale"], num_features)
+    elif family == "densenet":
+        _densenet(c, **kwargs, num_features=num_features)
     else:
-        raise ValueError(f"count_macs: unknown backbone family {family!r}; expected iresnet or mobilefacenet")
+        raise ValueError(f"count_macs: unknown backbone family {family!r}; expected iresnet, mobilefacenet or "
+                         f"densenet")
     return c.macs

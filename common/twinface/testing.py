@@ -513,3 +513,20 @@ def check_verify_photos(tmp_path, capsys, monkeypatch, framework: str, get_model
     assert used == [framework]
     assert re.fullmatch(r"cosine similarity -?\d\.\d{4}, squared L2 distance \d\.\d{4} \(threshold 1\.4\): "
                         r"(SAME person|DIFFERENT people)\n", out), out
+
+
+def densenet_param_count(blocks, growth=32, init=64, bn_size=4, num_features=512, input_size=112) -> int:
+    """Parameters of the face DenseNet written out from docs/backbones.md (conv weights, BN gamma/beta, PReLU
+    slopes, fc weight + bias; no running statistics), independently of both twins' builders."""
+    width = bn_size * growth
+    total = 3 * init * 9 + 2 * init                                 # conv0, norm0 (relu0 has none)
+    channels = init
+    for i, layers in enumerate(blocks):
+        for _ in range(layers):                                     # norm1, relu1, conv1, norm2, relu2, conv2
+            total += 3 * channels + channels * width + 3 * width + width * growth * 9
+            channels += growth
+        if i < len(blocks) - 1:                                     # transition: norm, relu, 1x1 conv to half
+            total += 3 * channels + channels * (channels // 2)
+            channels //= 2
+    fc_in = channels * (input_size // 16) ** 2
+    return total + 2 * channels + fc_in * num_features + num_features + 2 * num_features
