@@ -31,7 +31,8 @@ def _twins(arch, head="arcface", optimizer="sgd", num_classes=20, input_size=112
     from twinface_tf.train import TFTwin
     from twinface_torch.train import TorchTwin
     cfg = config.from_dict({"backbone": {"name": arch, "num_features": 64, "input_size": input_size},
-                            "head": {"type": head}, "optimizer": {"type": optimizer, "lr": LR[optimizer]}, "train": {"batch_size": 8}})
+                            "head": {"type": head}, "optimizer": {"type": optimizer, "lr": LR[optimizer]},
+                            "train": {"batch_size": 8}})
     torch.manual_seed(0)
     tt, kt = TorchTwin(), TFTwin()
     tt.build(cfg, num_classes)

@@ -16,6 +16,6 @@ def dense_stages(init, growth, blocks):
     return stages
 
 
-def final_channels(init, growth, blocks):
-    """Channels of the last dense block's map (1024 for DenseNet-121)."""
-    return dense_stages(init, growth, blocks)[-1][1]
+def final_channels(kwargs):
+    """Channels of the last dense block's map (1024 for DenseNet-121) for registry `kwargs`."""
+    return dense_stages(kwargs["init"], kwargs["growth"], kwargs["blocks"])[-1][1]

@@ -1,9 +1,9 @@
 """Which backbone a checkpoint holds, read from its tensor shapes.
 
-A checkpoint's tensors fix everything: the family (IResNet or MobileFaceNet), the blocks per stage, the
-embedding size (fc / features.layers.2 rows) and the input size (fc columns = 512 * (size / 16)^2 for IResNet,
-the GDC kernel = size / 16 for MobileFaceNet). Templates are torch models on the "meta" device: their shapes
-cost no memory and no initialisation.
+A checkpoint's tensors fix everything: the family (IResNet, MobileFaceNet or DenseNet), the blocks per stage,
+the embedding size (fc / features.layers.2 rows) and the input size (fc columns = 512 * (size / 16)^2 for
+IResNet, 1024 * (size / 16)^2 for DenseNet-121, the GDC kernel = size / 16 for MobileFaceNet). Templates are
+torch models on the "meta" device: their shapes cost no memory and no initialisation.
 """
 import functools
 from collections import Counter
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from twinface.densenet import final_channels
 from twinface.registry import BACKBONES, backbone_spec
 from twinface_torch.backbones import get_model
 
@@ -23,6 +24,9 @@ class Backbone:
 
     def __str__(self):
         return f"{self.arch} (num_features {self.num_features}, input_size {self.input_size})"
+
+
+DENSENET_WIDTHS = sorted({final_channels(s.kwargs) for s in BACKBONES.values() if s.family == "densenet"})
 
 
 @functools.lru_cache(maxsize=32)
@@ -48,6 +52,11 @@ def _sizes(family: str, shapes) -> list:
             side = round((shape[1] / 512) ** 0.5)
             if 512 * side * side == shape[1]:
                 found.add((shape[0], 16 * side))
+        elif family == "densenet" and len(shape) == 2:
+            for channels in DENSENET_WIDTHS:          # fc columns = final width * (size / 16)^2
+                side = round((shape[1] / channels) ** 0.5)
+                if side and channels * side * side == shape[1]:
+                    found.add((shape[0], 16 * side))
         elif family == "mobilefacenet" and len(shape) == 4 and shape[:2] == (512, 1) and shape[2] == shape[3]:
             found.update((s[0], 16 * shape[2]) for s in shapes if len(s) == 2 and s[1] == 512)
     return sorted(found)
