@@ -288,9 +288,10 @@ def test_densenet_options_and_refusals():
 def test_densenet_init_follows_fdensenet():
     torch.manual_seed(0)
     model = get_model("densenet121", input_size=32)
-    conv1 = model.denseblock3.denselayer1.conv1.weight           # 128 out, 1x1: fan_out 128
-    assert abs(conv1.std().item() - (2 / 128) ** 0.5) < 0.003
-    assert abs(model.fc.weight.std().item() - (2 / 512) ** 0.5) < 0.001 and not model.fc.bias.any()
+    conv1 = model.denseblock3.denselayer1.conv1.weight           # 256 in, 1x1: fan_in 256, U(-b, b), b = sqrt(6/256)
+    assert abs(conv1.std().item() - (2 / 256) ** 0.5) < 0.002 and 0.99 < conv1.abs().max() / (6 / 256) ** 0.5 <= 1
+    fc = model.fc.weight                                          # fan_in 1024 * 2 * 2
+    assert abs(fc.std().item() - (2 / 4096) ** 0.5) < 0.0005 and not model.fc.bias.any()
     prelus = [m for m in model.modules() if isinstance(m, nn.PReLU)]
     assert len(prelus) == 2 * 58 + 3 and all(bool((m.weight == 0.25).all()) for m in prelus)
     assert isinstance(model.relu0, nn.ReLU)                      # fdensenet's stem keeps ReLU

@@ -257,6 +257,8 @@ def test_densenet_layers_names_policies_and_refusals():
         torch_paths |= {f"transition{i}.{m}" for m in ("norm", "relu", "conv")} if i < 4 else set()
     assert {layer.name for layer in model.layers if layer.weights} == torch_paths
     assert model.get_layer("transition2.conv").kernel.shape == (1, 1, 512, 256)   # torch (256, 512, 1, 1)
+    kernel = model.get_layer("transition2.conv").kernel.numpy()                  # kaiming uniform, fan_in 512
+    assert 0.99 < np.abs(kernel).max() / np.sqrt(6 / 512) <= 1
     assert model.get_layer("denseblock4.denselayer1.norm1").dtype_policy.name == "mixed_float16"
     assert model.get_layer("fc").dtype_policy.name == "float32" and model.get_layer("dropout").rate == 0.2
     assert not model.get_layer("features").gamma.trainable

@@ -68,10 +68,11 @@ class DenseNet(nn.Module):
         # fdensenet's "E" output (MXNet fix_gamma=True): the embedding BN's scale stays 1, as IResNet.
         self.features.weight.requires_grad = False
 
-        # fdensenet trained with MXNet Xavier(gaussian, factor "out", magnitude 2) = kaiming normal, fan_out.
+        # insightface's train.py initialises fdensenet with MXNet Xavier(uniform, factor "in", magnitude 2):
+        # kaiming uniform, fan_in; biases 0.
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.kaiming_uniform_(m.weight, mode="fan_in", nonlinearity="relu")
             if isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
