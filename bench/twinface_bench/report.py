@@ -27,7 +27,7 @@ LABELS = {
     "torch-train-backbone": "torch backbone forward + backward only",
     "torch-train-backbone-checkpointing": "torch backbone forward + backward, gradient checkpointing",
 }
-MODEL_NAMES = {"r50": "IResNet-50", "r18": "IResNet-18", "mbf": "MobileFaceNet"}
+MODEL_NAMES = {"r50": "IResNet-50", "r18": "IResNet-18", "mbf": "MobileFaceNet", "densenet121": "DenseNet-121"}
 
 
 def label(runtime):

@@ -530,3 +530,11 @@ def densenet_param_count(blocks, growth=32, init=64, bn_size=4, num_features=512
             channels //= 2
     fc_in = channels * (input_size // 16) ** 2
     return total + 2 * channels + fc_in * num_features + num_features + 2 * num_features
+
+
+def check_densenet_trains(make_twin, data_dir, tmp_path) -> None:
+    """DenseNet-121 at 32x32 through the real trainer: it finishes, validates and exports its backbone."""
+    summary, _ = run_tiny(make_twin, data_dir, tmp_path / "run", backbone={"name": "densenet121"},
+                          train={"epochs": 1})
+    assert summary["finished"] and summary["steps"] == 4 and summary["arch"] == "densenet121"
+    assert 0 <= summary["history"][-1]["val"]["acc"] <= 1 and summary["onnx_max_abs_diff"] < 1e-4

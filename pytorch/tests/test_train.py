@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from twinface.testing import (check_fp16_overflow_backs_off, check_nan_guard, check_resume_matches_uninterrupted,
+from twinface.testing import (check_densenet_trains, check_fp16_overflow_backs_off, check_nan_guard, check_resume_matches_uninterrupted,
                               check_tfrecord_trains_like_rec, check_training_outputs, check_truncated_state_is_named,
                               run_tiny, tiny_dataset)
 from twinface_torch.backbones import get_model
@@ -247,3 +247,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_names_the_fi
     assert f"CheckpointWriteError: {state}: writing failed" in out, out
     assert torch.load(state, weights_only=True)["meta"]["step"] == 4
     assert not [f for f in os.listdir(run) if f.endswith(".tmp")]
+
+
+def test_densenet_trains(data, tmp_path):
+    check_densenet_trains(TorchTwin, data, tmp_path)

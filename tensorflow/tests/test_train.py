@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from twinface.testing import (check_fp16_overflow_backs_off, check_nan_guard, check_resume_matches_uninterrupted,
+from twinface.testing import (check_densenet_trains, check_fp16_overflow_backs_off, check_nan_guard, check_resume_matches_uninterrupted,
                               check_tfrecord_trains_like_rec, check_training_outputs, check_truncated_state_is_named,
                               tiny_dataset)
 from twinface_tf.backbones import get_model
@@ -68,3 +68,7 @@ def test_fp16_overflow_is_skipped_backs_off_and_the_run_goes_on(data, tmp_path):
 
 def test_truncated_state_is_an_error_naming_the_file(data, tmp_path):
     check_truncated_state_is_named(TFTwin, "state.npz", data, tmp_path)
+
+
+def test_densenet_trains(data, tmp_path):
+    check_densenet_trains(TFTwin, data, tmp_path)
