@@ -12,7 +12,7 @@ import torch
 
 from twinface.testing import (check_densenet_trains, check_fp16_overflow_backs_off, check_nan_guard,
                               check_resume_matches_uninterrupted, check_tfrecord_trains_like_rec, check_training_outputs,
-                              check_truncated_state_is_named,                               run_tiny, tiny_dataset)
+                              check_truncated_state_is_named, run_tiny, tiny_dataset)
 from twinface_torch.backbones import get_model
 from twinface_torch.train import TorchTwin
 

@@ -6,7 +6,7 @@ import pytest
 
 from twinface.testing import (check_densenet_trains, check_fp16_overflow_backs_off, check_nan_guard,
                               check_resume_matches_uninterrupted, check_tfrecord_trains_like_rec, check_training_outputs,
-                              check_truncated_state_is_named,                               tiny_dataset)
+                              check_truncated_state_is_named, tiny_dataset)
 from twinface_tf.backbones import get_model
 from twinface_tf.train import TFTwin
 
