@@ -34,6 +34,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 BATCH, SIZE, CLASSES, LR = 8, 32, 20, 0.1
+# DenseNet-121 at 32x32 ends on 2x2 maps, where training-mode BatchNorm sees 32 values per channel: a fresh net's
+# step is then too ill-conditioned for STEP_TOL (measured, worst tensor / scale: TF oneDNN 2.9e-2 at 32, 2.9e-3 at
+# 64; torch 6.6e-3 / 4.6e-3), while its kink-free gradient row agrees to 4e-6 at 32. At 64 its last maps are 4x4.
+SIZES = {"densenet121": 64}
 LOSS_TOL, STEP_TOL, GRAD_TOL, EMB_TOL = 1e-5, 2e-2, 1e-4, 1e-5
 
 
@@ -203,6 +207,8 @@ def export_rows(arch):
 def main(arch, part):
     """The rows of one part, "step" (the training step) or "model" (inference, gradients, export): two processes
     per backbone, so that IResNet-200's traced training step and its data-like twins never share one."""
+    global SIZE
+    SIZE = SIZES.get(arch, SIZE)            # one backbone per process
     rng = np.random.default_rng(100)
     images = rng.integers(0, 256, (BATCH, SIZE, SIZE, 3), dtype=np.uint8)
     labels = rng.integers(0, CLASSES, BATCH).astype(np.int64)

@@ -7,7 +7,7 @@ import pytest
 # in a process of its own (conftest.py) to keep the room's memory that of one large model.
 ARCHS = [pytest.param(arch, n, id=arch, marks=[pytest.mark.large] if arch in ("r100", "r200", "resnext101") else [])
          for arch, n in [("r18", 3), ("r34", 2), ("r50", 4), ("r100", 1), ("r200", 1), ("mbf", 4), ("mbf_large", 2),
-                         ("resnext50", 2), ("resnext101", 1), ("vit_t", 2)]]
+                         ("resnext50", 2), ("resnext101", 1), ("densenet121", 2), ("vit_t", 2)]]
 # tf2onnx needs tens of times a model's weights in memory (r50: 7.3 GB for 175 MB of weights, rising with depth):
 # the TF export of IResNet-100/200 alone would outgrow the room's ~8 GB. The same converter code is proven on
 # r18 .. r50; the large nets keep their torch-vs-TF and torch-export rows.
@@ -70,7 +70,7 @@ def test_resnext_exports_of_both_twins_at_32(arch, make_twins, images, parity, t
                      _l2(OnnxEmbedder(path)(uint8)), NORMED_ABS)
 
 
-@pytest.mark.parametrize("arch", ["r18", "mbf", "resnext50", "vit_t"])
+@pytest.mark.parametrize("arch", ["r18", "mbf", "resnext50", "densenet121", "vit_t"])
 def test_train_mode_forward_and_running_stats_agree(arch, make_twins, images, parity):
     import torch
     from twinface_convert.mapping import keras_to_torch

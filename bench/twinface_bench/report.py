@@ -29,7 +29,8 @@ LABELS = {
     "torch-train-backbone-checkpointing": "torch backbone forward + backward, gradient checkpointing",
 }
 MODEL_NAMES = {"r50": "IResNet-50", "r18": "IResNet-18", "mbf": "MobileFaceNet", "resnext50": "ResNeXt-50",
-               "resnext101": "ResNeXt-101"}
+               "resnext101": "ResNeXt-101", "densenet121": "DenseNet-121", "vit_t": "ViT-T", "vit_s": "ViT-S",
+               "vit_b": "ViT-B"}
 
 
 def label(runtime):

@@ -3,12 +3,13 @@
 The count follows ptflops, which arcface_torch's flops.py uses for its published figures (IResNet-50 6.3 G at
 112x112): each convolution out_h * out_w * out_channels * k * k * in_channels / groups, each fully connected
 layer in * out (per token for a ViT's), 2 per element out of a BatchNorm or an affine LayerNorm (scale and shift),
-1 per element out of a PReLU or ReLU6; additions, biases and softmax are left out. A ViT's attention products
-(q k^T and the weighted sum of v), which ptflops' module hooks do not see, count 2 * tokens^2 * dim per block, as
-arcface_torch's own `extra_gflops` does. The walk mirrors both twins' builders layer by layer;
-pytorch/tests/test_macs.py holds it to hooks on the real torch modules, so a change to the architecture cannot
-leave these numbers behind.
+1 per element out of a PReLU, ReLU or ReLU6, 1 per element into a max / average pool; additions, biases,
+concatenations and softmax are left out. A ViT's attention products (q k^T and the weighted sum of v), which
+ptflops' module hooks do not see, count 2 * tokens^2 * dim per block, as arcface_torch's own `extra_gflops` does.
+The walk mirrors both twins' builders layer by layer; pytorch/tests/test_macs.py holds it to hooks on the real torch
+modules, so a change to the architecture cannot leave these numbers behind.
 """
+from twinface.densenet import dense_stages
 from twinface.vit import PATCH
 
 
@@ -19,6 +20,14 @@ class _Counter:
     def bn(self, channels):
         self.macs += 2 * channels * self.size * self.size
 
+    def act(self, channels):
+        """A PReLU or ReLU on the current map."""
+        self.macs += channels * self.size * self.size
+
+    def pool(self, channels, kernel, stride, padding=0):
+        self.macs += channels * self.size * self.size
+        self.size = (self.size + 2 * padding - kernel) // stride + 1
+
     def conv(self, cin, cout, kernel=1, stride=1, groups=1, padding=None, bn=True, prelu=False):
         """A bias-free convolution on the current map, optionally followed by BatchNorm and PReLU."""
         pad = kernel // 2 if padding is None else padding
@@ -27,7 +36,7 @@ class _Counter:
         if bn:
             self.bn(cout)
         if prelu:
-            self.macs += cout * self.size * self.size
+            self.act(cout)
 
     def linear_bn(self, cin, cout):
         """A fully connected layer followed by BatchNorm1d (the embedding layer of both families)."""
@@ -107,6 +116,26 @@ def _vit(c, dim, depth, num_features):
     c.linear_bn(dim, num_features)                          # feature.2, feature.3
 
 
+def _densenet(c, blocks, growth, init, bn_size, num_features):
+    c.conv(3, init, 3)
+    c.act(init)                                                # relu0
+    c.pool(init, 3, 2, padding=1)
+    for (cin, cout, halved), layers in zip(dense_stages(init, growth, blocks), blocks):
+        for j in range(layers):
+            channels = cin + j * growth
+            c.bn(channels)                                     # norm1, relu1 on the concatenated input
+            c.act(channels)
+            c.conv(channels, bn_size * growth, prelu=True)     # conv1, norm2, relu2
+            c.conv(bn_size * growth, growth, 3, bn=False)      # conv2
+        if halved:
+            c.bn(cout)
+            c.act(cout)
+            c.conv(cout, halved, bn=False)
+            c.pool(halved, 2, 2)
+    c.bn(cout)
+    c.linear_bn(cout * c.size * c.size, num_features)
+
+
 def count_macs(family: str, kwargs: dict, input_size: int = 112, num_features: int = 512) -> int:
     """Operations (ptflops' "MACs") of one image through the backbone `family` built with registry `kwargs`."""
     c = _Counter(input_size)
@@ -116,9 +145,11 @@ def count_macs(family: str, kwargs: dict, input_size: int = 112, num_features: i
         _mobilefacenet(c, kwargs["blocks"], kwargs["scale"], num_features)
     elif family == "resnext":
         _iresnet(c, kwargs["layers"], num_features, _bottleneck(kwargs["cardinality"], kwargs["base_width"]), 4)
+    elif family == "densenet":
+        _densenet(c, **kwargs, num_features=num_features)
     elif family == "vit":
         _vit(c, kwargs["dim"], kwargs["depth"], num_features)
     else:
         raise ValueError(f"count_macs: unknown backbone family {family!r}; expected iresnet, mobilefacenet, "
-                         f"resnext or vit")
+                         f"resnext, densenet or vit")
     return c.macs

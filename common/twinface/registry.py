@@ -10,7 +10,7 @@ from twinface.macs import count_macs
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    family: str                     # "iresnet" | "mobilefacenet" | "resnext" | "vit"
+    family: str                     # "iresnet" | "mobilefacenet" | "resnext" | "densenet" | "vit"
     kwargs: dict = field(default_factory=dict)
 
     @property
@@ -30,6 +30,7 @@ BACKBONES = {
     "mbf_large": BackboneSpec("mobilefacenet", {"blocks": (2, 8, 12, 4), "scale": 4}),
     "resnext50": BackboneSpec("resnext", {"layers": (3, 4, 6, 3), "cardinality": 32, "base_width": 4}),
     "resnext101": BackboneSpec("resnext", {"layers": (3, 4, 23, 3), "cardinality": 32, "base_width": 4}),
+    "densenet121": BackboneSpec("densenet", {"blocks": (6, 12, 24, 16), "growth": 32, "init": 64, "bn_size": 4}),
     # arcface_torch's vit_* entries: patch 9, 8 heads, patch masking 0.1 and stochastic depth 0.1 in training
     "vit_t": BackboneSpec("vit", {"dim": 256, "depth": 12, "heads": 8, "mask_ratio": 0.1, "drop_path_rate": 0.1}),
     "vit_s": BackboneSpec("vit", {"dim": 512, "depth": 12, "heads": 8, "mask_ratio": 0.1, "drop_path_rate": 0.1}),

@@ -564,3 +564,28 @@ def seeded_noise(seed):
 VIT_REFUSED = [({"dropout": 0.2}, "vit_t: arcface_torch's ViT has no dropout layer"),
                ({"input_size": 8}, "vit_t: input_size must be an integer >= the patch size 9"),
                ({"checkpointing": True}, "vit_t: gradient checkpointing")]
+
+
+def densenet_param_count(blocks, growth=32, init=64, bn_size=4, num_features=512, input_size=112) -> int:
+    """Parameters of the face DenseNet written out from docs/backbones.md (conv weights, BN gamma/beta, PReLU
+    slopes, fc weight + bias; no running statistics), independently of both twins' builders."""
+    width = bn_size * growth
+    total = 3 * init * 9 + 2 * init                                 # conv0, norm0 (relu0 has none)
+    channels = init
+    for i, layers in enumerate(blocks):
+        for _ in range(layers):                                     # norm1, relu1, conv1, norm2, relu2, conv2
+            total += 3 * channels + channels * width + 3 * width + width * growth * 9
+            channels += growth
+        if i < len(blocks) - 1:                                     # transition: norm, relu, 1x1 conv to half
+            total += 3 * channels + channels * (channels // 2)
+            channels //= 2
+    fc_in = channels * (input_size // 16) ** 2
+    return total + 2 * channels + fc_in * num_features + num_features + 2 * num_features
+
+
+def check_densenet_trains(make_twin, data_dir, tmp_path) -> None:
+    """DenseNet-121 at 32x32 through the real trainer: it finishes, validates and exports its backbone."""
+    summary, _ = run_tiny(make_twin, data_dir, tmp_path / "run", backbone={"name": "densenet121"},
+                          train={"epochs": 1})
+    assert summary["finished"] and summary["steps"] == 4 and summary["arch"] == "densenet121"
+    assert 0 <= summary["history"][-1]["val"]["acc"] <= 1 and summary["onnx_max_abs_diff"] < 1e-4

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from twinface.registry import BACKBONES
-from twinface.testing import TORCHVISION_RESNEXT50_PARAMS, resnext_blocks, resnext_conv_weights, resnext_param_count
+from twinface.testing import (TORCHVISION_RESNEXT50_PARAMS, densenet_param_count, resnext_blocks,
+                              resnext_conv_weights, resnext_param_count)
 from twinface_torch.backbones import get_model
 from twinface_torch.backbones.iresnet import iresnet18, iresnet50
 from twinface_torch.backbones.mobilefacenet import get_mbf, get_mbf_large
@@ -58,6 +59,8 @@ def test_every_registry_name_builds(name):
         assert set(model.state_dict()) == iresnet_state_keys(layers)
     elif BACKBONES[name].family == "resnext":
         assert num_params(model) == resnext_param_count(BACKBONES[name].kwargs["layers"])
+    elif BACKBONES[name].family == "densenet":
+        assert num_params(model) == densenet_param_count(**BACKBONES[name].kwargs)
     elif BACKBONES[name].family == "mobilefacenet":
         assert "features.layers.3.running_var" in model.state_dict()
     else:                                                   # vit: pytorch/tests/test_vit.py
@@ -277,7 +280,8 @@ def test_dropout_setting():
         get_model("mbf", dropout=0.4)
 
 
-@pytest.mark.parametrize("name, trunk, head", [("r18", "layer4", "fc"), ("mbf", "layers", "conv_sep")])
+@pytest.mark.parametrize("name, trunk, head", [("r18", "layer4", "fc"), ("mbf", "layers", "conv_sep"),
+                                               ("densenet121", "denseblock4", "fc")])
 def test_fp16_covers_the_trunk_only(name, trunk, head):
     dtypes = {}
 
@@ -293,3 +297,55 @@ def test_fp16_covers_the_trunk_only(name, trunk, head):
         out = model(torch.rand(1, 3, 16, 16))
     assert dtypes == {"trunk": torch.float16, "head_in": torch.float32}
     assert out.dtype == torch.float32
+
+
+def test_densenet121_structure_names_and_sizes():
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in get_model("densenet121").state_dict().items()}
+    assert shapes["conv0.weight"] == (64, 3, 3, 3)                         # fdensenet's 112x112 stem: 3x3, stride 1
+    assert shapes["denseblock1.denselayer1.norm1.running_var"] == (64,)
+    assert shapes["denseblock1.denselayer1.relu1.weight"] == (64,)
+    assert shapes["denseblock1.denselayer1.conv1.weight"] == (128, 64, 1, 1)     # bn_size 4 x growth 32
+    assert shapes["denseblock1.denselayer1.conv2.weight"] == (32, 128, 3, 3)
+    assert shapes["denseblock1.denselayer6.norm1.weight"] == (64 + 5 * 32,)
+    assert shapes["transition1.conv.weight"] == (128, 256, 1, 1)                # compression 0.5
+    assert shapes["transition3.conv.weight"] == (512, 1024, 1, 1)
+    assert "transition4.conv.weight" not in shapes and "denseblock4.denselayer17.conv1.weight" not in shapes
+    assert shapes["bn2.weight"] == (1024,)
+    assert shapes["fc.weight"] == (512, 1024 * 7 * 7)                          # 50176 x 512: 25.7 M of 32.7 M
+    assert densenet_param_count((6, 12, 24, 16)) == 32_678_560
+
+
+def test_densenet_dense_layer_appends_new_channels_after_the_old():
+    model = get_model("densenet121", input_size=32).eval()
+    layer = model.denseblock2.denselayer3
+    x = torch.randn(2, layer.norm1.num_features, 4, 4)
+    with torch.no_grad():
+        out = layer(x)
+    assert out.shape == (2, x.shape[1] + 32, 4, 4)
+    assert torch.equal(out[:, :x.shape[1]], x)
+
+
+def test_densenet_options_and_refusals():
+    model = get_model("densenet121", num_features=64, dropout=0.2, input_size=32)
+    assert model.dropout.p == 0.2 and model.fc.weight.shape == (64, 1024 * 2 * 2)
+    assert model.eval()(torch.rand(2, 3, 32, 32)).shape == (2, 64)
+    with pytest.raises(ValueError, match="densenet121: input_size must be a positive multiple of 16, got 40"):
+        get_model("densenet121", input_size=40)
+    with pytest.raises(ValueError, match="densenet121: gradient checkpointing .* IResNet only, not for densenet"):
+        get_model("densenet121", checkpointing=True)
+    with pytest.raises(ValueError, match=r"densenet121: expected input \[N, 3, H, W\] with H = W = 32"):
+        model(torch.rand(2, 3, 112, 112))
+
+
+def test_densenet_init_follows_fdensenet():
+    torch.manual_seed(0)
+    model = get_model("densenet121", input_size=32)
+    conv1 = model.denseblock3.denselayer1.conv1.weight           # 256 in, 1x1: fan_in 256, U(-b, b), b = sqrt(6/256)
+    assert abs(conv1.std().item() - (2 / 256) ** 0.5) < 0.002 and 0.99 < conv1.abs().max() / (6 / 256) ** 0.5 <= 1
+    fc = model.fc.weight                                          # fan_in 1024 * 2 * 2
+    assert abs(fc.std().item() - (2 / 4096) ** 0.5) < 0.0005 and not model.fc.bias.any()
+    prelus = [m for m in model.modules() if isinstance(m, nn.PReLU)]
+    assert len(prelus) == 2 * 58 + 3 and all(bool((m.weight == 0.25).all()) for m in prelus)
+    assert isinstance(model.relu0, nn.ReLU)                      # fdensenet's stem keeps ReLU
+    assert not model.features.weight.requires_grad and torch.equal(model.features.weight, torch.ones(512))

@@ -14,7 +14,7 @@ from twinface_torch.export import export_onnx, verify_onnx
 SIZE = 32
 
 
-@pytest.fixture(scope="module", params=["r18", "mbf"])
+@pytest.fixture(scope="module", params=["r18", "mbf", "densenet121"])
 def exported(request, tmp_path_factory):
     """One fresh and one trained-like export per architecture, shared by the tests below."""
     name = request.param

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from twinface.testing import (check_fp16_overflow_backs_off, check_nan_guard,
-                              check_resnext_trains_with_checkpointing,
-                              check_resume_matches_uninterrupted, check_tfrecord_trains_like_rec,
-                              check_training_outputs, check_truncated_state_is_named,
+from twinface.testing import (check_densenet_trains, check_fp16_overflow_backs_off, check_nan_guard,
+                              check_resnext_trains_with_checkpointing, check_resume_matches_uninterrupted,
+                              check_tfrecord_trains_like_rec, check_training_outputs, check_truncated_state_is_named,
                               run_tiny, tiny_dataset)
 from twinface_torch.backbones import get_model
 from twinface_torch.train import TorchTwin
@@ -253,3 +252,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_names_the_fi
 
 def test_resnext_trains_with_checkpointing(data, tmp_path):
     check_resnext_trains_with_checkpointing(TorchTwin, data, tmp_path)
+
+
+def test_densenet_trains(data, tmp_path):
+    check_densenet_trains(TorchTwin, data, tmp_path)

@@ -8,7 +8,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from twinface.registry import BACKBONES  # noqa: E402
-from twinface.testing import resnext_param_count  # noqa: E402
+from twinface.testing import densenet_param_count, resnext_param_count  # noqa: E402
 from twinface_tf.backbones import get_model  # noqa: E402
 from twinface_tf.backbones.iresnet import iresnet18  # noqa: E402
 from twinface_tf.backbones.mobilefacenet import get_mbf  # noqa: E402
@@ -68,6 +68,8 @@ def torch_param_count(name):
         return resnext_param_count(spec.kwargs["layers"])
     if spec.family == "vit":
         return vit_param_count(spec.kwargs["dim"], spec.kwargs["depth"])
+    if spec.family == "densenet":
+        return densenet_param_count(**spec.kwargs)
     return mbf_param_count(spec.kwargs["blocks"], spec.kwargs["scale"])
 
 
@@ -125,7 +127,7 @@ def test_named_builders_match_registry():
         resnext_param_count((3, 4, 23, 3), 128, SMALL)
 
 
-@pytest.mark.parametrize("name", ["r18", "mbf", "mbf_large"])
+@pytest.mark.parametrize("name", ["r18", "mbf", "mbf_large", "densenet121"])
 def test_forward_shapes_train_and_inference(name):
     model = get_model(name, num_features=16, input_size=SMALL)
     x = np.random.default_rng(0).uniform(-1, 1, (2, SMALL, SMALL, 3)).astype(np.float32)
@@ -279,6 +281,24 @@ def test_dropout_and_fp16_policies():
     mbf16 = get_model("mbf", fp16=True, num_features=8, input_size=SMALL)
     assert mbf16.get_layer("layers.7.layers.0.layers.0.layers.0").dtype_policy.name == "mixed_float16"
     assert mbf16.get_layer("conv_sep.layers.0").dtype_policy.name == "float32"
+
+
+def test_densenet_layers_names_policies_and_refusals():
+    model = get_model("densenet121", fp16=True, dropout=0.2, num_features=8, input_size=SMALL)
+    torch_paths = {"conv0", "norm0", "bn2", "fc", "features"}
+    for i, layers in enumerate((6, 12, 24, 16), start=1):
+        torch_paths |= {f"denseblock{i}.denselayer{j}.{m}" for j in range(1, layers + 1)
+                        for m in ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2")}
+        torch_paths |= {f"transition{i}.{m}" for m in ("norm", "relu", "conv")} if i < 4 else set()
+    assert {layer.name for layer in model.layers if layer.weights} == torch_paths
+    assert model.get_layer("transition2.conv").kernel.shape == (1, 1, 512, 256)   # torch (256, 512, 1, 1)
+    kernel = model.get_layer("transition2.conv").kernel.numpy()                  # kaiming uniform, fan_in 512
+    assert 0.99 < np.abs(kernel).max() / np.sqrt(6 / 512) <= 1
+    assert model.get_layer("denseblock4.denselayer1.norm1").dtype_policy.name == "mixed_float16"
+    assert model.get_layer("fc").dtype_policy.name == "float32" and model.get_layer("dropout").rate == 0.2
+    assert not model.get_layer("features").gamma.trainable
+    with pytest.raises(ValueError, match=r"densenet121: input_size must be a positive multiple of 16 .*got 24"):
+        get_model("densenet121", input_size=24)
 
 
 # ---- layers against numpy ----

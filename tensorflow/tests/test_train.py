@@ -4,10 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from twinface.testing import (check_fp16_overflow_backs_off, check_nan_guard,
-                              check_resnext_trains_with_checkpointing,
-                              check_resume_matches_uninterrupted, check_tfrecord_trains_like_rec,
-                              check_training_outputs, check_truncated_state_is_named,
+from twinface.testing import (check_densenet_trains, check_fp16_overflow_backs_off, check_nan_guard,
+                              check_resnext_trains_with_checkpointing, check_resume_matches_uninterrupted,
+                              check_tfrecord_trains_like_rec, check_training_outputs, check_truncated_state_is_named,
                               tiny_dataset)
 from twinface_tf.backbones import get_model
 from twinface_tf.train import TFTwin
@@ -74,3 +73,7 @@ def test_truncated_state_is_an_error_naming_the_file(data, tmp_path):
 
 def test_resnext_trains_with_checkpointing(data, tmp_path):
     check_resnext_trains_with_checkpointing(TFTwin, data, tmp_path)
+
+
+def test_densenet_trains(data, tmp_path):
+    check_densenet_trains(TFTwin, data, tmp_path)

@@ -33,20 +33,23 @@ def r18_pth(tmp_path_factory):
     return model, path
 
 
-def test_round_trip_through_both_twins_and_onnx_is_bit_identical(r18_pth, tmp_path):
+@pytest.mark.parametrize("arch", ["r18", "densenet121"])
+def test_round_trip_through_both_twins_and_onnx_is_bit_identical(arch, tmp_path):
     # torch -> ONNX -> Keras .weights.h5 -> SavedModel -> ONNX -> torch, each hop verified on its own.
-    model, src = r18_pth
+    model = trained_like(arch, input_size=SIZE)
+    src = str(tmp_path / "backbone.pth")
+    torch.save(model.state_dict(), src)
     d = str(tmp_path)
-    run_cli(src, f"{d}/r18.weights.h5", "--keep-onnx", f"{d}/hub.onnx")
-    os.makedirs(f"{d}/r18_savedmodel")
-    run_cli(f"{d}/r18.weights.h5", f"{d}/r18_savedmodel", "--force")          # an empty directory may be replaced
-    assert MARKER in os.listdir(f"{d}/r18_savedmodel")
-    with pytest.raises(ValueError, match=r"r18_savedmodel: a TensorFlow SavedModel runs its own graph code when "
+    run_cli(src, f"{d}/{arch}.weights.h5", "--keep-onnx", f"{d}/hub.onnx")
+    os.makedirs(f"{d}/{arch}_savedmodel")
+    run_cli(f"{d}/{arch}.weights.h5", f"{d}/{arch}_savedmodel", "--force")    # an empty directory may be replaced
+    assert MARKER in os.listdir(f"{d}/{arch}_savedmodel")
+    with pytest.raises(ValueError, match=rf"{arch}_savedmodel: a TensorFlow SavedModel runs its own graph code when "
                                          r"loaded .* with --trust-savedmodel"):
-        run_cli(f"{d}/r18_savedmodel", f"{d}/r18.onnx")
-    assert not os.path.exists(f"{d}/r18.onnx")
-    run_cli(f"{d}/r18_savedmodel", f"{d}/r18.onnx", "--trust-savedmodel")
-    run_cli(f"{d}/r18.onnx", f"{d}/back.pth")
+        run_cli(f"{d}/{arch}_savedmodel", f"{d}/{arch}.onnx")
+    assert not os.path.exists(f"{d}/{arch}.onnx")
+    run_cli(f"{d}/{arch}_savedmodel", f"{d}/{arch}.onnx", "--trust-savedmodel")
+    run_cli(f"{d}/{arch}.onnx", f"{d}/back.pth")
     original, back = model.state_dict(), torch.load(f"{d}/back.pth", weights_only=True)
     assert list(back) == list(original)
     for name, tensor in original.items():
@@ -58,7 +61,8 @@ def test_round_trip_through_both_twins_and_onnx_is_bit_identical(r18_pth, tmp_pa
     for name, tensor in original.items():                       # the kept hub is name-faithful too
         if not name.endswith("num_batches_tracked"):
             assert np.array_equal(hub[name], tensor.numpy()), name
-    assert sorted(os.listdir(d)) == ["back.pth", "hub.onnx", "r18.onnx", "r18.weights.h5", "r18_savedmodel"]
+    assert sorted(os.listdir(d)) == sorted(["back.pth", "backbone.pth", "hub.onnx", f"{arch}.onnx",
+                                            f"{arch}.weights.h5", f"{arch}_savedmodel"])
 
 
 def test_force_replaces_only_an_output_of_the_same_format_and_never_an_input(r18_pth, tmp_path):

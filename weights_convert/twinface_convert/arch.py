@@ -1,10 +1,11 @@
 """Which backbone a checkpoint holds, read from its tensor shapes.
 
-A checkpoint's tensors fix everything: the family (IResNet, ResNeXt, MobileFaceNet or ViT), the blocks per stage,
-the embedding size (fc / features.layers.2 / feature.2 rows) and the input size (fc columns = C * (size / 16)^2
-with C = 512 for IResNet, 2048 for ResNeXt; the GDC kernel = size / 16 for MobileFaceNet; feature.0 columns =
-dim * (size // 9)^2 for ViT, where twinface.vit.input_size_of_grid picks the size among the nine that give the
-grid). Templates are torch models on the "meta" device: their shapes cost no memory and no initialisation.
+A checkpoint's tensors fix everything: the family (IResNet, ResNeXt, DenseNet, MobileFaceNet or ViT), the blocks
+per stage, the embedding size (fc / features.layers.2 / feature.2 rows) and the input size (fc columns =
+C * (size / 16)^2 with C = 512 for IResNet, 2048 for ResNeXt, 1024 for DenseNet-121; the GDC kernel = size / 16
+for MobileFaceNet; feature.0 columns = dim * (size // 9)^2 for ViT, where twinface.vit.input_size_of_grid picks
+the size among the nine that give the grid). Templates are torch models on the "meta" device: their shapes cost
+no memory and no initialisation.
 """
 import functools
 from collections import Counter
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from twinface.densenet import final_channels
 from twinface.registry import BACKBONES, backbone_spec
 from twinface.vit import input_size_of_grid
 from twinface_torch.backbones import get_model
@@ -28,6 +30,9 @@ class Backbone:
 
     def __str__(self):
         return f"{self.arch} (num_features {self.num_features}, input_size {self.input_size})"
+
+
+DENSENET_WIDTHS = sorted({final_channels(s.kwargs) for s in BACKBONES.values() if s.family == "densenet"})
 
 
 @functools.lru_cache(maxsize=32)
@@ -54,6 +59,11 @@ def _sizes(family: str, shapes) -> list:
             side = round((shape[1] / channels) ** 0.5)
             if side and channels * side * side == shape[1]:
                 found.add((shape[0], 16 * side))
+        elif family == "densenet" and len(shape) == 2:
+            for channels in DENSENET_WIDTHS:          # fc columns = final width * (size / 16)^2
+                side = round((shape[1] / channels) ** 0.5)
+                if side and channels * side * side == shape[1]:
+                    found.add((shape[0], 16 * side))
         elif family == "mobilefacenet" and len(shape) == 4 and shape[:2] == (512, 1) and shape[2] == shape[3]:
             found.update((s[0], 16 * shape[2]) for s in shapes if len(s) == 2 and s[1] == 512)
         elif family == "vit" and len(shape) == 2 and shape[1] % shape[0] == 0:

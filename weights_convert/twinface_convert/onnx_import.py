@@ -11,8 +11,10 @@ What every such graph keeps is its structure, so the walker reads that:
 2. Each BatchNorm slot of the template is read from the ops around its convolution:
      BN after a conv/linear    the conv's bias and the per-channel Mul/Add/Sub/Div/BatchNormalization after it
      BN before a conv/linear   the per-channel ops on its input (IResNet's block bn1 and its final bn2: a
-                               pre-activation BN has no conv before it to fold into, so exporters leave it be)
+                               pre-activation BN has no conv before it to fold into, so exporters leave it be;
+                               DenseNet's BN -> PReLU -> conv after each Concat)
 3. Each PReLU is a PRelu node, or tf2onnx's relu(x) + c * relu(-x) (slope = -c).
+4. ReLU and pooling nodes carry no weights; they are accepted where the template has such modules.
 
 A slot that holds exactly one BatchNormalization node with eps 1e-5 keeps its four tensors bit for bit.
 Anything else has become y = s * x + t and is loaded as BatchNorm(gamma=s, beta=t, mean=0, var=1-eps): the
@@ -318,12 +320,13 @@ class Graph:
             ops.append(node)
             (scale, shift), tensor = step, node.output[0]
 
-    def chain_before(self, tensor, claimed):
-        """The unclaimed per-channel ops (constant operand) that produce `tensor`, first op first: [(node, data)]."""
+    def chain_before(self, tensor, claimed, shared=False):
+        """The unclaimed per-channel ops (constant operand) that produce `tensor`, first op first: [(node, data)].
+        `shared`: `tensor` itself may feed several nodes (tf2onnx's PReLU reads its input twice)."""
         ops = []
         node = self.producer.get(tensor)
         while node is not None and node.op_type in AFFINE_OPS and id(node) not in claimed \
-                and self.only_consumer(node.output[0]) is not None:      # feeds nothing but the chain
+                and (shared and node.output[0] == tensor or self.only_consumer(node.output[0]) is not None):
             if node.op_type == "BatchNormalization":
                 data = node.input[0]
                 if not all(i in self.const for i in node.input[1:5]):
@@ -352,6 +355,23 @@ class Graph:
         raise StructureError(f"{self.source}: expected the PReLU '{what}' (a PRelu node, or Relu/Neg/Mul/Add as "
                              f"tf2onnx writes it) after tensor '{tensor}', found {kinds or 'nothing'}")
 
+    def prelu_before(self, tensor, channels, claimed, what):
+        """(slope [channels], nodes, its input) of the PReLU that produces `tensor` (a pre-activation PReLU)."""
+        node = self.producer.get(tensor)
+        if node is not None and id(node) not in claimed:
+            if node.op_type == "PRelu" and node.input[1] in self.const:
+                return self.channel_vector(self.const[node.input[1]], channels, 4, node), [node], node.input[0]
+            relus = [self.producer.get(i) for i in node.input] if node.op_type == "Add" else []
+            for relu in (r for r in relus if r is not None and r.op_type == "Relu"):
+                negs = [n for n in self.consumers.get(relu.input[0], []) if n.op_type == "Neg"]
+                found = self._decomposed_prelu(relu, negs[0]) if len(negs) == 1 else None
+                if found and found[2][-1] is node:
+                    c, mul, nodes = found
+                    return -self.channel_vector(c, channels, 4, mul), nodes, relu.input[0]
+        raise StructureError(f"{self.source}: expected the PReLU '{what}' (a PRelu node, or Relu/Neg/Mul/Add as "
+                             f"tf2onnx writes it) producing tensor '{tensor}', found "
+                             f"{node.op_type if node is not None else 'the graph input'}")
+
     def _decomposed_prelu(self, relu, neg):
         """tf2onnx's Keras PReLU: Add(Relu(x), Mul(Relu(Neg(x)), c)) with c = -slope; None if it is not that."""
         relu_neg = self.only_consumer(neg.output[0])
@@ -367,35 +387,45 @@ class Graph:
         return c, mul, [relu, neg, relu_neg, mul, add]
 
 
+# Weightless modules a template may hold, and the ONNX ops they export as.
+FREE_OPS = {nn.ReLU: "Relu", nn.MaxPool2d: "MaxPool", nn.AvgPool2d: "AveragePool"}
+
+
+def _parent(name):
+    return name.rpartition(".")[0]
+
+
 def _template_plan(model):
     """Weighted modules in order, and where each BatchNorm and PReLU sits relative to a conv / linear:
-    a BN right after a conv/linear (module order) is its `post`, any other BN the `pre` of the next one,
-    and a PReLU the `act` of the conv whose post BN it follows."""
+    a BN right after a conv/linear of the same parent module is its `post`, any other BN the `pre` of the next
+    one (a DenseNet layer's norm1 follows the previous layer's conv2 but reads the concatenation), a PReLU the
+    `act` of the conv whose post BN it follows, or the `pre_act` of the conv whose pre BN it follows."""
     modules = [(n, m) for n, m in model.named_modules()
                if isinstance(m, (nn.Conv2d, nn.Linear, _BatchNorm, nn.PReLU))]
-    post, pre, act = {}, {}, {}
+    post, pre, act, pre_act = {}, {}, {}, {}
     for i, (name, module) in enumerate(modules):
         previous = modules[i - 1] if i else (None, None)
         if isinstance(module, _BatchNorm):
-            if isinstance(previous[1], (nn.Conv2d, nn.Linear)):
+            if isinstance(previous[1], (nn.Conv2d, nn.Linear)) and _parent(previous[0]) == _parent(name):
                 post[previous[0]] = name
             else:
                 pre[next(n for n, m in modules[i + 1:] if isinstance(m, (nn.Conv2d, nn.Linear)))] = name
         elif isinstance(module, nn.PReLU):
             owner = next((conv for conv, bn in post.items() if bn == previous[0]), None)
-            if owner is None:
-                raise NotImplementedError(f"PReLU '{name}' does not follow a conv + BatchNorm; the walker cannot "
-                                          f"place it")
-            act[owner] = name
+            before = next((conv for conv, bn in pre.items() if bn == previous[0]), None)
+            if owner is None and before is None:
+                raise NotImplementedError(f"PReLU '{name}' does not follow a BatchNorm; the walker cannot place it")
+            (act if owner else pre_act)[owner or before] = name
     layers = [(n, m) for n, m in modules if isinstance(m, (nn.Conv2d, nn.Linear))]
-    return layers, post, pre, act
+    return layers, post, pre, act, pre_act
 
 
 def walk(graph: Graph, backbone: Backbone) -> Imported:
     """Read `backbone`'s canonical state from `graph`; StructureError names the first tensor that does not fit."""
     model = template(backbone)
-    layers, post, pre, act = _template_plan(model)
+    layers, post, pre, act, pre_act = _template_plan(model)
     modules = dict(model.named_modules())
+    free_ops = {op for kind, op in FREE_OPS.items() if any(isinstance(m, kind) for m in modules.values())}
     units = graph.units()
     used, claimed = set(), set()
     state, folded = {}, []
@@ -441,7 +471,12 @@ def walk(graph: Graph, backbone: Backbone) -> Imported:
             slope, nodes = graph.prelu_after(output, channels, claimed, act[name])
             claimed.update(id(n) for n in nodes)
             state[f"{act[name]}.weight"] = slope.astype(np.float32)
-        before = graph.chain_before(unit.input, claimed)
+        source = unit.input
+        if name in pre_act:
+            slope, nodes, source = graph.prelu_before(source, module.weight.shape[1], claimed, pre_act[name])
+            claimed.update(id(n) for n in nodes)
+            state[f"{pre_act[name]}.weight"] = slope.astype(np.float32)
+        before = graph.chain_before(source, claimed, shared=name in pre_act)
         claimed.update(id(n) for n, _ in before)
         scale = shift = None
         if name in pre:
@@ -457,7 +492,8 @@ def walk(graph: Graph, backbone: Backbone) -> Imported:
                              f"{backbone}, first {extra[0].label} with weight shape {extra[0].weight.shape}")
     unexplained = [n for n in graph.nodes if id(n) not in claimed
                    and not all(o in graph.const or o in graph.shape_values for o in n.output)
-                   and (n.op_type not in STRUCTURAL_OPS or n.op_type == "Add" and set(n.input) & set(graph.const))]
+                   and (n.op_type not in STRUCTURAL_OPS + tuple(free_ops)
+                        or n.op_type == "Add" and set(n.input) & set(graph.const))]
     if unexplained:
         node = unexplained[0]
         raise StructureError(f"{graph.source}: {node.op_type} '{node.name or node.output[0]}' belongs to no layer of "

@@ -1,7 +1,8 @@
-"""Backbones by short name (twinface.registry): r18 r34 r50 r100 r200 mbf mbf_large resnext50 resnext101 vit_t vit_s
-vit_b."""
+"""Backbones by short name (twinface.registry): r18 r34 r50 r100 r200 mbf mbf_large resnext50 resnext101 densenet121
+vit_t vit_s vit_b."""
 from twinface.precision import check_checkpointing
 from twinface.registry import backbone_spec
+from twinface_torch.backbones.densenet import DenseNet
 from twinface_torch.backbones.iresnet import IResNet
 from twinface_torch.backbones.mobilefacenet import MobileFaceNet
 from twinface_torch.backbones.resnext import ResNeXt
@@ -16,6 +17,9 @@ def get_model(name, num_features=512, dropout=0.0, fp16=False, input_size=112, p
     if spec.family == "iresnet":
         return IResNet(spec.kwargs["layers"], dropout, num_features, fp16, input_size, arch=name,
                        precision=precision, checkpointing=checkpointing)
+    if spec.family == "densenet":
+        return DenseNet(**spec.kwargs, num_features=num_features, dropout=dropout, fp16=fp16, input_size=input_size,
+                        arch=name, precision=precision)
     if spec.family == "resnext":
         return ResNeXt(spec.kwargs["layers"], spec.kwargs["cardinality"], spec.kwargs["base_width"], dropout,
                        num_features, fp16, input_size, arch=name, precision=precision, checkpointing=checkpointing)

@@ -1,7 +1,8 @@
-"""get_model(name): the short names of twinface.registry (r18 ... r200, mbf, mbf_large, resnext50, resnext101, vit_t,
-vit_s, vit_b) as Keras models."""
+"""get_model(name): the short names of twinface.registry (r18 ... r200, mbf, mbf_large, resnext50, resnext101,
+densenet121, vit_t, vit_s, vit_b) as Keras models."""
 from twinface.precision import check_checkpointing
 from twinface.registry import backbone_spec
+from twinface_tf.backbones.densenet import densenet
 from twinface_tf.backbones.iresnet import iresnet
 from twinface_tf.backbones.mobilefacenet import mobilefacenet
 from twinface_tf.backbones.resnext import resnext
@@ -19,6 +20,9 @@ def get_model(name, num_features=512, dropout=0.0, fp16=False, input_size=112, p
     if spec.family == "iresnet":
         return iresnet(spec.kwargs["layers"], num_features, dropout, fp16, input_size, name=name,
                        precision=precision, checkpointing=checkpointing)
+    if spec.family == "densenet":
+        return densenet(**spec.kwargs, num_features=num_features, dropout=dropout, fp16=fp16, input_size=input_size,
+                        name=name, precision=precision)
     if spec.family == "resnext":
         return resnext(spec.kwargs["layers"], spec.kwargs["cardinality"], spec.kwargs["base_width"], num_features,
                        dropout, fp16, input_size, name=name, precision=precision, checkpointing=checkpointing)
