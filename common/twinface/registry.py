@@ -67,6 +67,16 @@ def backbone_spec(name: str) -> BackboneSpec:
     return _lookup(BACKBONES, "backbone", name)
 
 
+# Families whose reference architecture has no dropout layer: both twins' get_model refuse `dropout` for them.
+NO_DROPOUT = {"mobilefacenet": "MobileFaceNet", "vit": "arcface_torch's ViT"}
+
+
+def check_dropout(name: str, dropout: float) -> None:
+    family = backbone_spec(name).family
+    if dropout and family in NO_DROPOUT:
+        raise ValueError(f"{name}: {NO_DROPOUT[family]} has no dropout layer, got dropout={dropout}")
+
+
 def head_defaults(name: str) -> dict:
     return dict(ADAFACE if name == "adaface" else _lookup(HEADS, "head", name))
 

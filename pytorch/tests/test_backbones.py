@@ -332,7 +332,8 @@ def test_densenet_options_and_refusals():
     assert model.eval()(torch.rand(2, 3, 32, 32)).shape == (2, 64)
     with pytest.raises(ValueError, match="densenet121: input_size must be a positive multiple of 16, got 40"):
         get_model("densenet121", input_size=40)
-    with pytest.raises(ValueError, match="densenet121: gradient checkpointing .* IResNet only, not for densenet"):
+    with pytest.raises(ValueError,
+                       match="densenet121: gradient checkpointing .* IResNet and ResNeXt only, not for densenet"):
         get_model("densenet121", checkpointing=True)
     with pytest.raises(ValueError, match=r"densenet121: expected input \[N, 3, H, W\] with H = W = 32"):
         model(torch.rand(2, 3, 112, 112))

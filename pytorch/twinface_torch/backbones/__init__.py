@@ -1,7 +1,7 @@
 """Backbones by short name (twinface.registry): r18 r34 r50 r100 r200 mbf mbf_large resnext50 resnext101 densenet121
 vit_t vit_s vit_b."""
 from twinface.precision import check_checkpointing
-from twinface.registry import backbone_spec
+from twinface.registry import backbone_spec, check_dropout
 from twinface_torch.backbones.densenet import DenseNet
 from twinface_torch.backbones.iresnet import IResNet
 from twinface_torch.backbones.mobilefacenet import MobileFaceNet
@@ -11,9 +11,10 @@ from twinface_torch.backbones.vit import VisionTransformer
 
 def get_model(name, num_features=512, dropout=0.0, fp16=False, input_size=112, precision=None, checkpointing=False):
     """precision "fp32" | "fp16" | "bf16" (None: arcface_torch's `fp16` flag) for the conv trunk; checkpointing
-    recomputes each IResNet block in backprop instead of keeping its activations (training only)."""
+    recomputes each IResNet / ResNeXt block in backprop instead of keeping its activations (training only)."""
     spec = backbone_spec(name)
     check_checkpointing(name, checkpointing)
+    check_dropout(name, dropout)
     if spec.family == "iresnet":
         return IResNet(spec.kwargs["layers"], dropout, num_features, fp16, input_size, arch=name,
                        precision=precision, checkpointing=checkpointing)
@@ -24,11 +25,7 @@ def get_model(name, num_features=512, dropout=0.0, fp16=False, input_size=112, p
         return ResNeXt(spec.kwargs["layers"], spec.kwargs["cardinality"], spec.kwargs["base_width"], dropout,
                        num_features, fp16, input_size, arch=name, precision=precision, checkpointing=checkpointing)
     if spec.family == "vit":
-        if dropout:
-            raise ValueError(f"{name}: arcface_torch's ViT has no dropout layer, got dropout={dropout}")
         return VisionTransformer(**spec.kwargs, num_features=num_features, fp16=fp16, input_size=input_size,
                                  arch=name, precision=precision)
-    if dropout:
-        raise ValueError(f"{name}: MobileFaceNet has no dropout layer, got dropout={dropout}")
     return MobileFaceNet(fp16, num_features, spec.kwargs["blocks"], spec.kwargs["scale"], input_size, arch=name,
                          precision=precision)

@@ -1,7 +1,7 @@
 """get_model(name): the short names of twinface.registry (r18 ... r200, mbf, mbf_large, resnext50, resnext101,
 densenet121, vit_t, vit_s, vit_b) as Keras models."""
 from twinface.precision import check_checkpointing
-from twinface.registry import backbone_spec
+from twinface.registry import backbone_spec, check_dropout
 from twinface_tf.backbones.densenet import densenet
 from twinface_tf.backbones.iresnet import iresnet
 from twinface_tf.backbones.mobilefacenet import mobilefacenet
@@ -13,10 +13,11 @@ def get_model(name, num_features=512, dropout=0.0, fp16=False, input_size=112, p
     """A fresh, randomly initialised backbone named `name` (unknown names raise with the known list).
 
     precision "fp32" | "fp16" | "bf16" (None: arcface_torch's `fp16` flag) for the conv trunk; checkpointing
-    recomputes each IResNet block in backprop instead of keeping its activations (training only).
+    recomputes each IResNet / ResNeXt block in backprop instead of keeping its activations (training only).
     """
     spec = backbone_spec(name)
     check_checkpointing(name, checkpointing)
+    check_dropout(name, dropout)
     if spec.family == "iresnet":
         return iresnet(spec.kwargs["layers"], num_features, dropout, fp16, input_size, name=name,
                        precision=precision, checkpointing=checkpointing)
@@ -27,11 +28,7 @@ def get_model(name, num_features=512, dropout=0.0, fp16=False, input_size=112, p
         return resnext(spec.kwargs["layers"], spec.kwargs["cardinality"], spec.kwargs["base_width"], num_features,
                        dropout, fp16, input_size, name=name, precision=precision, checkpointing=checkpointing)
     if spec.family == "vit":
-        if dropout:
-            raise ValueError(f"{name}: arcface_torch's ViT has no dropout layer, got dropout={dropout}")
         return vit(**spec.kwargs, num_features=num_features, fp16=fp16, input_size=input_size, name=name,
                    precision=precision)
-    if dropout:
-        raise ValueError(f"{name}: MobileFaceNet has no dropout layer, got dropout={dropout}")
     return mobilefacenet(spec.kwargs["blocks"], spec.kwargs["scale"], num_features, fp16, input_size, name=name,
                          precision=precision)
