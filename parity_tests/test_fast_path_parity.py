@@ -19,7 +19,8 @@ def _uint8(n, size, seed):
 
 
 # IResNet-50 once at full size (docs/design.md's reference case); the small models cover the other block types.
-CASES = [("r50", 112, 3), ("r18", 64, 4), ("mbf", 112, 4), ("densenet121", 32, 3)]
+CASES = [("r50", 112, 3), ("r18", 64, 4), ("mbf", 112, 4), ("densenet121", 32, 3), ("resnext50", 32, 2),
+         ("vit_t", 32, 3)]
 
 
 @pytest.mark.parametrize("arch,size,n", CASES, ids=[c[0] for c in CASES])

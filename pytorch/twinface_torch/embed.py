@@ -18,6 +18,7 @@ from twinface.atomic import file_sha256
 from twinface.data.transforms import to_model_input
 
 from . import aot
+from .backbones.iresnet import IResNet
 from .checkpoint import load_backbone
 
 _frozen = weakref.WeakKeyDictionary()      # model -> (weights fingerprint, frozen copy); dies with the model
@@ -59,12 +60,12 @@ def freeze_for_inference(model, onednn_layout: bool = None):
     """A frozen TorchScript copy of an eval-mode CPU model, BatchNorm folded into the convolutions before it,
     for channels_last input; the same function up to float rounding.
 
-    onednn_layout (default: for models without grouped convolutions) also runs it in oneDNN's blocked layout
-    with pre-packed weights: measured 5% faster on IResNets, 8% slower on MobileFaceNet, whose depthwise
-    convolutions and many PReLUs lose in that layout (docs/bench.md).
+    onednn_layout (default: for IResNets only) also runs it in oneDNN's blocked layout with pre-packed weights:
+    measured 5% faster on IResNets; slower on MobileFaceNet and ResNeXt (grouped convolutions: 8%), DenseNet (a
+    reorder around each of its 58 concatenations: 19%) and ViT (its linears: 12%) (docs/bench.md).
     """
     if onednn_layout is None:
-        onednn_layout = not any(m.groups > 1 for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        onednn_layout = type(model) is IResNet              # ResNeXt subclasses it: not the same layers
     sample = torch.zeros(1, 3, model.input_size, model.input_size).contiguous(memory_format=torch.channels_last)
     with torch.no_grad(), warnings.catch_warnings():
         # TorchScript is deprecated in favour of torch.compile, which is no faster here and takes about a
