@@ -157,14 +157,19 @@ def gradient_row(arch, tm, km, images):
     torch_to_keras(tm.state_dict(), km, source=f"torch {arch}")
     projection = np.random.default_rng(7).standard_normal((len(images), 64)).astype(np.float32)
     (tm(torch.from_numpy(to_model_input(images))) * torch.from_numpy(projection)).sum().backward()
-    # no gradient: what eval mode leaves unused (ViT's mask_token, a training-time masking parameter)
-    expected = {n: p.grad.numpy() for n, p in tm.named_parameters() if p.grad is not None}
+    # eval mode leaves ViT's mask_token (training-time masking) unused; any other parameter without a gradient
+    # in either twin is a wiring fault
+    unused = {"mask_token"}
+    missing = [n for n, p in tm.named_parameters() if p.grad is None and n not in unused]
+    assert not missing, f"{arch}: torch parameters without a gradient: {missing[:3]}"
+    expected = {n: p.grad.numpy() for n, p in tm.named_parameters() if n not in unused}
     x = tf.constant(to_model_input(images, "NHWC"))
     with tf.GradientTape() as tape:
         out = tf.reduce_sum(km(x, training=False) * projection)
     variables = km.trainable_variables
     # the TF gradients in torch's names and layouts: the converter's own mapping, applied to them in place
     for v, g in zip(variables, tape.gradient(out, variables)):
+        assert g is not None or v.path.split("/")[0] in unused, f"{arch}: TF variable {v.path} without a gradient"
         if g is not None:
             v.assign(g)
     mapped = keras_to_torch(km)

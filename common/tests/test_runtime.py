@@ -59,15 +59,24 @@ def test_a_new_thread_setting_or_version_is_another_machine(cache, monkeypatch):
     assert len(clock.calls) == 9
 
 
-def test_an_onnx_file_without_arch_is_known_by_its_content(cache, tmp_path):
+def test_without_arch_the_file_keeps_its_own_runtime(cache, tmp_path):
     _, weights = cache
-    other = tmp_path / "other.onnx"
-    other.write_bytes(b"another model")
+    log, clock = [], Clock({"torch": 3.0, "tf": 5.0, "onnx": 2.0})
+    assert runtime.choose(weights, "onnx", None, {}, 8, log.append, clock) == "onnx" and clock.calls == []
+    assert "pass --arch to let them compete" in log[-1]
+    with pytest.raises(ValueError, match=r"backbone.pth: --runtime torch needs --arch"):
+        runtime.converted(weights, "onnx", "torch")
+
+
+def test_the_source_format_and_a_compiled_package_are_part_of_the_model(cache, tmp_path):
+    _, weights = cache
     clock = Clock({"torch": 3.0, "tf": 5.0, "onnx": 2.0})
-    runtime.choose(weights, "onnx", None, {}, 8, lambda _: None, clock)
-    runtime.choose(weights, "onnx", None, {}, 8, lambda _: None, clock)
-    runtime.choose(str(other), "onnx", None, {}, 8, lambda _: None, clock)
-    assert len(clock.calls) == 6
+    runtime.choose(weights, "torch", "r50", {}, 8, lambda _: None, clock)
+    runtime.choose(weights, "onnx", "r50", {}, 8, lambda _: None, clock)       # the user's own ONNX graph
+    (tmp_path / "backbone.pt2").write_bytes(b"compiled")                         # torch then runs the package
+    runtime.choose(weights, "torch", "r50", {}, 8, lambda _: None, clock)
+    runtime.choose(weights, "torch", "r50", {}, 8, lambda _: None, clock)
+    assert len(clock.calls) == 9
 
 
 def test_a_failing_runtime_is_left_out_and_all_failing_is_an_error(cache):

@@ -271,6 +271,8 @@ def _run_eval(args):
     from .eval.verification import evaluate_embeddings, format_result
     results = {}
     if args.embeddings:
+        if args.runtime:
+            raise UsageError("--runtime runs a model (--weights); --embeddings are already computed")
         if len(args.bin) != 1:
             raise UsageError("--embeddings scores exactly one --bin")
         with reading(args.bin[0]):
@@ -422,7 +424,8 @@ def _load_embedder(args, batch: int):
             chosen = args.runtime
             if chosen == "auto":
                 chosen = runtime.choose(weights, framework, args.arch, model_kwargs, batch)
-            weights, framework = runtime.converted(weights, framework, chosen, args.arch), chosen
+            weights = runtime.converted(weights, framework, chosen, args.arch, args.input_size)
+            framework = chosen
         args.runtime_used = framework
         return load_embedder(weights, framework, args.arch, **model_kwargs)
 

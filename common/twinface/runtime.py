@@ -25,7 +25,8 @@ from .atomic import file_sha256, write_bytes
 RUNTIMES = ("torch", "tf", "onnx")
 CHOICES = (*RUNTIMES, "auto")
 SUFFIX = {"torch": ".pth", "tf": ".weights.h5", "onnx": ".onnx"}
-SETTINGS = ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "TF_ENABLE_ONEDNN_OPTS")
+SETTINGS = ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "TF_ENABLE_ONEDNN_OPTS",
+            "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
 PACKAGES = ("torch", "tensorflow-cpu", "tensorflow", "onnxruntime")
 MIN_RUNS, MIN_SECONDS, MAX_RUNS = 5, 2.0, 50
 CHILD_TIMEOUT = 1200
@@ -36,19 +37,32 @@ def cache_dir() -> str:
     return os.environ.get("TWINFACE_CACHE") or os.path.join(base, "twinface")
 
 
-def converted(weights: str, framework: str, runtime: str, arch: str = None, log=print) -> str:
-    """`weights` (a `framework` file) as a `runtime` file: itself, or a verified copy in the cache, made once."""
+def converted(weights: str, framework: str, runtime: str, arch: str = None, input_size: int = None,
+              log=print) -> str:
+    """`weights` (a `framework` file) as a `runtime` file: itself, or a verified copy in the cache, made once.
+    input_size: what the caller runs the model at; a copy read at another size (a ViT's grid allows several) is
+    refused rather than used."""
     if runtime == framework:
         return weights
     if framework == "tflite":
         raise ValueError(f"{weights}: a .tflite file runs only in TensorFlow Lite's interpreter; --runtime {runtime} "
                          f"needs the model's torch, Keras or ONNX weights")
-    name = file_sha256(weights)[:20] + (f"-{arch}" if arch else "") + SUFFIX[runtime]
-    path = os.path.join(cache_dir(), "runtimes", name)
+    if runtime in ("torch", "tf") and not arch:
+        raise ValueError(f"{weights}: --runtime {runtime} needs --arch (the twins' weight files do not record their "
+                         f"architecture)")
+    name = file_sha256(weights)[:20] + (f"-{arch}" if arch else "") + (f"-{input_size}" if input_size else "")
+    path = os.path.join(cache_dir(), "runtimes", name + SUFFIX[runtime])
     if not os.path.exists(path):
         from twinface_convert.convert import convert
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        report = convert(weights, path, arch=arch, log=lambda *_: None)
+        try:
+            report = convert(weights, path, arch=arch, log=lambda *_: None)
+        except FileExistsError:                         # another process made the same copy meanwhile
+            return path
+        if input_size and report.backbone.input_size != input_size:
+            os.remove(path)
+            raise ValueError(f"{weights}: its weights read as input size {report.backbone.input_size}, not "
+                             f"--input-size {input_size}; --runtime {runtime} cannot convert it at that size")
         log(f"runtime {runtime}: converted {weights} to {path} once (verified, embeddings within "
             f"{report.max_abs_diff:.2g} of the original)")
     return path
@@ -61,7 +75,7 @@ def machine_key() -> dict:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             pass
-    return {"cpu": cpu.model_name(), "isa": cpu.isa(), "cores": os.cpu_count(),
+    return {"cpu": cpu.model_name(), "isa": cpu.isa(), "cores": len(os.sched_getaffinity(0)),
             "settings": {k: os.environ.get(k) for k in SETTINGS}, "versions": versions}
 
 
@@ -75,7 +89,14 @@ def choose(weights: str, framework: str, arch: str, model_kwargs: dict, batch: i
     if framework == "tflite":
         log("runtime auto: tflite (a .tflite file runs only in TensorFlow Lite's interpreter)")
         return "tflite"
-    model = {"arch": arch, **model_kwargs} if arch else {"file": file_sha256(weights)}
+    if not arch:
+        log(f"runtime auto: {framework} (without --arch the twins cannot load it: pass --arch to let them compete)")
+        return framework
+    # What decides the speed besides the architecture: the source's own runtime (an ONNX file may be folded or
+    # fp16) and a compiled package beside torch weights, which the torch twin then runs
+    package = os.path.splitext(weights)[0] + ".pt2"
+    model = {"arch": arch, **model_kwargs, "source": framework,
+             "package": file_sha256(package) if os.path.isfile(package) else None}
     key = json.dumps({"machine": machine_key(), "model": model, "batch": batch}, sort_keys=True)
     path = os.path.join(cache_dir(), "runtime-choice.json")
     known = _decisions(path, log).get(key)
@@ -124,8 +145,15 @@ def _decisions(path: str, log) -> dict:
 
 
 def _time_in_child(weights, framework, runtime, arch, model_kwargs, batch):
-    argv = [sys.executable, "-m", "twinface.runtime", weights, framework, runtime, arch or "", json.dumps(model_kwargs),
-            str(batch)]
+    """Convert (when needed) in one child and time in another: the conversion's check runs both frameworks, and
+    the timing must see only its own (torch and TF in one process slow each other)."""
+    args = [weights, framework, runtime, arch, json.dumps(model_kwargs), str(batch)]
+    note = _run_child("convert", *args)["note"]
+    return _run_child("time", *args)["ms"], note
+
+
+def _run_child(mode, *args) -> dict:
+    argv = [sys.executable, "-m", "twinface.runtime", mode, *args]
     env = {"TF_CPP_MIN_LOG_LEVEL": "2", **os.environ}
     try:
         run = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=CHILD_TIMEOUT)
@@ -134,8 +162,7 @@ def _time_in_child(weights, framework, runtime, arch, model_kwargs, batch):
     if run.returncode != 0:
         lines = run.stderr.strip().splitlines()
         raise RuntimeError(lines[-1] if lines else f"exit status {run.returncode}")
-    result = json.loads(run.stdout.strip().splitlines()[-1])
-    return result["ms"], result["note"]
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def time_embedder(embed, batch: int) -> float:
@@ -152,12 +179,14 @@ def time_embedder(embed, batch: int) -> float:
     return 1000 * float(np.median(times))
 
 
-def _child(weights, framework, runtime, arch, model_kwargs, batch):
+def _child(mode, weights, framework, runtime, arch, model_kwargs, batch):
+    model_kwargs, notes = json.loads(model_kwargs), []
+    source = converted(weights, framework, runtime, arch, model_kwargs.get("input_size"), log=notes.append)
+    if mode == "convert":
+        print(json.dumps({"note": " ".join(notes)}))
+        return
     from .embedders import load_embedder
-    notes = []
-    source = converted(weights, framework, runtime, arch or None, log=notes.append)
-    embed = load_embedder(source, runtime, arch or None, **json.loads(model_kwargs))
-    print(json.dumps({"ms": time_embedder(embed, int(batch)), "note": " ".join(notes)}))
+    print(json.dumps({"ms": time_embedder(load_embedder(source, runtime, arch, **model_kwargs), int(batch))}))
 
 
 if __name__ == "__main__":

@@ -458,9 +458,10 @@ class Trainer:
         self.log.info(f"compiling {path} (AOTInductor, about a minute) ...")
         try:
             diff = self.twin.export_aot(path, self.backbone_path)
-        except (RuntimeError, ValueError) as e:
-            self.log.warning(f"{e}; embed runs the default path")
-            return {"aot_package": None, "aot_package_error": str(e)}
+        except Exception as e:                  # compiler, codegen, disk: the run's own outputs are all written
+            reason = str(e) if str(e).startswith(path) else f"{path}: {e}"
+            self.log.warning(f"{reason}; embed runs the default path")
+            return {"aot_package": None, "aot_package_error": reason}
         self.log.info(f"wrote {path} (vs the module: max abs diff {diff:.3g}, L2-normalised)")
         return {"aot_package": path, "aot_package_max_abs_diff": diff}
 

@@ -110,3 +110,14 @@ def test_export_writes_the_package_embed_picks_up(run, tmp_path, capsys):
         main(["export", "--format", "pt2", "--weights", str(run[0] / "backbone.onnx"), "--arch", "mbf",
               "--out", str(tmp_path / "x.pt2")])
     assert json.loads((run[0] / "summary.json").read_text())["aot_package"]
+
+
+def test_a_training_without_a_compiler_finishes_and_says_why(tmp_path):
+    data = tiny_dataset(tmp_path / "synth")
+    with torch._inductor.config.patch({"cpp.cxx": (None, "/nonexistent/g++")}):
+        summary, _ = run_tiny(TorchTwin, data, tmp_path / "run", train={"aot_package": True, "epochs": 1})
+    assert summary["finished"] and summary["aot_package"] is None
+    assert summary["aot_package_error"].startswith(str(tmp_path / "run" / "backbone.pt2"))
+    assert "/nonexistent/g++" in summary["aot_package_error"]
+    assert (tmp_path / "run" / "backbone.pth").is_file() and not (tmp_path / "run" / "backbone.pt2").exists()
+    assert "embed runs the default path" in (tmp_path / "run" / "train.log").read_text()

@@ -87,11 +87,13 @@ class Embedder:
             spec = aot.identity(arch, self.model.input_size, kwargs.get("num_features", 512), file_sha256(weights))
             self.package, reason = aot.load_package(package, spec)
             print(f"embedding with the AOT-compiled {package}" if self.package else
-                  f"{reason}: not used, embedding with the default path (rewrite it: twinface export --format pt2)",
+                  f"{reason}: not used, embedding with the default path (rewrite it: twinface export --format pt2 "
+                  f"--weights {weights} --arch {arch} --input-size {self.model.input_size} --out {package} --force)",
                   file=sys.stderr)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         if self.package is None:
             return embed_images(self.model, images)
-        with torch.inference_mode():
-            return self.package(torch.from_numpy(to_model_input(images, "NCHW", self.model.input_size))).numpy()
+        x = torch.from_numpy(to_model_input(images, "NCHW", self.model.input_size))
+        with torch.inference_mode():                        # the package takes batches up to aot.MAX_BATCH
+            return np.concatenate([self.package(chunk).numpy() for chunk in x.split(aot.MAX_BATCH)])

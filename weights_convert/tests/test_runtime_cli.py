@@ -4,6 +4,7 @@ picked, and remembers it."""
 import os
 
 import numpy as np
+import pytest
 import torch
 
 from twinface.cli import main
@@ -34,7 +35,7 @@ def test_runtimes_give_the_twins_embeddings_and_auto_remembers(tmp_path, monkeyp
         assert np.abs(other - own).max() <= 1e-5, name
         assert f"runtime {name}: converted" in capsys.readouterr().out
     copies = sorted(os.listdir(tmp_path / "cache" / "runtimes"))
-    assert sorted(c.split("-mbf")[1] for c in copies) == [".onnx", ".weights.h5"]
+    assert sorted(c.split("-")[1:] for c in copies) == [["mbf", "32.onnx"], ["mbf", "32.weights.h5"]]
     stamps = {c: os.stat(tmp_path / "cache" / "runtimes" / c).st_mtime_ns for c in copies}
     _embed(tmp_path, "again", "--runtime", "onnx")                    # the cached copy, not converted again
     assert "converted" not in capsys.readouterr().out
@@ -47,3 +48,26 @@ def test_runtimes_give_the_twins_embeddings_and_auto_remembers(tmp_path, monkeyp
     assert np.abs(auto - own).max() <= 1e-5
     _embed(tmp_path, "auto2", "--runtime", "auto")
     assert f"runtime auto: {picked} (measured " in capsys.readouterr().out
+
+
+def test_a_copy_another_process_made_meanwhile_is_used(tmp_path, monkeypatch):
+    from twinface import runtime
+    from twinface_convert import convert as convert_module
+    monkeypatch.setenv("TWINFACE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "backbone.pth").write_bytes(b"weights")
+
+    def racing(src, dst, **kwargs):                # the other process renames its copy in first
+        open(dst, "wb").close()
+        raise FileExistsError(f"{dst}: already exists; pass --force to replace it")
+    monkeypatch.setattr(convert_module, "convert", racing)
+    path = runtime.converted(str(tmp_path / "backbone.pth"), "torch", "onnx", "mbf", 32)
+    assert path.endswith("-mbf-32.onnx") and os.path.isfile(path)
+
+
+def test_a_copy_read_at_another_input_size_is_refused(tmp_path, monkeypatch):
+    from twinface import runtime
+    monkeypatch.setenv("TWINFACE_CACHE", str(tmp_path / "cache"))
+    torch.save(trained_like("mbf", input_size=32).state_dict(), tmp_path / "backbone.pth")
+    with pytest.raises(ValueError, match=r"backbone.pth: its weights read as input size 32, not --input-size 64"):
+        runtime.converted(str(tmp_path / "backbone.pth"), "torch", "onnx", "mbf", 64)
+    assert os.listdir(tmp_path / "cache" / "runtimes") == []

@@ -20,8 +20,8 @@ def add_parser(subparsers):
                               description=FORMATS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="source weights (file, or SavedModel directory)")
     p.add_argument("dst", help="target weights; its extension picks the format")
-    p.add_argument("--arch", help="backbone (r18 r34 r50 r100 r200 mbf mbf_large vit_t vit_s vit_b); default: "
-                                  "inferred from the tensor shapes")
+    p.add_argument("--arch", help="backbone (r18 r34 r50 r100 r200 mbf mbf_large resnext50 resnext101 densenet121 "
+                                  "vit_t vit_s vit_b); default: inferred from the tensor shapes")
     p.add_argument("--keep-onnx", metavar="PATH", help="keep the intermediate ONNX hub file here")
     p.add_argument("--force", action="store_true", help="replace an existing DST (and --keep-onnx file) of the same "
                                                         "format; never SRC, nor a directory twinface did not write")
