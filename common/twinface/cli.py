@@ -218,9 +218,12 @@ def _add_detect_args(p, detect_help=None):
 def _aligner(args, faces="largest", size=112):
     from .detect.cascade import DetectParams
     from .detect.faces import FaceAligner, load_detector_nets
-    # embed / verify: the runtime the model runs in (set by _load_embedder); align: its --framework
+    # embed / verify: the runtime the model runs in (set by _load_embedder, else the weights'); align: --framework
     framework = getattr(args, "detector", None) or getattr(args, "runtime_used", None) \
         or getattr(args, "framework", None)
+    if not framework and getattr(args, "weights", None):
+        from .embedders import detect_framework
+        framework = detect_framework(args.weights)
     framework = "tf" if framework == "tflite" else framework            # TF's interpreter runs a .tflite file
     return FaceAligner(load_detector_nets(framework or "torch"), DetectParams(min_face_size=args.min_size),
                        min_score=args.min_score, faces=faces, size=size)
