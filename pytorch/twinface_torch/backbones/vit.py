@@ -6,7 +6,6 @@ Training draws its randomness (patch masking, stochastic depth) through `noise` 
 can feed both twins the same numbers.
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from twinface.precision import resolve_precision
@@ -72,11 +71,11 @@ class Attention(nn.Module):
     def forward(self, x):
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        # Scores, softmax and the weighted sum in fp32 even under mixed precision, as arcface_torch; torch's fused
-        # kernel computes softmax(q k^T * scale) v as arcface_torch writes it out, 1.14x faster on CPU (docs/bench.md).
+        # Scores, softmax and the weighted sum in fp32 even under mixed precision, as arcface_torch.
         with torch.autocast(x.device.type, enabled=False):
             q, k, v = (at_least_fp32(t) for t in qkv.unbind(0))
-            x = F.scaled_dot_product_attention(q, k, v, scale=self.scale).transpose(1, 2).reshape(batch, tokens, dim)
+            attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+            x = (attn @ v).transpose(1, 2).reshape(batch, tokens, dim)
         return self.proj(x)
 
 
