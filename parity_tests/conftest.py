@@ -5,23 +5,20 @@ as ordinary assertions. Tolerances are docs/design.md's (fp32, CPU); a looser on
 Checks marked `large` (IResNet-100/200) run each in a process of their own, so the room's memory is that of
 one large model at a time; `twinface parity --quick` leaves them out.
 """
-import ctypes
 import json
 import os
 import subprocess
 import sys
 import tempfile
 
+from twinface.testing import PARITY_ROWS, TF2ONNX_NO_COPIES, Parity, parity_summary, release_memory  # noqa: E402
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# tf2onnx deep-copies the whole graph, weights included, before each of its optimisers so that it can skip one
-# that fails; peak memory of one TF export measured without / with this copy: r34 10.2 / 5.9 GB, r50 11.8 /
-# 7.3 GB. Here an optimiser failure should fail the check anyway, so the copies are not needed.
-os.environ.setdefault("TF2ONNX_CATCH_ERRORS", "FALSE")
+for _key, _value in TF2ONNX_NO_COPIES.items():
+    os.environ.setdefault(_key, _value)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
-from twinface.testing import PARITY_ROWS, Parity, parity_summary  # noqa: E402
 
 CHILD = "TWINFACE_PARITY_PARENT"          # set in a large check's own process: the pid of the room's process
 
@@ -36,11 +33,9 @@ def _release_models():
     """Twins and their ONNX graphs take GBs: after every test drop Keras' global graph state, collect, and hand
     glibc's free heap back to the system (otherwise the process keeps its largest test's footprint)."""
     yield
-    import gc
     if "keras" in sys.modules:
         sys.modules["keras"].backend.clear_session()
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    release_memory()
 
 
 def pytest_configure(config):
