@@ -15,6 +15,11 @@ ACCEPTED = "an .onnx file, a .tflite file, torch .pth/.pt weights or Keras .weig
 FRAMEWORKS = ("torch", "tf", "onnx", "tflite")
 
 
+def package_path(weights: str) -> str:
+    """Where the torch twin's AOT-compiled package of `weights` lives: STEM.pt2 beside STEM.pth."""
+    return os.path.splitext(weights)[0] + ".pt2"
+
+
 def detect_framework(weights: str, framework: str = None) -> str:
     if os.path.isdir(weights):
         # A TensorFlow SavedModel is a program as much as weights (its graph can read and write files), so

@@ -6,7 +6,7 @@ once with `twinface convert` (verified against the original, docs/convert.md) in
 framework loaded (as `twinface bench` measures), keeps the decision and says which runtime it picked.
 
 Cache: $TWINFACE_CACHE, else $XDG_CACHE_HOME/twinface, else ~/.cache/twinface:
-    runtimes/<sha256 of the file, 20 hex>[-<arch>]<suffix>   the converted copies
+    runtimes/<sha256 of the file, 20 hex>-<arch>-<input size><suffix>   the converted copies
     runtime-choice.json   decisions by machine (CPU model, instruction sets, cores, thread and kernel settings,
                           framework versions), model (arch, input and embedding size, else the file's digest) and
                           batch: a new machine, model, batch or version is measured again
@@ -21,6 +21,7 @@ from importlib import metadata
 
 from . import cpu
 from .atomic import file_sha256, write_bytes
+from .embedders import package_path
 
 RUNTIMES = ("torch", "tf", "onnx")
 CHOICES = (*RUNTIMES, "auto")
@@ -94,7 +95,7 @@ def choose(weights: str, framework: str, arch: str, model_kwargs: dict, batch: i
         return framework
     # What decides the speed besides the architecture: the source's own runtime (an ONNX file may be folded or
     # fp16) and a compiled package beside torch weights, which the torch twin then runs
-    package = os.path.splitext(weights)[0] + ".pt2"
+    package = package_path(weights)
     model = {"arch": arch, **model_kwargs, "source": framework,
              "package": file_sha256(package) if os.path.isfile(package) else None}
     key = json.dumps({"machine": machine_key(), "model": model, "batch": batch}, sort_keys=True)

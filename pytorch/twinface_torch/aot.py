@@ -12,7 +12,6 @@ and `Embedder` says why and runs the default path. Without a working C++ compile
 reason (inductor's own message names the compiler it tried; `CXX` picks another).
 """
 import json
-import os
 import zipfile
 
 import numpy as np
@@ -21,15 +20,12 @@ import torch
 from twinface import cpu
 from twinface.atomic import atomic_path
 from twinface.data.transforms import to_model_input
+from twinface.embedders import package_path  # noqa: F401  (aot.package_path: where embed looks for a package)
 from twinface.eval.embeddings import l2_normalize
 
 META = "twinface.json"
 TOLERANCE = 1e-5                      # L2-normalised embeddings, package vs eager module
 MAX_BATCH = 4096
-
-
-def package_path(weights: str) -> str:
-    return os.path.splitext(weights)[0] + ".pt2"
 
 
 def identity(arch: str, input_size: int, num_features: int, weights_sha256: str) -> dict:
