@@ -157,12 +157,13 @@ def gradient_row(arch, tm, km, images):
     torch_to_keras(tm.state_dict(), km, source=f"torch {arch}")
     projection = np.random.default_rng(7).standard_normal((len(images), 64)).astype(np.float32)
     (tm(torch.from_numpy(to_model_input(images))) * torch.from_numpy(projection)).sum().backward()
-    # eval mode leaves ViT's mask_token (training-time masking) unused; any other parameter without a gradient
-    # in either twin is a wiring fault
+    # eval mode leaves ViT's mask_token (training-time masking) unused and frozen parameters (IResNet's
+    # features.weight, fixed at 1 as in arcface_torch) take none; any other one without a gradient is a wiring fault
     unused = {"mask_token"}
-    missing = [n for n, p in tm.named_parameters() if p.grad is None and n not in unused]
+    trainable = {n: p for n, p in tm.named_parameters() if p.requires_grad and n not in unused}
+    missing = [n for n, p in trainable.items() if p.grad is None]
     assert not missing, f"{arch}: torch parameters without a gradient: {missing[:3]}"
-    expected = {n: p.grad.numpy() for n, p in tm.named_parameters() if n not in unused}
+    expected = {n: p.grad.numpy() for n, p in trainable.items()}
     x = tf.constant(to_model_input(images, "NHWC"))
     with tf.GradientTape() as tape:
         out = tf.reduce_sum(km(x, training=False) * projection)
