@@ -10,7 +10,7 @@ NPROC ?= 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test parity train-torch train-tf bench data clean
+.PHONY: setup test parity train-torch train-tf bench bench-backbones data clean
 
 setup: $(STAMP) $(FIXTURES)
 
@@ -50,6 +50,10 @@ train-tf: setup
 
 bench: setup
 	$(BIN)/twinface bench
+
+# The issue-16 families (ResNeXt, DenseNet, ViT) in one run; long on a 2-core CPU.
+bench-backbones: setup
+	$(BIN)/twinface bench --models resnext50,resnext101,densenet121,vit_t,vit_s,vit_b --out bench/results/backbones
 
 data: setup
 	$(BIN)/twinface data synth --config $(CONFIG)
