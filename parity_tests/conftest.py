@@ -11,11 +11,9 @@ import subprocess
 import sys
 import tempfile
 
-from twinface.testing import PARITY_ROWS, TF2ONNX_NO_COPIES, Parity, parity_summary, release_memory  # noqa: E402
+from twinface.testing import PARITY_ROWS, Parity, parity_summary, release_memory  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-for _key, _value in TF2ONNX_NO_COPIES.items():
-    os.environ.setdefault(_key, _value)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -591,12 +591,6 @@ def check_densenet_trains(make_twin, data_dir, tmp_path) -> None:
     assert 0 <= summary["history"][-1]["val"]["acc"] <= 1 and summary["onnx_max_abs_diff"] < 1e-4
 
 
-# tf2onnx deep-copies the whole graph, weights included, before each of its optimisers so that it can skip one
-# that fails; peak memory of one TF export measured without / with this copy: r34 10.2 / 5.9 GB, r50 11.8 /
-# 7.3 GB. In tests an optimiser failure should fail the check anyway, so the rooms that export set this.
-TF2ONNX_NO_COPIES = {"TF2ONNX_CATCH_ERRORS": "FALSE"}
-
-
 def release_memory() -> None:
     """Collect and hand glibc's free heap back to the system: after a test that built large models, so that the
     room's process does not keep its largest test's footprint."""

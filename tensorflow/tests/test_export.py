@@ -93,3 +93,24 @@ def test_failed_verification_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="rejected"):
         export.export_onnx(model, str(tmp_path / "tiny.onnx"), "tiny", input_size=SIZE)
     assert os.listdir(tmp_path) == []
+
+
+def test_conversion_skips_tf2onnx_graph_copies_and_falls_back_to_them(tmp_path, monkeypatch):
+    """Conversion runs with tf2onnx's per-optimiser copies off (TF2ONNX_CATCH_ERRORS present), once; only if that
+    raises, again in tf2onnx's default copying mode; the caller's environment is kept either way."""
+    real, seen, failures = export.tf2onnx.convert.from_function, [], [ValueError("an optimiser failed")]
+
+    def recorded(*args, **kwargs):
+        seen.append(os.environ.get("TF2ONNX_CATCH_ERRORS"))
+        if failures:
+            raise failures.pop()
+        return real(*args, **kwargs)
+
+    monkeypatch.setenv("TF2ONNX_CATCH_ERRORS", "mine")
+    monkeypatch.setattr(export.tf2onnx.convert, "from_function", recorded)
+    inputs = keras.Input((SIZE, SIZE, 3))
+    model = keras.Model(inputs, keras.layers.Dense(FEATURES)(keras.layers.GlobalAveragePooling2D()(inputs)))
+    assert export.export_onnx(model, str(tmp_path / "retried.onnx"), "tiny", input_size=SIZE) < 1e-5
+    assert seen == ["FALSE", None] and os.environ["TF2ONNX_CATCH_ERRORS"] == "mine"
+    export.export_onnx(model, str(tmp_path / "once.onnx"), "tiny", input_size=SIZE)
+    assert seen[2:] == ["FALSE"]

@@ -7,7 +7,7 @@ import pytest
 from twinface.testing import (check_densenet_trains, check_fp16_overflow_backs_off, check_nan_guard,
                               check_resnext_trains_with_checkpointing, check_resume_matches_uninterrupted,
                               check_tfrecord_trains_like_rec, check_training_outputs, check_truncated_state_is_named,
-                              tiny_dataset)
+                              release_memory, tiny_dataset)
 from twinface_tf.backbones import get_model
 from twinface_tf.train import TFTwin
 
@@ -15,6 +15,14 @@ from twinface_tf.train import TFTwin
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return tiny_dataset(tmp_path_factory.mktemp("synth"))
+
+
+@pytest.fixture(autouse=True)
+def _release_memory():
+    """Each training builds and exports a model; hand the memory back so the room keeps one test's footprint (a
+    conftest.py here would shadow the tensorflow package under --import-mode=importlib)."""
+    yield
+    release_memory()
 
 
 def _weights_of_model(model):

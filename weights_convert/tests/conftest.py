@@ -1,13 +1,8 @@
-"""Room-wide settings: tf2onnx without its per-optimiser graph copies, and memory handed back after each test
-(the ResNeXt, DenseNet and ViT tests build large graphs in this one process)."""
-import os
-
+"""Room-wide: memory handed back after each test (the ResNeXt, DenseNet and ViT tests build large graphs in this
+one process)."""
 import pytest
 
-from twinface.testing import TF2ONNX_NO_COPIES, release_memory
-
-for key, value in TF2ONNX_NO_COPIES.items():
-    os.environ.setdefault(key, value)
+from twinface.testing import release_memory
 
 
 @pytest.fixture(autouse=True)
