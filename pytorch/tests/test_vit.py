@@ -9,7 +9,8 @@ from torch import nn
 from twinface.registry import BACKBONES
 from twinface.testing import VIT_REFUSED, run_tiny, seeded_noise, tiny_dataset
 from twinface_torch.backbones import get_model
-from twinface_torch.backbones.vit import DropPath, set_noise
+from twinface_torch.backbones.vit import Attention, DropPath, set_noise
+from twinface_torch.embed import freeze_for_inference
 from twinface_torch.train import TorchTwin
 
 VITS = [name for name, spec in BACKBONES.items() if spec.family == "vit"]
@@ -136,3 +137,18 @@ def test_trains_tiny(tmp_path):
     assert summary["finished"] and summary["steps"] == 4 and summary["onnx_max_abs_diff"] < 1e-4
     model = get_model("vit_t", num_features=32, input_size=32)
     model.load_state_dict(torch.load(summary["backbone"], weights_only=True), strict=True)
+
+
+def test_inference_copy_fuses_attention_and_the_module_keeps_the_exportable_path():
+    """The frozen copy that `embed` runs calls torch's fused attention kernel and agrees with eager at 1e-5; the
+    module itself (what ONNX export traces at opset 11) keeps the decomposed softmax(q k^T) v afterwards."""
+    model = get_model("vit_t", input_size=18, num_features=16).eval()
+    x = torch.rand(3, 3, 18, 18).contiguous(memory_format=torch.channels_last)
+    frozen = freeze_for_inference(model)
+    assert "aten::scaled_dot_product_attention" in str(frozen.graph)
+    assert not any(m.fused for m in model.modules() if isinstance(m, Attention))
+    with torch.no_grad():
+        eager = model(x)
+        traced = torch.jit.trace(model, x, check_trace=False)
+        assert "scaled_dot_product_attention" not in str(traced.inlined_graph)
+        torch.testing.assert_close(frozen(x), eager, rtol=0, atol=1e-5 * eager.abs().max().item())

@@ -1,8 +1,8 @@
 """Embeddings from a torch backbone file: uint8 RGB NHWC images in, float32 [N, D] out.
 
 On CPU, embed_images runs a frozen TorchScript copy of the model on channels_last input (BatchNorm folded into
-the convolutions; IResNets also in oneDNN's layout with pre-packed weights), the fastest torch path measured by
-`twinface bench` (docs/bench.md). The copy is built on first use, once per model, and again only when the
+the convolutions; IResNets also in oneDNN's layout with pre-packed weights; ViT attention through torch's fused
+kernel), the fastest torch path measured by `twinface bench` (docs/bench.md). The copy is built on first use, once per model, and again only when the
 weights change (training evaluates between steps); fast=False runs the module itself, eagerly.
 """
 import itertools
@@ -19,6 +19,7 @@ from twinface.data.transforms import to_model_input
 
 from . import aot
 from .backbones.iresnet import IResNet
+from .backbones.vit import fused_attention
 from .checkpoint import load_backbone
 
 _frozen = weakref.WeakKeyDictionary()      # model -> (weights fingerprint, frozen copy); dies with the model
@@ -71,7 +72,8 @@ def freeze_for_inference(model, onednn_layout: bool = None):
         # TorchScript is deprecated in favour of torch.compile, which is no faster here and takes about a
         # minute per model and batch size to compile (docs/bench.md).
         warnings.simplefilter("ignore", DeprecationWarning)
-        frozen = torch.jit.freeze(torch.jit.trace(model, sample, check_trace=False))
+        with fused_attention(model):
+            frozen = torch.jit.freeze(torch.jit.trace(model, sample, check_trace=False))
         return torch.jit.optimize_for_inference(frozen) if onednn_layout else frozen
 
 

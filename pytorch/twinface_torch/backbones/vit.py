@@ -5,7 +5,10 @@ blocks.<i>.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}, norm, feature.0-3) 
 Training draws its randomness (patch masking, stochastic depth) through `noise` hooks (set_noise), so a test
 can feed both twins the same numbers.
 """
+import contextlib
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from twinface.precision import resolve_precision
@@ -61,6 +64,8 @@ class Mlp(nn.Module):
 
 
 class Attention(nn.Module):
+    fused = False       # set by fused_attention (inference tracing) only
+
     def __init__(self, dim, heads):
         super().__init__()
         self.heads = heads
@@ -74,9 +79,28 @@ class Attention(nn.Module):
         # Scores, softmax and the weighted sum in fp32 even under mixed precision, as arcface_torch.
         with torch.autocast(x.device.type, enabled=False):
             q, k, v = (at_least_fp32(t) for t in qkv.unbind(0))
-            attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
-            x = (attn @ v).transpose(1, 2).reshape(batch, tokens, dim)
+            if self.fused:
+                x = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+            else:
+                x = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1) @ v
+            x = x.transpose(1, 2).reshape(batch, tokens, dim)
         return self.proj(x)
+
+
+@contextlib.contextmanager
+def fused_attention(model):
+    """Every Attention of `model` through torch's fused kernel (scaled_dot_product_attention) for the block, the
+    same function up to float rounding: 1.5x faster ViT-T inference on CPU (docs/bench.md). For tracing the
+    frozen inference copy only: the module's own path stays the reference's decomposed one, which ONNX opsets
+    below 14 (arcface_torch's torch2onnx uses 11) can express and the fused op cannot."""
+    attentions = [m for m in model.modules() if isinstance(m, Attention)]
+    for m in attentions:
+        m.fused = True
+    try:
+        yield
+    finally:
+        for m in attentions:
+            m.fused = False
 
 
 class Block(nn.Module):
