@@ -51,7 +51,7 @@ train-tf: setup
 bench: setup
 	$(BIN)/twinface bench
 
-# The issue-16 families (ResNeXt, DenseNet, ViT) in one run; long on a 2-core CPU.
+# The newer families (ResNeXt, DenseNet, ViT) in one run, kept out of `bench` for time; long on a 2-core CPU.
 bench-backbones: setup
 	$(BIN)/twinface bench --models resnext50,resnext101,densenet121,vit_t,vit_s,vit_b --out bench/results/backbones
 
