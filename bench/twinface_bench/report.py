@@ -25,6 +25,8 @@ LABELS = {
     "torch-cuda-fp16": "torch CUDA fp16 autocast", "torch-cuda-fp16-channels-last": "torch CUDA fp16 autocast channels_last",
     "torch-train": "torch TorchTwin.train_step", "tf-train": "TF TFTwin.train_step",
     "tf-train-eigen": "TF TFTwin.train_step, Eigen kernels", "tf-train-avx2": "TF TFTwin.train_step, oneDNN AVX2",
+    "torch-train-bf16": "torch TorchTwin.train_step, train.precision bf16",
+    "tf-train-bf16": "TF TFTwin.train_step, train.precision bf16 (mixed_bfloat16)",
     "torch-train-backbone": "torch backbone forward + backward only",
     "torch-train-backbone-checkpointing": "torch backbone forward + backward, gradient checkpointing",
 }

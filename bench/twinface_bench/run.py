@@ -30,9 +30,9 @@ REDUCED_PRECISION_RUNTIMES = ("torch-embed-bf16", "tf-embed-bf16", "tflite-fp16"
                               "tflite-int8-float-prelu")
 # --runtimes only: keeps `make bench` under 15 min
 OPT_IN_RUNTIMES = ("torch-aot", "torch-embed-omp-default", "tf-embed-eigen", "tf-embed-avx2", "tf-train-eigen", "tf-train-avx2",
-                   *TFLITE_RUNTIMES)
+                   "torch-train-bf16", "tf-train-bf16", *TFLITE_RUNTIMES)
 CUDA_RUNTIMES = ("torch-cuda-fp32", "torch-cuda-bf16", "torch-cuda-fp16", "torch-cuda-fp16-channels-last")
-TRAIN_RUNTIMES = ("torch-train", "tf-train", "tf-train-eigen", "tf-train-avx2")
+TRAIN_RUNTIMES = ("torch-train", "tf-train", "tf-train-eigen", "tf-train-avx2", "torch-train-bf16", "tf-train-bf16")
 # --runtimes only, IResNet only: the backbone's training step without / with gradient checkpointing, for peak RSS
 MEMORY_RUNTIMES = ("torch-train-backbone", "torch-train-backbone-checkpointing")
 TARGETS = {"default_path_vs_fastest": 0.9, "train_ratio_max": 1.25}

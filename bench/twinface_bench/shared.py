@@ -22,8 +22,9 @@ def tflite_path(work_dir, model, quantization):
 
 def train_config(spec):
     """ArcFace head, SGD: the default recipe; a small lr keeps every timed step finite (a NaN step skips its
-    update and would time faster than training)."""
+    update and would time faster than training). The -bf16 rows train with train.precision bf16."""
+    precision = "bf16" if spec.get("runtime", "").endswith("-bf16") else "fp32"
     return config.from_dict({"seed": 0, "backbone": {"name": spec["model"], "input_size": spec["input_size"],
                                                      "num_features": spec["num_features"]},
                              "head": {"type": "arcface"}, "optimizer": {"type": "sgd", "lr": 0.01},
-                             "train": {"batch_size": spec["batch"]}})
+                             "train": {"batch_size": spec["batch"], "precision": precision}})
