@@ -2,8 +2,9 @@
 
 On CPU, embed_images runs a frozen TorchScript copy of the model on channels_last input (BatchNorm folded into
 the convolutions; IResNets also in oneDNN's layout with pre-packed weights; ViT attention through torch's fused
-kernel), the fastest torch path measured by `twinface bench` (docs/bench.md). The copy is built on first use, once per model, and again only when the
-weights change (training evaluates between steps); fast=False runs the module itself, eagerly.
+kernel), the fastest torch path measured by `twinface bench` (docs/bench.md). The copy is built on first use,
+once per model, and again only when the weights change (training evaluates between steps); fast=False runs the
+module itself, eagerly.
 """
 import itertools
 import os
